@@ -132,13 +132,13 @@ def aux_classifier(kit: Kit, x, num_classes, classifier_activation):
 
 
 def inception(input_shape=None, num_classes=1000, include_top=True, pooling=None, weights=None, name=None, *,
-              api="tf_keras", include_preprocessing=True, classifier_activation="softmax", aux_head=False,
+              api="tf_keras", include_preprocessing=True, classifier_activation="softmax", aux_heads=False,
               dropout=0.0, weight_decay=0.0, kernel_initializer="glorot_uniform"):
     """Builds Inception-v3 (the network of the paper's Table 1 as released, batch-normalized).
 
     Args:
         input_shape: (height, width, channels); default (299, 299, 3); at least 75x75 (107x107 with
-            ``aux_head``).
+            ``aux_heads``).
         num_classes: number of output classes.
         include_top: keep the global average pooling and ``predictions``.
         pooling: without the top, None keeps mixed10's map; "avg" or "max" pools it.
@@ -148,23 +148,23 @@ def inception(input_shape=None, num_classes=1000, include_top=True, pooling=None
         api: "tf_keras" or "keras3".
         include_preprocessing: apply the "tf" scaling (x / 127.5 - 1) inside the model (RGB 0..255 in).
         classifier_activation: activation of ``predictions`` and ``aux`` ("softmax", or None for logits).
-        aux_head: add the auxiliary classifier on mixed7 as a second output ``aux`` (train it with a
+        aux_heads: add the auxiliary classifier on mixed7 as a second output ``aux`` (train it with a
             loss weight such as 0.4; drop it for inference). Needs ``include_top``.
         dropout: dropout before ``predictions`` (0, as keras.applications; TF-slim trains with 0.2).
         weight_decay: L2 factor on every kernel (TF-slim trains with 4e-5).
         kernel_initializer: Keras initializer name.
 
     Returns:
-        A Keras functional model; with ``aux_head`` its outputs are ``[predictions, aux]``.
+        A Keras functional model; with ``aux_heads`` its outputs are ``[predictions, aux]``.
     """
     recipe = "inception_v3"
     check_head_args(recipe, include_top, pooling, num_classes)
-    if aux_head and not include_top:
-        raise ValueError(f"{recipe}: aux_head=True needs include_top=True (the auxiliary head is a classifier).")
+    if aux_heads and not include_top:
+        raise ValueError(f"{recipe}: aux_heads=True needs include_top=True (the auxiliary head is a classifier).")
     kit = Kit(api, weight_decay, kernel_initializer)
     inputs, x = image_input(kit, input_shape, (299, 299, 3), MIN_SIZE, "tf", include_preprocessing, recipe)
-    if aux_head and any(d is not None and d < AUX_MIN_SIZE for d in inputs.shape[1:3]):
-        raise ValueError(f"{recipe}: aux_head=True needs height and width of at least {AUX_MIN_SIZE} (mixed7 must "
+    if aux_heads and any(d is not None and d < AUX_MIN_SIZE for d in inputs.shape[1:3]):
+        raise ValueError(f"{recipe}: aux_heads=True needs height and width of at least {AUX_MIN_SIZE} (mixed7 must "
                          f"be at least 5x5 for the 5x5/3 pooling); input_shape={tuple(inputs.shape[1:])}.")
 
     # Stem: 299x299x3 -> 35x35x192.
@@ -182,13 +182,13 @@ def inception(input_shape=None, num_classes=1000, include_top=True, pooling=None
     x = reduction_a(kit, x, "mixed3")
     for i, channels_7x7 in enumerate((128, 160, 160, 192), start=4):
         x = module_b(kit, x, channels_7x7, f"mixed{i}")
-    aux = aux_classifier(kit, x, num_classes, classifier_activation) if aux_head else None
+    aux = aux_classifier(kit, x, num_classes, classifier_activation) if aux_heads else None
     x = reduction_b(kit, x, "mixed8")
     for i in (9, 10):
         x = module_c(kit, x, f"mixed{i}")
 
     x = pooled_classifier(kit, x, include_top, pooling, num_classes, classifier_activation, dropout)
-    return finish(kit, inputs, [x, aux] if aux_head else x, name or recipe, weights)
+    return finish(kit, inputs, [x, aux] if aux_heads else x, name or recipe, weights)
 
 
 @register(

@@ -88,7 +88,7 @@ def test_layer_names_are_by_role(twins):
 def test_paper_size_structure_and_aux_head():
     """At 299x299: Table 1's grid sizes, conv + BN(no scale) everywhere, and the auxiliary head of
     Figure 8 on the 17x17x768 mixed7."""
-    model = inception_v3(aux_head=True)
+    model = inception_v3(aux_heads=True)
     assert model.input_shape == (None, 299, 299, 3)
     assert model.output_names == ["predictions", "aux"] and model.output_shape == [(None, 1000), (None, 1000)]
     shapes = {name: model.get_layer(name).output_shape[1:] for name in ("stem_pool2", "mixed2", "mixed7", "mixed10")}
@@ -111,17 +111,17 @@ def test_headless():
     features = inception_v3(input_shape=(75, 75, 3), include_top=False, pooling="avg")
     assert features.output_shape == (None, 2048)
     assert features.count_params() == KERAS_PARAMS - (2048 * 1000 + 1000)
-    with pytest.raises(ValueError, match="aux_head"):
-        inception_v3(input_shape=(299, 299, 3), include_top=False, aux_head=True)
-    with pytest.raises(ValueError, match="aux_head.*107"):
-        inception_v3(input_shape=(AUX_MIN_SIZE - 1, AUX_MIN_SIZE - 1, 3), aux_head=True)
+    with pytest.raises(ValueError, match="aux_heads"):
+        inception_v3(input_shape=(299, 299, 3), include_top=False, aux_heads=True)
+    with pytest.raises(ValueError, match="aux_heads.*107"):
+        inception_v3(input_shape=(AUX_MIN_SIZE - 1, AUX_MIN_SIZE - 1, 3), aux_heads=True)
 
 
 def test_aux_head_trains_with_loss_weights_dropout_and_weight_decay():
     import tf_keras
 
     size = AUX_MIN_SIZE
-    model = inception_v3(input_shape=(size, size, 3), num_classes=5, aux_head=True, dropout=0.2, weight_decay=4e-5)
+    model = inception_v3(input_shape=(size, size, 3), num_classes=5, aux_heads=True, dropout=0.2, weight_decay=4e-5)
     assert model.output_shape == [(None, 5), (None, 5)]
     assert model.get_layer("head_dropout").rate == 0.2
     assert len(model.losses) == 94 + 2 + 2  # an L2 term per kernel: convs, aux convs, aux and predictions
