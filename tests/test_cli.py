@@ -92,3 +92,17 @@ def test_readme_quick_start_command_runs():
     quick = re.search(r"pip install -c constraints.txt \. && (ktool [^\n`]+)", README).group(1)
     result = run(*shlex.split(quick)[1:])
     assert result.exit_code == 0, result.output
+
+
+def test_readme_training_commands_run_on_real_images(digits_folder, tmp_path):
+    """The README's training section, with `mydir` a folder of real digit PNGs and fewer epochs."""
+    section = README.split("## Training on your data", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    image = next(digits_folder.glob("digit_7/*.png"))
+    runner = CliRunner()
+    for line in block.strip().splitlines():
+        line = (line.replace("mydir/cat/001.jpg", str(image)).replace("mydir", str(digits_folder))
+                .replace("runs/mine", str(tmp_path / "mine")).replace("--epochs 20", "--epochs 1"))
+        result = runner.invoke(main, shlex.split(line)[1:])
+        assert result.exit_code == 0, (line, result.output)
+    assert (tmp_path / "mine" / "report.html").exists()

@@ -1,0 +1,38 @@
+"""Shared bits of the benchmark scripts: where the shared data lives, timing, a result table."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+FLOWERS = SHARED / "data" / "flowers5"
+WEIGHTS = SHARED / "weights"
+
+
+def need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise SystemExit(f"{what} not found at {path}; pass the path explicitly (see --help).")
+    return path
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    value = fn(*args, **kwargs)
+    return value, time.perf_counter() - start
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def table(rows, headers):
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)

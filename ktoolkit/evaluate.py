@@ -1,0 +1,163 @@
+"""Evaluating a classifier: accuracy, top-5, per-class precision/recall/F1, the confusion matrix and
+the most confused pairs; written into a run folder as metrics.json, per_class.csv and a PNG."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ktoolkit.io import write_json, write_text
+
+
+@dataclass
+class Evaluation:
+    """The result of evaluating predictions against labels."""
+
+    class_names: list
+    accuracy: float
+    top5: float | None
+    confusion: np.ndarray
+    per_class: list = field(default_factory=list)  # dicts: class, precision, recall, f1, support
+    most_confused: list = field(default_factory=list)  # dicts: true, predicted, count, share of the true class
+    images: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "images": self.images,
+            "accuracy": self.accuracy,
+            "top5": self.top5,
+            "macro_f1": float(np.mean([c["f1"] for c in self.per_class])) if self.per_class else None,
+            "per_class": self.per_class,
+            "most_confused": self.most_confused,
+            "confusion_matrix": self.confusion.tolist(),
+            "class_names": list(self.class_names),
+        }
+
+
+def predict_probabilities(model, dataset, *, progress: bool = False):
+    """Runs ``model`` over a dataset of (images, labels); returns (probabilities, integer labels)."""
+    probs, labels = [], []
+    total = dataset.cardinality().numpy()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=int(total) if total > 0 else None, desc="evaluating", unit="batch", leave=False)
+    for images, y in dataset:
+        out = model(images, training=False)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        elif isinstance(out, dict):
+            out = out["predictions"]
+        probs.append(np.asarray(out, dtype=np.float32))
+        y = np.asarray(y)
+        labels.append(y.argmax(-1) if y.ndim == 2 else y)
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    return np.concatenate(probs), np.concatenate(labels).astype(int)
+
+
+def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, class_names) -> Evaluation:
+    """Computes every metric from class probabilities (N, C) and integer labels (N,)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    n = len(class_names)
+    predicted = probs.argmax(-1)
+    top5 = None
+    if n > 5:
+        top = np.argsort(-probs, axis=-1)[:, :5]
+        top5 = float(np.mean([label in row for label, row in zip(labels, top)]))
+    cm = confusion_matrix(labels, predicted, labels=range(n))
+    p, r, f, s = precision_recall_fscore_support(labels, predicted, labels=range(n), zero_division=0)
+    per_class = [
+        {"class": name, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        for i, name in enumerate(class_names)
+    ]
+    off = [(int(cm[i, j]), i, j) for i in range(n) for j in range(n) if i != j and cm[i, j] > 0]
+    most = [
+        {"true": class_names[i], "predicted": class_names[j], "count": c, "share": c / max(1, int(cm[i].sum()))}
+        for c, i, j in sorted(off, reverse=True)[:10]
+    ]
+    return Evaluation(list(class_names), float(np.mean(predicted == labels)) if len(labels) else 0.0, top5, cm,
+                      per_class, most, int(len(labels)))
+
+
+def evaluate_model(model, dataset, class_names, *, progress: bool = False) -> Evaluation:
+    probs, labels = predict_probabilities(model, dataset, progress=progress)
+    return evaluate_predictions(probs, labels, class_names)
+
+
+def save_evaluation(evaluation: Evaluation, run, split: str = "test") -> dict:
+    """Writes metrics.json, per_class.csv and confusion_matrix.png into ``run``; returns the metrics."""
+    from ktoolkit.report import plot_confusion_matrix
+
+    metrics = {"split": split, **evaluation.to_dict()}
+    write_json(run.metrics, metrics)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["class", "precision", "recall", "f1", "support"])
+    writer.writeheader()
+    writer.writerows(evaluation.per_class)
+    write_text(run.per_class, out.getvalue())
+    plot_confusion_matrix(evaluation.confusion, evaluation.class_names, run.confusion,
+                          title=f"{split} split: accuracy {evaluation.accuracy:.1%} on {evaluation.images} images")
+    return metrics
+
+
+def evaluate_run(model, *, data=None, split=None, out=None, batch_size: int = 32, progress: bool = False):
+    """Evaluates a run folder's (or a .keras file's) model; returns (metrics, output folder).
+
+    Without ``data``, or with the run's own data, the run's split settings are reused, so ``split``
+    "test" is exactly the held-out split of training. Other data is evaluated whole (``split="all"``)
+    unless a split is named; its class names must be among the model's.
+    """
+    import tensorflow as tf
+
+    import recipes
+    from ktoolkit.data import load_data, make_dataset
+    from ktoolkit.runs import Run, resolve_model_path
+    from ktoolkit.train.config import TrainConfig
+
+    path, run = resolve_model_path(model)
+    keras_model = recipes.load_model(path)
+    n = int(keras_model.output_shape[-1])
+    names = run.class_names() if run else [str(i) for i in range(n)]
+    config = TrainConfig.from_yaml(run.config) if run and run.config.exists() else None
+    if data is None:
+        if config is None:
+            raise ValueError(f"{path} is not in a run folder, so there is no default data; pass --data.")
+        data = config.data
+    own = config is not None and str(data) == str(config.data)
+    if own:
+        source = load_data(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                           seed=config.seed, data_dir=config.data_dir, progress=progress)
+        split = split or "test"
+    else:
+        source = load_data(data, val_fraction=0.0, test_fraction=0.0, progress=progress)
+        split = split or "all"
+    unknown = [c for c in source.class_names if c not in names]
+    if unknown:
+        raise ValueError(f"data={data!r} has classes the model does not know: {', '.join(unknown)}; "
+                         f"the model's classes are {', '.join(names)}.")
+    mapping = tf.constant([names.index(c) for c in source.class_names], dtype=tf.int64)
+    wanted = [s for s in source.splits if split == "all" or s == split]
+    wanted = [s for s in wanted if len(source.splits[s])]
+    if not wanted:
+        raise ValueError(f"data={data!r} has no {split!r} split with images; its splits are "
+                         f"{', '.join(s for s in source.splits if len(source.splits[s]))}.")
+    height, width, channels = keras_model.input_shape[1:]
+    dataset = None
+    for s in wanted:
+        part = make_dataset(source.splits[s], num_classes=len(source.class_names), image_size=(height, width),
+                            channels=channels, batch_size=batch_size, training=False, one_hot=False)
+        dataset = part if dataset is None else dataset.concatenate(part)
+    dataset = dataset.map(lambda x, y: (x, tf.gather(mapping, tf.cast(y, tf.int64))))
+    evaluation = evaluate_model(keras_model, dataset, names, progress=progress)
+    folder = Path(out) if out else ((run.root / "eval") if run else Path(f"eval-{Path(path).stem}"))
+    metrics = save_evaluation(evaluation, Run(folder), split=split)
+    return metrics, folder

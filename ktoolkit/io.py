@@ -1,0 +1,71 @@
+"""Atomic file writes: a crash or a SIGKILL never leaves a half-written model, report or JSON.
+
+Everything is written to a temporary file in the destination's folder, flushed, then moved into
+place with ``os.replace`` (atomic on POSIX and Windows): readers see the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path, suffix: str | None = None):
+    """Yields a temporary path beside ``path``; on success it replaces ``path``, on error it is removed.
+
+    ``suffix`` defaults to the destination's (Keras picks the format from the extension).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix if suffix is not None else "".join(path.suffixes[-2:]), dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path, obj) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def save_model(model, path) -> Path:
+    """Saves a Keras model to ``path`` (.keras) atomically."""
+    with atomic_path(path) as tmp:
+        os.remove(tmp)  # Keras refuses to overwrite without asking in some versions
+        model.save(tmp)
+    return Path(path)
+
+
+def save_figure(fig, path, dpi: int = 110) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
+    return Path(path)
+
+
+def _jsonable(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

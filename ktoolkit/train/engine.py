@@ -1,0 +1,281 @@
+"""`ktool train`: any recipe on any data source, on one CPU, one or several GPUs, or several machines.
+
+``train(TrainConfig(...))`` loads and splits the data, picks the tf.distribute strategy, builds the
+recipe inside its scope, trains with crash recovery, evaluates the best model on the held-out split
+and leaves a run folder (see ``ktoolkit.runs``). Killed and started again with the same settings,
+it resumes from the last completed epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+
+from ktoolkit.io import save_model, write_json, write_text
+from ktoolkit.runs import Run
+from ktoolkit.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class RunExistsError(FileExistsError):
+    """The run folder holds a finished run or another run's files."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run gives back (everything is also in the run folder)."""
+
+    run: Run
+    config: TrainConfig
+    metrics: dict
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from_epoch: int = 0
+
+
+def train(config: TrainConfig | None = None, *, progress: bool = False, overwrite: bool = False, **overrides) -> TrainResult:
+    """Trains ``config.recipe`` on ``config.data`` and writes the run folder ``config.out``.
+
+    Args:
+        config: the settings; keyword ``overrides`` (the same names) replace single fields.
+        progress: show progress bars (scanning, training, evaluating) on the terminal.
+        overwrite: replace a finished run in ``config.out`` instead of refusing.
+
+    Returns:
+        A :class:`TrainResult` with the test metrics.
+
+    Raises:
+        ValueError: a bad setting (named), or an interrupted run with different settings in ``out``.
+        RunExistsError: ``out`` holds a finished run and ``overwrite`` is False.
+    """
+    import dataclasses
+
+    config = dataclasses.replace(config or TrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    config.validate()
+    started = time.time()
+    run = Run(config.out)
+    _prepare_run_folder(run, config, overwrite)
+
+    import tensorflow as tf
+    import tf_keras
+
+    import recipes
+    from ktoolkit.data import AugmentConfig, load_data, make_dataset
+    from ktoolkit.train.distribute import is_chief, make_strategy
+
+    # First, before TensorFlow runs any op: MultiWorkerMirroredStrategy configures the collective ops
+    # at program start-up (and loading the data decodes images with TensorFlow).
+    strategy, description = make_strategy(config.distribute)
+    chief = is_chief(strategy)
+    recipe = recipes.get(config.recipe)
+    source = load_data(config.data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                       seed=config.seed, strict=config.strict, data_dir=config.data_dir, progress=progress)
+    class_names = list(source.class_names)
+    num_classes = len(class_names)
+    if num_classes < 2:
+        raise ValueError(f"data={config.data!r} has {num_classes} class(es) with images; a classifier needs at least 2.")
+    image_size = tuple(config.image_size or recipe.input_shape[:2])
+    channels = config.channels or recipe.input_shape[2]
+
+    replicas = strategy.num_replicas_in_sync
+    global_batch = config.batch_size * replicas
+    log.info("%s; global batch %d = %d per replica x %d replica(s)", description, global_batch, config.batch_size, replicas)
+
+    if chief:
+        write_text(run.config, config.to_yaml())
+        write_json(run.classes, class_names)
+        write_text(run.labels, "\n".join(class_names) + "\n")
+        write_json(run.data, _data_summary(source, image_size, channels))
+
+    if config.mixed_precision:
+        policy = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+        tf_keras.mixed_precision.set_global_policy(policy)
+        log.info("mixed precision: %s compute, float32 variables", policy)
+    tf_keras.utils.set_random_seed(config.seed)
+
+    augment = None if config.augment in ("", "none", None) else AugmentConfig.parse(config.augment)
+    cache = None if config.cache == "none" else config.cache
+
+    def dataset(split_name, training):
+        split = source.splits.get(split_name)
+        if split is None or len(split) == 0:
+            return None
+        return make_dataset(split, num_classes=num_classes, image_size=image_size, channels=channels,
+                            batch_size=global_batch, training=training, seed=config.seed,
+                            cache=_split_cache(cache, split_name), augment=augment if training else None,
+                            deterministic=config.deterministic or None)
+
+    train_ds, val_ds, test_ds = dataset("train", True), dataset("val", False), dataset("test", False)
+    if train_ds is None:
+        raise ValueError(f"data={config.data!r}: the training split is empty.")
+    train_steps = config.steps_per_epoch or max(1, -(-len(source.splits["train"]) // global_batch))
+
+    try:
+        with strategy.scope():
+            model, loss_weights = _build(recipe, config, num_classes, image_size, channels)
+            optimizer, schedule_callbacks = _optimizer(config, train_steps)
+            outputs = list(model.output_names)
+            metrics = ["accuracy"] + ([tf_keras.metrics.TopKCategoricalAccuracy(5, name="top5")] if num_classes > 5 else [])
+            model.compile(
+                optimizer=optimizer,
+                loss={name: tf_keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing) for name in outputs},
+                loss_weights=loss_weights,
+                metrics={"predictions": metrics},
+                jit_compile=config.jit,
+            )
+        inference = model if len(outputs) == 1 else tf_keras.Model(model.inputs, model.get_layer("predictions").output,
+                                                                 name=model.name)
+
+        train_ds, val_ds = _targets(train_ds, outputs), _targets(val_ds, outputs)
+        if config.steps_per_epoch:
+            train_ds = train_ds.repeat()
+        main = "" if len(outputs) == 1 else "predictions_"
+        monitor = f"val_{main}accuracy" if val_ds is not None else f"{main}accuracy"
+        from ktoolkit.train.callbacks import BestModel, RunLog
+
+        run_log = RunLog(run, config.epochs, write=chief)
+        best_model = BestModel(run, monitor, "max", inference, write=chief)
+        callbacks = [
+            run_log,
+            best_model,
+            # the same folder on every worker: Keras sends the non-chief workers' writes to temporary folders
+            tf_keras.callbacks.BackupAndRestore(str(run.backup), save_freq="epoch", delete_checkpoint=True),
+            *schedule_callbacks,
+        ]
+        if config.early_stopping:
+            callbacks.append(tf_keras.callbacks.EarlyStopping(
+                monitor="val_loss" if val_ds is not None else "loss", patience=config.early_stopping))
+        if chief:
+            callbacks.append(tf_keras.callbacks.TensorBoard(str(run.tensorboard), write_graph=False, profile_batch=0))
+
+        log.info("training %s (%s parameters) on %d images, %d classes, %s, %d epochs", recipe.name,
+                 f"{model.count_params():,}", len(source.splits["train"]), num_classes,
+                 "x".join(map(str, (*image_size, channels))), config.epochs)
+        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, steps_per_epoch=train_steps,
+                  callbacks=callbacks, verbose=(1 if progress else 0))
+    finally:
+        if config.mixed_precision:
+            tf_keras.mixed_precision.set_global_policy("float32")
+
+    history = run_log.rows
+    resumed = run_log.started_at_epoch
+    metrics = {}
+    from ktoolkit.train.callbacks import save_elsewhere
+
+    # Every worker saves (saving is a collective op under MultiWorkerMirroredStrategy); only the chief keeps files.
+    for path in ([run.last] + ([run.best] if best_model.best is None and not run.best.exists() else [])):
+        if chief:
+            save_model(inference, path)
+        else:
+            save_elsewhere(inference)
+    if chief:
+        shutil.rmtree(run.backup, ignore_errors=True)  # Keras empties it after a finished fit; the folder goes too
+        best = recipes.load_model(run.best)
+        from ktoolkit.evaluate import evaluate_model, save_evaluation
+
+        eval_split, eval_ds = ("test", test_ds) if test_ds is not None else ("val", dataset("val", False))
+        if eval_ds is not None:
+            evaluation = evaluate_model(best, eval_ds, class_names, progress=progress)
+            metrics = save_evaluation(evaluation, run, split=eval_split)
+        from ktoolkit.report import plot_curves, write_report
+
+        plot_curves(history, run.curves, title=f"{recipe.name} on {config.data}")
+        state = run.read_state()
+        state.update({"complete": True, "seconds": round(time.time() - started, 1)})
+        write_json(run.state, state)
+        write_report(run)
+    return TrainResult(run=run, config=config, metrics=metrics, history=history,
+                       seconds=time.time() - started, resumed_from_epoch=resumed)
+
+
+def _prepare_run_folder(run: Run, config: TrainConfig, overwrite: bool):
+    root = run.root
+    if root.exists() and any(root.iterdir()):
+        state = run.read_state()
+        if not run.config.exists():
+            raise RunExistsError(f"out={str(root)!r} is a folder with other files, not a ktoolkit run; choose a new --out.")
+        if overwrite:
+            shutil.rmtree(root)
+        elif state.get("complete"):
+            raise RunExistsError(
+                f"out={str(root)!r} holds a finished run; choose a new --out, or pass --overwrite to replace it."
+            )
+        else:
+            previous = TrainConfig.from_yaml(run.config).to_dict()
+            current = config.to_dict()
+            changed = [k for k in current if k not in TrainConfig.RESUMABLE and previous.get(k) != current[k]]
+            if changed:
+                diffs = ", ".join(f"{k}: {previous.get(k)!r} there, {current[k]!r} now" for k in changed)
+                raise ValueError(
+                    f"out={str(root)!r} holds an interrupted run with other settings ({diffs}); run the same "
+                    "command to resume it, choose a new --out, or pass --overwrite."
+                )
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def _build(recipe, config: TrainConfig, num_classes, image_size, channels):
+    """Builds the training model; returns (model, loss weights per output)."""
+    options = dict(config.recipe_options)
+    aux_weight = recipe.options.get("aux_loss_weight")
+    if aux_weight and options.get("aux_heads", True):
+        options["aux_heads"] = True
+    model = recipe.build(input_shape=(*image_size, channels), num_classes=num_classes, **options)
+    weights = {name: (1.0 if name == "predictions" else float(aux_weight or 0.0)) for name in model.output_names}
+    return model, weights
+
+
+def _optimizer(config: TrainConfig, steps_per_epoch: int):
+    import tf_keras
+
+    total = steps_per_epoch * config.epochs
+    lr = config.lr
+    callbacks = []
+    if config.schedule == "step":
+        lr = tf_keras.optimizers.schedules.PiecewiseConstantDecay(
+            [int(total * 0.5), int(total * 0.75)], [config.lr, config.lr * 0.1, config.lr * 0.01])
+    elif config.schedule == "cosine":
+        lr = tf_keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=max(1, total))
+    elif config.schedule == "reduce-on-plateau":
+        callbacks.append(tf_keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.2, patience=max(2, config.epochs // 10), min_lr=config.lr * 1e-3))
+    wd = config.weight_decay or None
+    opt = {
+        "sgd": lambda: tf_keras.optimizers.SGD(lr, momentum=config.momentum, weight_decay=wd),
+        "adam": lambda: tf_keras.optimizers.Adam(lr, weight_decay=wd),
+        "adamw": lambda: tf_keras.optimizers.AdamW(lr, weight_decay=config.weight_decay),
+        "rmsprop": lambda: tf_keras.optimizers.RMSprop(lr, momentum=config.momentum, weight_decay=wd),
+    }[config.optimizer]()
+    return opt, callbacks
+
+
+def _targets(dataset, outputs):
+    """Repeats the labels for every output of a multi-output (auxiliary-head) model."""
+    if dataset is None or len(outputs) == 1:
+        return dataset
+    return dataset.map(lambda x, y: (x, {name: y for name in outputs}))
+
+
+def _split_cache(cache, split_name):
+    if cache in (None, "memory"):
+        return cache
+    return f"{cache}.{split_name}"
+
+
+def _data_summary(source, image_size, channels) -> dict:
+    import numpy as np
+
+    splits = {}
+    for name, split in source.splits.items():
+        counts = np.bincount(np.asarray(split.labels, dtype=int), minlength=len(source.class_names))
+        splits[name] = {"images": int(len(split)), "per_class": dict(zip(source.class_names, counts.tolist()))}
+    return {
+        "source": source.origin,
+        "classes": list(source.class_names),
+        "image_size": list(image_size),
+        "channels": channels,
+        "splits": splits,
+        "skipped_files": [{"path": str(b.path), "reason": b.reason} for b in source.bad_files],
+    }
