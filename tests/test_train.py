@@ -274,3 +274,15 @@ def test_multiworker_training_from_tf_config_on_two_local_workers(digits_npz, tm
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] > 0.5
     assert [row["epoch"] for row in read_history(out / "history.csv")] == [0, 1]
+
+
+def test_mixed_precision_and_xla_train_and_save_a_float32_model(digits_npz, tmp_path):
+    import tf_keras
+
+    result = train(recipe="lenet5", data=str(digits_npz), out=str(tmp_path / "mp"), epochs=1, steps_per_epoch=5,
+                   mixed_precision=True, jit=True, augment="none", lr=3e-3)
+    assert tf_keras.mixed_precision.global_policy().name == "float32", "the global policy is restored"
+    best = recipes.load_model(result.run.best)
+    assert best.get_layer("c1").compute_dtype == "bfloat16"  # CPU: bfloat16 compute (float16 on GPUs)
+    assert best.output.dtype == "float32"  # the classifier computes in float32 (recipes.blocks.predictions)
+    assert np.isfinite(result.history[0]["loss"])
