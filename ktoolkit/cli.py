@@ -69,16 +69,19 @@ def _format_count(n: int) -> str:
     return str(n)
 
 
-def _parse_shape(value: str | None):
+def _parse_numbers(value: str | None, count: int, form: str, param_hint: str):
+    """Parses "224,224,3" (or "224x224x3") into ``count`` integers; one number for a square size."""
     if value is None:
         return None
     try:
-        shape = tuple(int(v) for v in value.replace("x", ",").split(","))
+        numbers = tuple(int(v) for v in value.replace("x", ",").split(","))
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a shape; write it as HEIGHT,WIDTH,CHANNELS, e.g. 224,224,3.")
-    if len(shape) != 3:
-        raise click.BadParameter(f"{value!r} has {len(shape)} numbers; write HEIGHT,WIDTH,CHANNELS, e.g. 224,224,3.")
-    return shape
+        numbers = ()
+    if count == 2 and len(numbers) == 1:
+        numbers = numbers * 2
+    if len(numbers) != count:
+        raise click.BadParameter(f"{value!r}: write {form}.", param_hint=param_hint)
+    return numbers
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -144,7 +147,7 @@ def recipes_show(name, input_shape, num_classes, api):
     _quiet_tensorflow_import()
     kwargs = {"api": api}
     if input_shape:
-        kwargs["input_shape"] = _parse_shape(input_shape)
+        kwargs["input_shape"] = _parse_numbers(input_shape, 3, "HEIGHT,WIDTH,CHANNELS, e.g. 224,224,3", "--input-shape")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
@@ -211,7 +214,7 @@ def _train_options(f):
         click.option("--test-fraction", type=float),
         click.option("--seed", type=int),
         click.option("--augment", help="e.g. flip,crop or flip,crop,color=20,mixup=0.2; 'none' for none."),
-        click.option("--cache", help="memory, none, or a file path for tf.data's cache."),
+        click.option("--cache", help="memory, none, or a folder for tf.data's cache files."),
         click.option("--early-stopping", type=int, help="Patience in epochs on the validation loss (0: off)."),
         click.option("--strict/--no-strict", default=None, help="Fail on unreadable images instead of skipping."),
         click.option("--deterministic/--no-deterministic", default=None),
@@ -229,23 +232,11 @@ def _train_config(config_file, **values):
     from ktoolkit.train.config import TrainConfig
 
     if values.get("image_size"):
-        values["image_size"] = _parse_size(values["image_size"])
+        values["image_size"] = _parse_numbers(values["image_size"], 2, "HEIGHT,WIDTH, e.g. 224,224", "--image-size")
     if values.get("channels"):
         values["channels"] = int(values["channels"])
     values = {k: v for k, v in values.items() if v is not None}
     return TrainConfig.from_yaml(config_file, **values) if config_file else TrainConfig.from_dict(values)
-
-
-def _parse_size(value: str):
-    try:
-        size = tuple(int(v) for v in value.replace("x", ",").split(","))
-    except ValueError:
-        size = ()
-    if len(size) == 1:
-        size = size * 2
-    if len(size) != 2:
-        raise click.BadParameter(f"{value!r}: write HEIGHT,WIDTH, e.g. 224,224.", param_hint="--image-size")
-    return size
 
 
 @main.command("train")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 
 import numpy as np
 
@@ -131,8 +132,6 @@ def _markdown_to_html(markdown: str, title: str) -> str:
 
     def inline(text):
         text = html.escape(text)
-        import re
-
         text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2" style="max-width:100%">', text)
         text = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
         return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)

@@ -42,7 +42,7 @@ class TrainConfig:
         seed: seed for the split, shuffling, augmentation and initialization.
         augment: augmentations, e.g. "flip,crop" or "flip,crop,color=20,mixup=0.2"; "none" (the default:
             flips are wrong for digits and text, so augmentation is asked for, not assumed).
-        cache: "memory", "none", or a file path for tf.data's cache.
+        cache: "memory", "none", or a folder for tf.data's cache files (one set per split and image size).
         early_stopping: patience in epochs on the validation loss (0: off).
         strict: fail on unreadable images instead of skipping them.
         deterministic: deterministic tf.data order (slower).

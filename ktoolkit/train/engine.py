@@ -105,7 +105,7 @@ def train(config: TrainConfig | None = None, *, progress: bool = False, overwrit
             return None
         return make_dataset(split, num_classes=num_classes, image_size=image_size, channels=channels,
                             batch_size=global_batch, training=training, seed=config.seed,
-                            cache=_split_cache(cache, split_name), augment=augment if training else None,
+                            cache=cache, augment=augment if training else None,
                             deterministic=config.deterministic or None)
 
     train_ds, val_ds, test_ds = dataset("train", True), dataset("val", False), dataset("test", False)
@@ -118,12 +118,12 @@ def train(config: TrainConfig | None = None, *, progress: bool = False, overwrit
             model, loss_weights = _build(recipe, config, num_classes, image_size, channels)
             optimizer, schedule_callbacks = _optimizer(config, train_steps)
             outputs = list(model.output_names)
-            metrics = ["accuracy"] + ([tf_keras.metrics.TopKCategoricalAccuracy(5, name="top5")] if num_classes > 5 else [])
+            compile_metrics = ["accuracy"] + ([tf_keras.metrics.TopKCategoricalAccuracy(5, name="top5")] if num_classes > 5 else [])
             model.compile(
                 optimizer=optimizer,
                 loss={name: tf_keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing) for name in outputs},
                 loss_weights=loss_weights,
-                metrics={"predictions": metrics},
+                metrics={"predictions": compile_metrics},
                 jit_compile=config.jit,
             )
         inference = model if len(outputs) == 1 else tf_keras.Model(model.inputs, model.get_layer("predictions").output,
@@ -256,12 +256,6 @@ def _targets(dataset, outputs):
     if dataset is None or len(outputs) == 1:
         return dataset
     return dataset.map(lambda x, y: (x, {name: y for name in outputs}))
-
-
-def _split_cache(cache, split_name):
-    if cache in (None, "memory"):
-        return cache
-    return f"{cache}.{split_name}"
 
 
 def _data_summary(source, image_size, channels) -> dict:
