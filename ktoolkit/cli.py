@@ -187,56 +187,70 @@ def data_check(folder, as_json):
 
 
 # ---------------------------------------------------------------------------------------------- train
-def _train_options(f):
-    """The TrainConfig fields as flags (same names, - for _). Defaults come from TrainConfig/--config."""
+def _train_flags() -> dict:
+    """The TrainConfig fields as flags (same names, - for _), by field name, in --help order; the other
+    run commands reuse the ones they share. Defaults come from the config class or --config."""
     from ktoolkit.train.config import DISTRIBUTES, OPTIMIZERS, SCHEDULES
 
-    options = [
-        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-                     help="YAML file with these settings (e.g. a run's config.yaml); flags override it."),
-        click.option("--recipe", help="Architecture (see `ktool recipes`)."),
-        click.option("--data", help="Class-per-folder directory, CSV (path,label), .npz, or tfds:NAME."),
-        click.option("--out", help="Run folder (default runs/train). An interrupted run there is resumed."),
-        click.option("--epochs", type=int),
-        click.option("--batch-size", type=int, help="Per replica; the global batch is this times the replicas."),
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS)),
-        click.option("--lr", type=float, help="Learning rate."),
-        click.option("--momentum", type=float),
-        click.option("--schedule", type=click.Choice(SCHEDULES)),
-        click.option("--weight-decay", type=float),
-        click.option("--label-smoothing", type=float),
-        click.option("--mixed-precision/--no-mixed-precision", default=None),
-        click.option("--jit/--no-jit", default=None, help="XLA-compile the training step."),
-        click.option("--distribute", type=click.Choice(DISTRIBUTES)),
-        click.option("--image-size", help="HEIGHT,WIDTH to train at (default: the recipe's)."),
-        click.option("--channels", type=click.Choice(["1", "3"])),
-        click.option("--val-fraction", type=float),
-        click.option("--test-fraction", type=float),
-        click.option("--seed", type=int),
-        click.option("--augment", help="e.g. flip,crop or flip,crop,color=20,mixup=0.2; 'none' for none."),
-        click.option("--cache", help="memory, none, or a folder for tf.data's cache files."),
-        click.option("--early-stopping", type=int, help="Patience in epochs on the validation loss (0: off)."),
-        click.option("--strict/--no-strict", default=None, help="Fail on unreadable images instead of skipping."),
-        click.option("--deterministic/--no-deterministic", default=None),
-        click.option("--data-dir", help="tensorflow-datasets folder for tfds: sources."),
-        click.option("--steps-per-epoch", type=int, help="Cap the steps per epoch (quick trials)."),
-        click.option("--overwrite", is_flag=True, help="Replace a finished run in --out."),
-        click.option("-v", "--verbose", is_flag=True),
-    ]
-    for option in reversed(options):
+    return {
+        "config_file": click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                                    help="YAML file with these settings (e.g. a run's config.yaml); flags win."),
+        "recipe": click.option("--recipe", help="Architecture (see `ktool recipes`)."),
+        "data": click.option("--data", help="Class-per-folder directory, CSV (path,label), .npz, or tfds:NAME."),
+        "out": click.option("--out", help="Run folder (default runs/train). An interrupted run there is resumed."),
+        "epochs": click.option("--epochs", type=int),
+        "batch_size": click.option("--batch-size", type=int,
+                                   help="Per replica; the global batch is this times the replicas."),
+        "optimizer": click.option("--optimizer", type=click.Choice(OPTIMIZERS)),
+        "lr": click.option("--lr", type=float, help="Learning rate."),
+        "momentum": click.option("--momentum", type=float),
+        "schedule": click.option("--schedule", type=click.Choice(SCHEDULES)),
+        "weight_decay": click.option("--weight-decay", type=float),
+        "label_smoothing": click.option("--label-smoothing", type=float),
+        "mixed_precision": click.option("--mixed-precision/--no-mixed-precision", default=None),
+        "jit": click.option("--jit/--no-jit", default=None, help="XLA-compile the training step."),
+        "distribute": click.option("--distribute", type=click.Choice(DISTRIBUTES)),
+        "image_size": click.option("--image-size", help="HEIGHT,WIDTH to train at (default: the recipe's)."),
+        "channels": click.option("--channels", type=click.Choice(["1", "3"])),
+        "val_fraction": click.option("--val-fraction", type=float),
+        "test_fraction": click.option("--test-fraction", type=float),
+        "seed": click.option("--seed", type=int),
+        "augment": click.option("--augment", help="e.g. flip,crop or flip,crop,color=20,mixup=0.2; 'none' for none."),
+        "cache": click.option("--cache", help="memory, none, or a folder for tf.data's cache files."),
+        "early_stopping": click.option("--early-stopping", type=int,
+                                       help="Patience in epochs on the validation loss (0: off)."),
+        "strict": click.option("--strict/--no-strict", default=None,
+                               help="Fail on unreadable images instead of skipping."),
+        "deterministic": click.option("--deterministic/--no-deterministic", default=None),
+        "data_dir": click.option("--data-dir", help="tensorflow-datasets folder for tfds: sources."),
+        "steps_per_epoch": click.option("--steps-per-epoch", type=int, help="Cap the steps per epoch (quick trials)."),
+        "overwrite": click.option("--overwrite", is_flag=True, help="Replace a finished run in --out."),
+        "verbose": click.option("-v", "--verbose", is_flag=True),
+    }
+
+
+def _with_options(f, options):
+    """Applies click ``options`` to ``f``, the first one first in --help."""
+    for option in reversed(list(options)):
         f = option(f)
     return f
 
 
-def _train_config(config_file, **values):
+def _train_options(f):
+    return _with_options(f, _train_flags().values())
+
+
+def _train_config(config_file, config_class=None, **values):
+    """The config (TrainConfig, or ``config_class``) of --config and the flags given (flags win)."""
     from ktoolkit.train.config import TrainConfig
 
+    config_class = config_class or TrainConfig
     if values.get("image_size"):
         values["image_size"] = _parse_numbers(values["image_size"], 2, "HEIGHT,WIDTH, e.g. 224,224", "--image-size")
     if values.get("channels"):
         values["channels"] = int(values["channels"])
     values = {k: v for k, v in values.items() if v is not None}
-    return TrainConfig.from_yaml(config_file, **values) if config_file else TrainConfig.from_dict(values)
+    return config_class.from_yaml(config_file, **values) if config_file else config_class.from_dict(values)
 
 
 @main.command("train")
@@ -261,6 +275,185 @@ def _print_result(result):
         top5 = f", top-5 {m['top5']:.1%}" if m.get("top5") is not None else ""
         click.echo(f"{m['split']} accuracy {m['accuracy']:.1%}{top5} on {m['images']} images")
     click.echo(f"run folder: {result.run.root}  (report: {result.run.report_md})")
+
+
+# ------------------------------------------------------------------------------ pretrain / linear-eval
+def _pretrain_options(f):
+    """The PretrainConfig fields as flags: those shared with `ktool train`, and the methods' own."""
+    from ktoolkit.pretrain.config import DEFAULT_VIEWS, METHODS, NOISES
+
+    flags = _train_flags()
+    flags.update({
+        "method": click.option("--method", type=click.Choice(METHODS), help="How to learn (default contrastive)."),
+        "recipe": click.option("--recipe", help="Autoencoders: conv_autoencoder, denoising_autoencoder; contrastive: "
+                                                "contrastive_encoder, or a classification recipe as its backbone."),
+        "data": click.option("--data", help="Images: a folder (class subfolders optional), CSV, .npz or tfds:NAME; "
+                                            "labels are never used for training."),
+        "out": click.option("--out", help="Run folder (default runs/pretrain). An interrupted run there is resumed."),
+        "temperature": click.option("--temperature", type=float, help="NT-Xent temperature (contrastive; 0.5)."),
+        "noise": click.option("--noise", type=click.Choice(NOISES), help="Corruption (denoising; gaussian)."),
+        "noise_strength": click.option("--noise-strength", type=float,
+                                       help="Gaussian stddev, or masking/salt-and-pepper rate, on 0..1 images (0.1)."),
+        "augment": click.option("--augment", help=f"Contrastive: the random views (default {DEFAULT_VIEWS}; no flip "
+                                                  "for digits or text). Autoencoders: input augmentation (none)."),
+    })
+    order = ("config_file", "method", "recipe", "data", "out", "epochs", "batch_size", "optimizer", "lr", "momentum",
+             "schedule", "weight_decay", "temperature", "noise", "noise_strength", "augment", "distribute",
+             "image_size", "channels", "val_fraction", "test_fraction", "seed", "cache", "strict", "deterministic",
+             "data_dir", "steps_per_epoch", "overwrite", "verbose")
+    return _with_options(f, (flags[name] for name in order))
+
+
+@main.command("pretrain")
+@_pretrain_options
+def pretrain_cmd(config_file, overwrite, verbose, **values):
+    """Learn a representation from images without labels: autoencoder, denoising or contrastive.
+
+    The run folder's encoder.keras is a base for `ktool finetune --base RUN`; `ktool linear-eval
+    --encoder RUN --data LABELLED` measures it.
+    """
+    _setup_logging(verbose)
+    import recipes
+    from ktoolkit.pretrain import PretrainConfig, pretrain
+    from ktoolkit.train import RunExistsError
+
+    try:
+        config = _train_config(config_file, PretrainConfig, **values)
+        result = pretrain(config, progress=_interactive(), overwrite=overwrite)
+    except (ValueError, FileNotFoundError, RunExistsError, recipes.UnknownRecipeError) as err:
+        raise _fail(err)
+    if result.measurements:
+        click.echo("measured: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in result.measurements.items()))
+    click.echo(f"encoder: {result.run.encoder}  (report: {result.run.report_md})")
+
+
+@main.command("linear-eval")
+@click.option("--encoder", required=True, help="A `ktool pretrain` run folder, or an encoder .keras file.")
+@click.option("--data", required=True, help="Labelled images: class-per-folder directory, CSV, .npz or tfds:NAME.")
+@click.option("--out", help="Folder for the results (default: RUN/linear_eval).")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Also evaluate the same architecture at random initialization.")
+@click.option("--val-fraction", type=float, help="The split; default the pretraining run's (else 0.1, 0.1, 0).")
+@click.option("--test-fraction", type=float)
+@click.option("--seed", type=int)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--strict/--no-strict", default=False, help="Fail on unreadable images instead of skipping.")
+@click.option("--data-dir", help="tensorflow-datasets folder for tfds: sources.")
+@click.option("--cache/--no-cache", default=True, show_default=True, help="Keep the features in the feature cache.")
+def linear_eval_cmd(encoder, data, out, baseline, val_fraction, test_fraction, seed, batch_size, strict, data_dir,
+                    cache):
+    """Freeze the encoder, train a linear classifier on its features, report the accuracy (linear evaluation)."""
+    _setup_logging()
+    from ktoolkit.pretrain import linear_eval
+
+    try:
+        result = linear_eval(encoder, data, out=out, baseline=baseline, val_fraction=val_fraction,
+                             test_fraction=test_fraction, seed=seed, batch_size=batch_size, strict=strict,
+                             data_dir=data_dir, cache=cache, progress=_interactive())
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(err)
+    p = result.pretrained
+    click.echo(f"linear evaluation, {p.split} split ({p.images} images): pretrained encoder {p.accuracy:.1%}")
+    if result.random is not None:
+        click.echo(f"  same architecture at random initialization {result.random.accuracy:.1%}, difference "
+                   f"{100 * result.difference:+.1f} points")
+    click.echo(f"written to {result.folder}")
+
+
+# --------------------------------------------------------------------------------- finetune / advise
+def _base_flags() -> dict:
+    return {
+        "base": click.option("--base", help="keras.applications base (vgg16, resnet50, mobilenet_v2, efficientnet_b0, ...), "
+                                            "a recipe, or a run folder (runs/NAME). Default mobilenet_v2."),
+        "weights": click.option("--weights", help="imagenet (Keras download or cache), a .h5/.keras file, or none. "
+                                                  "Default: imagenet for keras.applications bases."),
+        "small_threshold": click.option("--small-threshold", type=float,
+                                        help="Fewer training images per class than this is 'small' (default 1000)."),
+        "similarity_threshold": click.option("--similarity-threshold", type=float,
+                                             help="A similarity at or above this is 'similar' (default 0.88)."),
+    }
+
+
+def _finetune_options(f):
+    from ktoolkit.transfer.finetune import STRATEGY_CHOICES
+
+    train = _train_flags()
+    shared = ["config_file", "data", "out", "epochs", "batch_size", "optimizer", "lr", "momentum", "schedule",
+              "weight_decay", "label_smoothing", "distribute", "image_size", "val_fraction", "test_fraction", "seed",
+              "augment", "cache", "early_stopping", "strict", "deterministic", "data_dir", "steps_per_epoch"]
+    own = [
+        click.option("--strategy", type=click.Choice(STRATEGY_CHOICES),
+                     help="auto (default: decided from the data), linear, linear-early, finetune or full."),
+        click.option("--cut", help="Layer for linear-early (default: the best held-out probe)."),
+        click.option("--unfreeze", type=int, help="finetune: top groups of the base to train (default 2)."),
+        click.option("--lr-decay", type=float, help="finetune: each deeper group's learning rate factor (default 0.3)."),
+        click.option("--dropout", type=float, help="Dropout before the new classifier (default 0.2)."),
+    ]
+    return _with_options(f, [*_base_flags().values(), *own, *(train[k] for k in shared), train["overwrite"], train["verbose"]])
+
+
+@main.command("finetune")
+@_finetune_options
+def finetune_cmd(config_file, overwrite, verbose, **values):
+    """Transfer a pretrained base to your data: decides the strategy from the data, runs it, reports."""
+    _setup_logging(verbose)
+    import recipes
+    from ktoolkit.train import RunExistsError
+    from ktoolkit.transfer.finetune import FinetuneConfig, finetune
+
+    try:
+        config = _train_config(config_file, config_class=FinetuneConfig, **values)
+        result = finetune(config, progress=_interactive(), overwrite=overwrite)
+    except (ValueError, FileNotFoundError, RunExistsError, recipes.UnknownRecipeError) as err:
+        raise _fail(err)
+    for line in result.advice.lines():
+        click.echo(line)
+    click.echo(f"strategy: {result.strategy}")
+    _print_result(result)
+
+
+def _advise_options(f):
+    return _with_options(f, [
+        *_base_flags().values(),
+        click.option("--data", required=True, help="Class-per-folder directory, CSV (path,label), .npz, or tfds:NAME."),
+        click.option("--image-size", help="HEIGHT,WIDTH (default: the base's own size)."),
+        click.option("--val-fraction", type=float, default=0.1, show_default=True),
+        click.option("--test-fraction", type=float, default=0.1, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--data-dir", help="tensorflow-datasets folder for tfds: sources."),
+        click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON."),
+        click.option("-v", "--verbose", is_flag=True),
+    ])
+
+
+@main.command("advise")
+@_advise_options
+def advise_cmd(base, weights, small_threshold, similarity_threshold, data, image_size, val_fraction, test_fraction,
+               seed, data_dir, as_json, verbose):
+    """Which transfer-learning strategy fits this data and base, and the numbers behind it."""
+    _setup_logging(verbose)
+    import json
+
+    from ktoolkit.data import load_data
+    from ktoolkit.transfer.advise import advise
+    from ktoolkit.transfer.bases import load_base
+    from ktoolkit.transfer.features import FeatureCache
+
+    try:
+        size = _parse_numbers(image_size, 2, "HEIGHT,WIDTH, e.g. 224,224", "--image-size") if image_size else None
+        source = load_data(data, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, data_dir=data_dir,
+                           progress=_interactive())
+        result = advise(load_base(base or "mobilenet_v2", weights=weights, image_size=size), source,
+                        small_threshold=small_threshold, similarity_threshold=similarity_threshold, seed=seed,
+                        cache=FeatureCache(), progress=_interactive())
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(err)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=float))
+        return
+    for line in result.lines():
+        click.echo(line)
+    click.echo(f"strategy: {result.decision.strategy}")
 
 
 # ------------------------------------------------------------------------------------ evaluate/predict
@@ -295,13 +488,15 @@ def evaluate_cmd(model, data, split, out, batch_size):
 
 
 @main.command("predict")
-@click.option("--model", required=True, help="A run folder or a .keras file.")
+@click.option("--model", required=True, help="A run folder, a .keras file, or an exported .tflite or .onnx file.")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", type=int, default=5, show_default=True)
 def predict_cmd(model, images, top_k):
     """Top-k labels with probabilities for each image file."""
-    _setup_logging()
-    from ktoolkit.predict import predict_files
+    from ktoolkit.predict import is_exported, predict_files
+
+    if not is_exported(model):  # .tflite and .onnx files run without TensorFlow (a Jetson, a phone board)
+        _setup_logging()
 
     try:
         results = predict_files(model, images, top_k=top_k)
@@ -316,6 +511,96 @@ def predict_cmd(model, images, top_k):
         click.echo(f"{r.path}: " + ", ".join(f"{label} {p:.1%}" for label, p in r.top))
     if failed == len(results):
         raise click.ClickException("no image could be read.")
+
+
+# ------------------------------------------------------------------------------------- export/benchmark
+def _export_modes_help() -> str:
+    from tflite_export.modes import MODES
+
+    return "; ".join(f"{m.name}: {m.description}" for m in MODES.values())
+
+
+@main.command("export", epilog=f"Modes: {_export_modes_help()}.")
+@click.option("--model", required=True, help="A run folder (or a .keras file with --data).")
+@click.option("--mode", default="float32", show_default=True, help="The export mode (listed below).")
+@click.option("--compare", help="More modes to export and compare side by side, e.g. float16,int8,qat.")
+@click.option("--format", "format", type=click.Choice(["tflite", "onnx", "saved_model"]), default="tflite",
+              show_default=True)
+@click.option("--out", help="Folder for the files and the report (default: the run folder's export/).")
+@click.option("--data", help="Images to calibrate and verify on (default: the run's data, split as in training).")
+@click.option("--calib-samples", type=int, default=200, show_default=True,
+              help="Training images that int8 calibration sees.")
+@click.option("--int8-io", is_flag=True, help="Full-integer modes take and give uint8 (camera bytes) instead of float32.")
+@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
+              help="Budget in accuracy points; a file over it is kept as *.FAILED.* and the command exits with 1.")
+@click.option("--epochs", type=int, default=2, show_default=True,
+              help="Fine-tuning epochs per step of qat, prune and cluster modes.")
+@click.option("--steps-per-epoch", type=int, help="Cap on fine-tuning batches per epoch.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Fine-tuning learning rate (Adam).")
+@click.option("--sparsity", type=float, default=0.8, show_default=True, help="Pruning's final share of zero weights.")
+@click.option("--clusters", type=int, default=16, show_default=True, help="Shared values per kernel when clustering.")
+@click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for the latency column.")
+@click.option("-v", "--verbose", is_flag=True)
+def export_cmd(verbose, **options):
+    """Export a trained run for a phone (.tflite) or a Jetson (.onnx), verified on the held-out split.
+
+    Every file is run on the held-out images and compared with the Keras model (accuracy, top-1
+    agreement, largest per-class change); the report (export_report.md/.json, export_compare.png)
+    also has file sizes, latency on this machine, the operators, and what the GPU delegate and NNAPI
+    would not run.
+    """
+    _setup_logging(verbose)
+    from tflite_export import export
+
+    try:
+        result = export(**options, progress=_interactive())
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(err)
+    rows = [("mode", "file", "size", "accuracy", "drop", "agreement", "latency", "")]
+    for f in result.files:
+        v = f.verification
+        size = f"{f.size_bytes / 2**20:.2f} MB" if f.size_bytes >= 2**20 else f"{f.size_bytes / 2**10:.1f} KB"
+        rows.append((f.mode, f.path.name, size, f"{v.accuracy:.2%}", f"{v.accuracy_drop:+.2f}", f"{v.agreement:.1%}",
+                     f"{f.latency_ms:.2f} ms", "ok" if f.passed else "OVER BUDGET"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    click.echo(f"Keras model: {result.files[0].verification.keras_accuracy:.2%} on "
+               f"{result.files[0].verification.images} held-out images; report: {result.report['md']}")
+    if not result.ok:
+        over = ", ".join(f.mode for f in result.files if not f.passed)
+        click.echo(f"Error: {over} lost more than {options['max_accuracy_drop']:g} accuracy point(s); the files are "
+                   f"kept, named *.FAILED.*, for inspection.", err=True)
+        sys.exit(1)
+
+
+@main.command("benchmark")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--threads", default="1,2,4", show_default=True, help="Thread counts to measure, comma-separated.")
+@click.option("--runs", type=int, default=100, show_default=True, help="Timed single-image runs per thread count.")
+@click.option("--warmup", type=int, default=10, show_default=True)
+def benchmark_cmd(model, threads, runs, warmup):
+    """Latency of a .tflite (LiteRT with XNNPACK) or .onnx (onnxruntime) file: p50/p90 per thread count.
+
+    Needs no TensorFlow, so it runs as is on a Jetson or a phone dev board with ai-edge-litert.
+    """
+    from tflite_export.runtime import benchmark
+
+    try:
+        counts = tuple(int(t) for t in threads.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"{threads!r}: write thread counts like 1,2,4.", param_hint="--threads")
+    try:
+        results = benchmark(model, threads=counts, runs=runs, warmup=warmup, progress=_interactive())
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(err)
+    click.echo(f"{model}: single-image latency, {runs} runs after {warmup} warm-up")
+    click.echo("threads  p50 (ms)  p90 (ms)  mean (ms)")
+    for r in results:
+        click.echo(f"{r['threads']:>7}  {r['p50_ms']:>8.3f}  {r['p90_ms']:>8.3f}  {r['mean_ms']:>9.3f}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -121,13 +121,12 @@ def evaluate_run(model, *, data=None, split=None, out=None, batch_size: int = 32
     import recipes
     from ktoolkit.data import load_data, make_dataset
     from ktoolkit.runs import Run, resolve_model_path
-    from ktoolkit.train.config import TrainConfig
 
     path, run = resolve_model_path(model)
     keras_model = recipes.load_model(path)
     n = int(keras_model.output_shape[-1])
     names = run.class_names() if run else [str(i) for i in range(n)]
-    config = TrainConfig.from_yaml(run.config) if run and run.config.exists() else None
+    config = run.data_settings() if run else None
     if data is None:
         if config is None:
             raise ValueError(f"{path} is not in a run folder, so there is no default data; pass --data.")

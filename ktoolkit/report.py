@@ -22,10 +22,15 @@ def _pyplot():
 
 
 def plot_curves(history: list[dict], path, title: str = "") -> None:
-    """Loss, accuracy and learning rate per epoch, training and validation side by side."""
+    """Loss, accuracy and learning rate per epoch, training and validation side by side.
+
+    The accuracy panel is left out when the history has no accuracy (e.g. `ktool pretrain`'s).
+    """
     plt = _pyplot()
-    panels = [("loss", "loss"), ("accuracy", "accuracy"), ("lr", "learning rate")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    columns = set(history[0]) if history else set()
+    panels = [(key, label) for key, label in (("loss", "loss"), ("accuracy", "accuracy"), ("lr", "learning rate"))
+              if key != "accuracy" or any(c == key or c.endswith(f"_{key}") for c in columns)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(13 * len(panels) / 3, 3.6))
     epochs = [row["epoch"] + 1 for row in history]
     for ax, (key, label) in zip(axes, panels):
         for prefix, style in (("", "-"), ("val_", "--")):
@@ -85,7 +90,8 @@ def write_report(run: Run, extra_sections: list[tuple[str, str]] | None = None) 
     data = json.loads(run.data.read_text()) if run.data.exists() else {}
     metrics = json.loads(run.metrics.read_text()) if run.metrics.exists() else {}
     state = run.read_state()
-    lines = [f"# Run report: {config.get('recipe', '?')} on {config.get('data', '?')}", ""]
+    model = config.get("base") or config.get("recipe", "?")
+    lines = [f"# Run report: {model} on {config.get('data', '?')}", ""]
     if state:
         lines += [f"Epochs completed: {state.get('epochs_completed', '?')} of {state.get('epochs', '?')}; "
                   f"{'finished' if state.get('complete') else 'not finished'}"
@@ -108,7 +114,8 @@ def write_report(run: Run, extra_sections: list[tuple[str, str]] | None = None) 
         lines.append("")
     for heading, body in extra_sections or []:
         lines += [f"## {heading}", "", body.rstrip(), ""]
-    lines += ["## Training", "", "![training curves](curves.png)", ""]
+    if run.curves.exists():
+        lines += ["## Training", "", "![training curves](curves.png)", ""]
     if data:
         lines += ["## Data", "", f"Source: `{data.get('source')}`; {len(data.get('classes', []))} classes; "
                   f"images resized to {'x'.join(map(str, data.get('image_size', [])))}x{data.get('channels')}.", "",

@@ -13,6 +13,7 @@ RUN/
   confusion_matrix.png, per_class.csv
   report.md, report.html
   state.json         progress; "complete": true once the run has finished
+  encoder.keras      `ktool pretrain` runs: the encoder (image -> embedding), a base for `ktool finetune`
   backup/            crash-recovery checkpoint while training (removed at the end)
   tensorboard/       TensorBoard logs
 ```
@@ -48,11 +49,25 @@ class Run:
     report_md = property(lambda self: self.root / "report.md")
     report_html = property(lambda self: self.root / "report.html")
     state = property(lambda self: self.root / "state.json")
+    encoder = property(lambda self: self.root / "encoder.keras")  # `ktool pretrain`: image -> embedding
     backup = property(lambda self: self.root / "backup")
     tensorboard = property(lambda self: self.root / "tensorboard")
 
     def read_state(self) -> dict:
         return json.loads(self.state.read_text()) if self.state.exists() else {}
+
+    def data_settings(self):
+        """How the run split its data (data, val_fraction, test_fraction, seed, data_dir), read from
+        config.yaml, whatever command made the run; None when there is no config.yaml."""
+        if not self.config.exists():
+            return None
+        import types
+
+        import yaml
+
+        values = yaml.safe_load(self.config.read_text()) or {}
+        defaults = {"data": None, "val_fraction": 0.1, "test_fraction": 0.1, "seed": 0, "data_dir": None}
+        return types.SimpleNamespace(**{k: values.get(k, v) for k, v in defaults.items()})
 
     def class_names(self) -> list[str]:
         if not self.classes.exists():

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ktoolkit.data.scan import SPLIT_FOLDERS, UNSPLIT, BadFile, ScanReport, check_images, scan_folder
+from ktoolkit.data.scan import SPLIT_FOLDERS, UNSPLIT, BadFile, ScanReport, check_images, is_hidden, scan_folder
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ class DataSource:
 
 
 def load_data(source: str, *, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-              strict: bool = False, data_dir: str | None = None, progress: bool = False) -> DataSource:
+              strict: bool = False, data_dir: str | None = None, progress: bool = False,
+              allow_unlabeled: bool = False) -> DataSource:
     """Loads a dataset and splits it into train, val and test.
 
     ``source`` is one of:
@@ -186,6 +187,8 @@ def load_data(source: str, *, val_fraction: float = 0.1, test_fraction: float = 
       are integers or one-hot rows.
     * ``"tfds:NAME"`` (``"tfds:NAME/CONFIG:VERSION"`` works too): a TensorFlow Datasets dataset
       already prepared in ``data_dir``; nothing is downloaded.
+    * with ``allow_unlabeled``, also a folder of images without class subfolders: its images are
+      one class named after the folder (label 0), for training without labels (`ktool pretrain`).
 
     Data that is not split gets a stratified split: every class keeps its proportions in each
     split, and the same ``seed`` gives the same split. When only some splits exist (e.g. train and
@@ -201,6 +204,7 @@ def load_data(source: str, *, val_fraction: float = 0.1, test_fraction: float = 
         strict: raise instead of skipping bad files.
         data_dir: TFDS data folder (default: TFDS's own, ``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``).
         progress: show progress bars on stderr while checking files.
+        allow_unlabeled: accept a folder of images without class subfolders (see above).
 
     Returns:
         A :class:`DataSource`. Skipped files are in ``bad_files`` and logged in one warning.
@@ -223,7 +227,8 @@ def load_data(source: str, *, val_fraction: float = 0.1, test_fraction: float = 
     if source.startswith("tfds:"):
         return _load_tfds(source, fractions, seed, data_dir, progress)
     if os.path.isdir(source):
-        loaded = _load_folder(source, progress)
+        flat = allow_unlabeled and not any(e.is_dir() and not is_hidden(e.name) for e in os.scandir(source))
+        loaded = _load_flat_folder(source, progress) if flat else _load_folder(source, progress)
     elif os.path.isfile(source) and source.lower().endswith(".csv"):
         loaded = _load_csv(source, progress)
     elif os.path.isfile(source) and source.lower().endswith(".npz"):
@@ -349,6 +354,16 @@ def _load_folder(root: str, progress: bool) -> _Loaded:
         problems.append("class folders without a good image, left out of the classes: "
                         + ", ".join(report.empty_classes))
     return _Loaded(names, splits, list(report.bad_files), None, report, problems)
+
+
+def _load_flat_folder(root: str, progress: bool) -> _Loaded:
+    """A folder of images without class subfolders: one class, named after the folder."""
+    files = sorted(e.path for e in os.scandir(root) if e.is_file() and not is_hidden(e.name))
+    verdicts = check_images(files, progress=progress).verdicts
+    good = [p for p in files if verdicts[os.path.abspath(p)].ok]
+    bad = [BadFile(p, verdicts[os.path.abspath(p)].reason) for p in files if not verdicts[os.path.abspath(p)].ok]
+    name = os.path.basename(os.path.abspath(root))
+    return _Loaded([name], {UNSPLIT: Split(UNSPLIT, np.zeros(len(good), np.int64), paths=good)}, bad)
 
 
 _PATH_HEADERS = {"path", "file", "filename", "file_name", "filepath", "image", "image_path", "img"}

@@ -16,8 +16,85 @@ DISTRIBUTES = ("auto", "none", "mirrored", "multiworker")
 CACHES = ("memory", "none")  # or a file path
 
 
+class RunConfig:
+    """What the configurations of runs share (`ktool train`, `ktool pretrain`): the YAML file of
+    settings (the same names as the flags), and the checks of the fields they have in common."""
+
+    KIND = "run"  # in messages: "unknown run setting(s)"
+    RESUMABLE: tuple = ()  # settings that may differ when an interrupted run is resumed
+
+    def _bad(self, name, hint):
+        raise ValueError(f"{name}={getattr(self, name)!r}: {hint}")
+
+    def check_common(self):
+        """Raises a ValueError naming the first bad field among the common ones (optimizer,
+        schedule, distribute, epochs, batch size, learning rate, weight decay, split fractions,
+        channels, image size, steps per epoch)."""
+        bad = self._bad
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"use one of {', '.join(OPTIMIZERS)}.")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", f"use one of {', '.join(SCHEDULES)}.")
+        if self.distribute not in DISTRIBUTES:
+            bad("distribute", f"use one of {', '.join(DISTRIBUTES)}.")
+        if not (isinstance(self.epochs, int) and self.epochs >= 1):
+            bad("epochs", "must be a whole number >= 1.")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            bad("batch_size", "must be a whole number >= 1 (per replica).")
+        if self.lr is not None and not self.lr > 0:  # None: the command's default (ktool finetune)
+            bad("lr", "the learning rate must be > 0, e.g. 1e-3 for adam, 0.1 for sgd.")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0, e.g. 1e-4.")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, "must be in [0, 1).")
+        if self.val_fraction + self.test_fraction >= 1:
+            bad("val_fraction", f"plus test_fraction={self.test_fraction} leaves no training data.")
+        if self.channels not in (None, 1, 3):
+            bad("channels", "must be 1 (grayscale) or 3 (RGB).")
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            bad("image_size", "must be HEIGHT,WIDTH, e.g. 224,224.")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            bad("steps_per_epoch", "must be >= 1, or None for the whole split.")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size) if self.image_size else None
+        return d
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            import difflib
+
+            hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, names, 1)) else u for u in unknown]
+            raise ValueError(f"unknown {cls.KIND} setting(s): {', '.join(hints)}; the settings are {', '.join(sorted(names))}.")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path, **overrides):
+        """Reads a YAML file of settings; ``overrides`` that are not None win over the file."""
+        import yaml
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist.")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must be a mapping of setting: value, like the config.yaml of a run.")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """Everything a training run depends on.
 
     Attributes:
@@ -88,41 +165,14 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raises a ValueError naming the first bad field, its value and the valid ones."""
-
-        def bad(name, hint):
-            raise ValueError(f"{name}={getattr(self, name)!r}: {hint}")
-
+        bad = self._bad
         if not self.data:
             bad("data", "give the training data: a folder with one subfolder per class, a CSV, an .npz or tfds:NAME.")
-        if self.optimizer not in OPTIMIZERS:
-            bad("optimizer", f"use one of {', '.join(OPTIMIZERS)}.")
-        if self.schedule not in SCHEDULES:
-            bad("schedule", f"use one of {', '.join(SCHEDULES)}.")
-        if self.distribute not in DISTRIBUTES:
-            bad("distribute", f"use one of {', '.join(DISTRIBUTES)}.")
-        if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            bad("epochs", "must be a whole number >= 1.")
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            bad("batch_size", "must be a whole number >= 1 (per replica).")
-        if not self.lr > 0:
-            bad("lr", "the learning rate must be > 0, e.g. 1e-3 for adam, 0.1 for sgd.")
-        if self.weight_decay < 0:
-            bad("weight_decay", "must be >= 0, e.g. 1e-4.")
+        self.check_common()
         if not 0 <= self.label_smoothing < 1:
             bad("label_smoothing", "must be in [0, 1), e.g. 0.1.")
-        for name in ("val_fraction", "test_fraction"):
-            if not 0 <= getattr(self, name) < 1:
-                bad(name, "must be in [0, 1).")
-        if self.val_fraction + self.test_fraction >= 1:
-            bad("val_fraction", f"plus test_fraction={self.test_fraction} leaves no training data.")
-        if self.channels not in (None, 1, 3):
-            bad("channels", "must be 1 (grayscale) or 3 (RGB).")
-        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
-            bad("image_size", "must be HEIGHT,WIDTH, e.g. 224,224.")
         if self.early_stopping < 0:
             bad("early_stopping", "is a patience in epochs; 0 turns it off.")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            bad("steps_per_epoch", "must be >= 1, or None for the whole split.")
         import recipes
 
         recipe = recipes.get(self.recipe)  # UnknownRecipeError with close matches
@@ -132,40 +182,6 @@ class TrainConfig:
                              f"({', '.join(recipes.names(task='classification')[:4])}, ...).")
         return self
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["image_size"] = list(self.image_size) if self.image_size else None
-        return d
-
-    def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            import difflib
-
-            hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, names, 1)) else u for u in unknown]
-            raise ValueError(f"unknown training setting(s): {', '.join(hints)}; the settings are {', '.join(sorted(names))}.")
-        return cls(**values)
-
-    @classmethod
-    def from_yaml(cls, path, **overrides) -> "TrainConfig":
-        """Reads a YAML file of settings; ``overrides`` that are not None win over the file."""
-        import yaml
-
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist.")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must be a mapping of setting: value, like the config.yaml of a run.")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(values)
-
+    KIND = "training"
     # Settings that may differ when an interrupted run is resumed (they do not change the result).
     RESUMABLE = ("epochs", "early_stopping", "deterministic", "strict", "cache", "data_dir", "distribute")

@@ -57,7 +57,7 @@ def train(config: TrainConfig | None = None, *, progress: bool = False, overwrit
     config.validate()
     started = time.time()
     run = Run(config.out)
-    _prepare_run_folder(run, config, overwrite)
+    prepare_run_folder(run, config, overwrite)
 
     import tensorflow as tf
     import tf_keras
@@ -85,10 +85,7 @@ def train(config: TrainConfig | None = None, *, progress: bool = False, overwrit
     log.info("%s; global batch %d = %d per replica x %d replica(s)", description, global_batch, config.batch_size, replicas)
 
     if chief:
-        write_text(run.config, config.to_yaml())
-        write_json(run.classes, class_names)
-        write_text(run.labels, "\n".join(class_names) + "\n")
-        write_json(run.data, _data_summary(source, image_size, channels))
+        write_run_header(run, config, source, image_size, channels)
 
     if config.mixed_precision:
         policy = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
@@ -132,66 +129,95 @@ def train(config: TrainConfig | None = None, *, progress: bool = False, overwrit
         train_ds, val_ds = _targets(train_ds, outputs), _targets(val_ds, outputs)
         if config.steps_per_epoch:
             train_ds = train_ds.repeat()
-        main = "" if len(outputs) == 1 else "predictions_"
-        monitor = f"val_{main}accuracy" if val_ds is not None else f"{main}accuracy"
-        from ktoolkit.train.callbacks import BestModel, RunLog
-
-        run_log = RunLog(run, config.epochs, write=chief)
-        best_model = BestModel(run, monitor, "max", inference, write=chief)
-        callbacks = [
-            run_log,
-            best_model,
-            # the same folder on every worker: Keras sends the non-chief workers' writes to temporary folders
-            tf_keras.callbacks.BackupAndRestore(str(run.backup), save_freq="epoch", delete_checkpoint=True),
-            *schedule_callbacks,
-        ]
-        if config.early_stopping:
-            callbacks.append(tf_keras.callbacks.EarlyStopping(
-                monitor="val_loss" if val_ds is not None else "loss", patience=config.early_stopping))
-        if chief:
-            callbacks.append(tf_keras.callbacks.TensorBoard(str(run.tensorboard), write_graph=False, profile_batch=0))
-
         log.info("training %s (%s parameters) on %d images, %d classes, %s, %d epochs", recipe.name,
                  f"{model.count_params():,}", len(source.splits["train"]), num_classes,
                  "x".join(map(str, (*image_size, channels))), config.epochs)
-        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, steps_per_epoch=train_steps,
-                  callbacks=callbacks, verbose=(1 if progress else 0))
+        history, resumed, best_model = fit(run, model, inference, train_ds, val_ds, epochs=config.epochs,
+                                           steps=train_steps, callbacks=schedule_callbacks,
+                                           early_stopping=config.early_stopping, chief=chief, progress=progress)
     finally:
         if config.mixed_precision:
             tf_keras.mixed_precision.set_global_policy("float32")
 
-    history = run_log.rows
-    resumed = run_log.started_at_epoch
+    save_final(run, inference, best_model, chief)
     metrics = {}
+    if chief:
+        eval_split, eval_ds = ("test", test_ds) if test_ds is not None else ("val", dataset("val", False))
+        metrics = finish(run, class_names, eval_split, eval_ds, history, title=f"{recipe.name} on {config.data}",
+                         started=started, progress=progress)
+    return TrainResult(run=run, config=config, metrics=metrics, history=history,
+                       seconds=time.time() - started, resumed_from_epoch=resumed)
+
+
+def fit(run: Run, model, inference, train_ds, val_ds, *, epochs: int, steps: int, callbacks=(), early_stopping: int = 0,
+        chief: bool = True, progress: bool = False):
+    """``model.fit`` with the run folder's crash recovery: history.csv, best.keras, the checkpoint.
+
+    Call it inside the strategy scope. Returns (history rows, epoch resumed from, the BestModel callback).
+    """
+    import tf_keras
+
+    from ktoolkit.train.callbacks import BestModel, RunLog
+
+    main = "" if len(model.output_names) == 1 else "predictions_"
+    monitor = f"val_{main}accuracy" if val_ds is not None else f"{main}accuracy"
+    run_log = RunLog(run, epochs, write=chief)
+    best_model = BestModel(run, monitor, "max", inference, write=chief)
+    all_callbacks = [
+        run_log,
+        best_model,
+        # the same folder on every worker: Keras sends the non-chief workers' writes to temporary folders
+        tf_keras.callbacks.BackupAndRestore(str(run.backup), save_freq="epoch", delete_checkpoint=True),
+        *callbacks,
+    ]
+    if early_stopping:
+        all_callbacks.append(tf_keras.callbacks.EarlyStopping(
+            monitor="val_loss" if val_ds is not None else "loss", patience=early_stopping))
+    if chief:
+        all_callbacks.append(tf_keras.callbacks.TensorBoard(str(run.tensorboard), write_graph=False, profile_batch=0))
+    model.fit(train_ds, validation_data=val_ds, epochs=epochs, steps_per_epoch=steps, callbacks=all_callbacks,
+              verbose=(1 if progress else 0))
+    return run_log.rows, run_log.started_at_epoch, best_model
+
+
+def save_final(run: Run, inference, best_model, chief: bool = True):
+    """last.keras (and best.keras if no epoch was ever the best); removes the checkpoint folder."""
     from ktoolkit.train.callbacks import save_elsewhere
 
     # Every worker saves (saving is a collective op under MultiWorkerMirroredStrategy); only the chief keeps files.
-    for path in ([run.last] + ([run.best] if best_model.best is None and not run.best.exists() else [])):
+    no_best = best_model is None or (best_model.best is None and not run.best.exists())
+    for path in [run.last] + ([run.best] if no_best else []):
         if chief:
             save_model(inference, path)
         else:
             save_elsewhere(inference)
     if chief:
         shutil.rmtree(run.backup, ignore_errors=True)  # Keras empties it after a finished fit; the folder goes too
-        best = recipes.load_model(run.best)
-        from ktoolkit.evaluate import evaluate_model, save_evaluation
-
-        eval_split, eval_ds = ("test", test_ds) if test_ds is not None else ("val", dataset("val", False))
-        if eval_ds is not None:
-            evaluation = evaluate_model(best, eval_ds, class_names, progress=progress)
-            metrics = save_evaluation(evaluation, run, split=eval_split)
-        from ktoolkit.report import plot_curves, write_report
-
-        plot_curves(history, run.curves, title=f"{recipe.name} on {config.data}")
-        state = run.read_state()
-        state.update({"complete": True, "seconds": round(time.time() - started, 1)})
-        write_json(run.state, state)
-        write_report(run)
-    return TrainResult(run=run, config=config, metrics=metrics, history=history,
-                       seconds=time.time() - started, resumed_from_epoch=resumed)
 
 
-def _prepare_run_folder(run: Run, config: TrainConfig, overwrite: bool):
+def finish(run: Run, class_names, eval_split: str, eval_ds, history, *, title: str, started: float,
+           progress: bool = False, extra_sections=None) -> dict:
+    """Evaluates best.keras on ``eval_ds``, draws the curves, marks the run complete, writes the report."""
+    import recipes
+    from ktoolkit.evaluate import evaluate_model, save_evaluation
+    from ktoolkit.report import plot_curves, write_report
+
+    metrics = {}
+    if eval_ds is not None:
+        evaluation = evaluate_model(recipes.load_model(run.best), eval_ds, class_names, progress=progress)
+        metrics = save_evaluation(evaluation, run, split=eval_split)
+    if history:
+        plot_curves(history, run.curves, title=title)
+    state = run.read_state()
+    state.update({"complete": True, "seconds": round(time.time() - started, 1)})
+    write_json(run.state, state)
+    write_report(run, extra_sections)
+    return metrics
+
+
+def prepare_run_folder(run: Run, config, overwrite: bool):
+    """Makes the run folder; refuses a finished run (unless ``overwrite``) or an interrupted one with other
+    settings. ``config`` is a TrainConfig (or subclass): the folder's config.yaml is read with its class."""
     root = run.root
     if root.exists() and any(root.iterdir()):
         state = run.read_state()
@@ -204,9 +230,9 @@ def _prepare_run_folder(run: Run, config: TrainConfig, overwrite: bool):
                 f"out={str(root)!r} holds a finished run; choose a new --out, or pass --overwrite to replace it."
             )
         else:
-            previous = TrainConfig.from_yaml(run.config).to_dict()
+            previous = type(config).from_yaml(run.config).to_dict()
             current = config.to_dict()
-            changed = [k for k in current if k not in TrainConfig.RESUMABLE and previous.get(k) != current[k]]
+            changed = [k for k in current if k not in config.RESUMABLE and previous.get(k) != current[k]]
             if changed:
                 diffs = ", ".join(f"{k}: {previous.get(k)!r} there, {current[k]!r} now" for k in changed)
                 raise ValueError(
@@ -214,6 +240,15 @@ def _prepare_run_folder(run: Run, config: TrainConfig, overwrite: bool):
                     "command to resume it, choose a new --out, or pass --overwrite."
                 )
     root.mkdir(parents=True, exist_ok=True)
+
+
+def write_run_header(run: Run, config, source, image_size, channels):
+    """config.yaml, classes.json, labels.txt and data.json: what a run folder says before training."""
+    class_names = list(source.class_names)
+    write_text(run.config, config.to_yaml())
+    write_json(run.classes, class_names)
+    write_text(run.labels, "\n".join(class_names) + "\n")
+    write_json(run.data, _data_summary(source, image_size, channels))
 
 
 def _build(recipe, config: TrainConfig, num_classes, image_size, channels):

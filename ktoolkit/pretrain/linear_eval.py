@@ -1,0 +1,209 @@
+"""`ktool linear-eval`: how good is a representation? The linear-evaluation protocol.
+
+The encoder is frozen; a linear classifier (multinomial logistic regression,
+:func:`ktoolkit.transfer.features.fit_linear`) is trained on its features of the labelled training
+split, its regularization chosen on the validation split, and its accuracy measured on the test
+split. The same architecture at random initialization goes through the same protocol: the difference
+is what pretraining learned (random convolutional features are far from useless).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ktoolkit.io import save_model, write_json, write_text
+from ktoolkit.runs import Run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeResult:
+    """A linear classifier on the frozen features of one model."""
+
+    layer: str
+    dimensions: int
+    split: str  # where ``accuracy`` was measured: "test", else "val", else "train"
+    images: int
+    accuracy: float
+    val_accuracy: float | None
+    train_accuracy: float
+    C: float
+    probe: object  # ktoolkit.transfer.features.LinearProbe
+
+
+@dataclass
+class LinearEvalResult:
+    """The linear evaluation of an encoder, and of its architecture at random initialization."""
+
+    encoder: str
+    data: str
+    classes: list
+    pretrained: ProbeResult
+    random: ProbeResult | None
+    folder: Path
+    seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        return self.pretrained.accuracy
+
+    @property
+    def random_accuracy(self) -> float | None:
+        return self.random.accuracy if self.random else None
+
+    @property
+    def difference(self) -> float | None:
+        """Accuracy of the pretrained encoder minus that at random initialization."""
+        return None if self.random is None else self.pretrained.accuracy - self.random.accuracy
+
+    def to_dict(self) -> dict:
+        def probe(p):
+            return None if p is None else {k: v for k, v in asdict(p).items() if k != "probe"}
+
+        return {"encoder": self.encoder, "data": self.data, "classes": list(self.classes),
+                "accuracy": self.accuracy, "random_accuracy": self.random_accuracy, "difference": self.difference,
+                "pretrained": probe(self.pretrained), "random": probe(self.random), "seconds": round(self.seconds, 1)}
+
+    def markdown(self) -> str:
+        p = self.pretrained
+        lines = [f"Linear evaluation on `{self.data}`: the encoder frozen, a logistic-regression classifier on its "
+                 f"{p.dimensions}-d features (layer `{p.layer}`) of the training split, C = {p.C:g} chosen on the "
+                 f"validation split; accuracy on the **{p.split}** split ({p.images:,} images, {len(self.classes)} "
+                 "classes).", "", f"| encoder | {p.split} accuracy | validation accuracy |", "|---|---|---|",
+                 f"| pretrained (`{self.encoder}`) | {p.accuracy:.2%} | {_percent(p.val_accuracy)} |"]
+        if self.random is not None:
+            lines += [f"| same architecture, random initialization | {self.random.accuracy:.2%} | "
+                      f"{_percent(self.random.val_accuracy)} |",
+                      f"| difference | {100 * self.difference:+.1f} points | |"]
+        lines += ["", f"The encoder with this classifier on top (0..255 pixels in, class probabilities out): "
+                      f"`{self.folder / 'classifier.keras'}`."]
+        return "\n".join(lines) + "\n"
+
+
+def _percent(value) -> str:
+    return "" if value is None else f"{value:.2%}"
+
+
+def resolve_encoder(encoder) -> tuple[Path, Run | None]:
+    """``encoder`` is a `ktool pretrain` run folder or a .keras file; returns (file, Run or None)."""
+    path = Path(encoder).expanduser()
+    if path.is_dir():
+        run = Run(path)
+        if not run.encoder.exists():
+            raise FileNotFoundError(f"encoder={str(path)!r} has no {run.encoder.name}; give a `ktool pretrain` run "
+                                    "folder (finished) or a .keras file of an encoder.")
+        return run.encoder, run
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder={str(path)!r} is neither a run folder nor a model file.")
+    return path, None
+
+
+def linear_probe(model, source, *, layer: str | None = None, image_size=None, channels=None, batch_size: int = 64,
+                 cache=None, progress: bool = False) -> ProbeResult:
+    """Trains a linear classifier on ``model``'s frozen features at ``layer`` (default: its output,
+    global-average-pooled when it is a map) of ``source``'s train split, C chosen on the val split,
+    and measures it on the test split (else val, else train).
+
+    Args:
+        model: a Keras model taking 0..255 pixels.
+        source: a labelled :class:`ktoolkit.data.DataSource`.
+        image_size, channels: default: the model's input shape.
+        cache: a :class:`ktoolkit.transfer.features.FeatureCache`, or None.
+    """
+    from ktoolkit.transfer.features import extract_features, fit_linear
+
+    layer = layer or model.layers[-1].name
+    shape = model.input_shape[1:]
+    image_size = tuple(image_size or shape[:2])
+    channels = channels or shape[2]
+    if None in image_size or channels is None:
+        raise ValueError(f"model {model.name!r} takes inputs of any size {shape}; give image_size and channels.")
+    features = {name: extract_features(model, [layer], split, image_size=image_size, channels=channels,
+                                       batch_size=batch_size, cache=cache, progress=progress)[layer]
+                for name, split in source.splits.items()}
+    labels = {name: split.labels for name, split in source.splits.items()}
+    val = "val" if "val" in features else None
+    probe = fit_linear(features["train"], labels["train"], features.get(val), labels.get(val),
+                       num_classes=source.num_classes)
+    split = next(name for name in ("test", "val", "train") if name in features)
+    return ProbeResult(layer, int(features["train"].shape[1]), split, len(labels[split]),
+                       probe.accuracy(features[split], labels[split]), probe.val_accuracy, probe.train_accuracy,
+                       probe.C, probe)
+
+
+def linear_eval(encoder, data, *, out=None, baseline: bool = True, val_fraction: float | None = None,
+                test_fraction: float | None = None, seed: int | None = None, batch_size: int = 64,
+                strict: bool = False, data_dir: str | None = None, cache: bool = True,
+                progress: bool = False) -> LinearEvalResult:
+    """Linear evaluation of ``encoder`` on the labelled ``data``, against its architecture at random init.
+
+    Args:
+        encoder: a `ktool pretrain` run folder (its encoder.keras) or an encoder .keras file (0..255
+            pixels in).
+        data: labelled images: a class-per-folder directory, a CSV, an .npz or ``tfds:NAME``.
+        out: folder for linear_eval.json, linear_eval.md and classifier.keras (the encoder with the
+            classifier on top); default RUN/linear_eval (or FILE_linear_eval beside a file). In the
+            run folder, the run's report gets the section too.
+        baseline: also evaluate the same architecture with freshly initialized weights.
+        val_fraction, test_fraction, seed: the split; default that of the pretraining run (so the
+            test images of the same data are ones pretraining did not see), else 0.1, 0.1, 0.
+        batch_size: images per batch when computing features.
+        strict, data_dir: as for :func:`ktoolkit.data.load_data`.
+        cache: keep the features in the feature cache (KTOOLKIT_CACHE_DIR) for the next time.
+        progress: progress bars on the terminal.
+
+    Raises:
+        FileNotFoundError: no such run folder (with an encoder) or file.
+        ValueError: ``data`` has fewer than two classes.
+    """
+    started = time.time()
+    path, run = resolve_encoder(encoder)
+    settings = {}
+    if run is not None and run.config.exists():
+        import yaml
+
+        settings = yaml.safe_load(run.config.read_text()) or {}
+    val_fraction = settings.get("val_fraction", 0.1) if val_fraction is None else val_fraction
+    test_fraction = settings.get("test_fraction", 0.1) if test_fraction is None else test_fraction
+    seed = settings.get("seed", 0) if seed is None else seed
+
+    import tf_keras
+
+    import recipes
+    from ktoolkit.data import load_data
+    from ktoolkit.transfer.features import FeatureCache, linear_classifier_model
+
+    model = recipes.load_model(path)
+    source = load_data(data, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, strict=strict,
+                       data_dir=data_dir, progress=progress)
+    if source.num_classes < 2:
+        raise ValueError(f"data={data!r} has {source.num_classes} class; linear evaluation needs labels: a folder with "
+                         "one subfolder per class, a CSV of path,label, or an .npz with labels.")
+    feature_cache = FeatureCache() if cache else None
+    pretrained = linear_probe(model, source, batch_size=batch_size, cache=feature_cache, progress=progress)
+    log.info("pretrained encoder: %s accuracy %.2f%% (C=%g)", pretrained.split, 100 * pretrained.accuracy, pretrained.C)
+    random = None
+    if baseline:
+        tf_keras.utils.set_random_seed(seed)
+        fresh = tf_keras.models.clone_model(model)  # the same layers, newly initialized weights
+        random = linear_probe(fresh, source, batch_size=batch_size, cache=feature_cache, progress=progress)
+        log.info("random initialization: %s accuracy %.2f%%", random.split, 100 * random.accuracy)
+
+    from ktoolkit.pretrain.engine import LINEAR_EVAL, RESULT_FILE, report_sections
+    from ktoolkit.report import write_report
+
+    folder = Path(out) if out else (run.root / LINEAR_EVAL if run else path.with_name(f"{path.stem}_{LINEAR_EVAL}"))
+    result = LinearEvalResult(str(path), str(data), list(source.class_names), pretrained, random, folder,
+                              time.time() - started)
+    save_model(linear_classifier_model(model, pretrained.layer, pretrained.probe), folder / "classifier.keras")
+    write_json(folder / "classes.json", list(source.class_names))
+    write_text(folder / "labels.txt", "\n".join(source.class_names) + "\n")
+    write_json(folder / "linear_eval.json", result.to_dict())
+    write_text(folder / "linear_eval.md", result.markdown())
+    if run is not None and (run.root / RESULT_FILE).exists() and folder.resolve() == (run.root / LINEAR_EVAL).resolve():
+        write_report(run, extra_sections=report_sections(run))
+    return result

@@ -1,0 +1,236 @@
+"""What `ktool finetune --base` accepts, made into one thing: a headless network with its preprocessing.
+
+A base is one of
+- a keras.applications network (:data:`APPLICATIONS`), with ``weights`` "imagenet" (the Keras download,
+  or the file already in the Keras cache ~/.keras/models), a weights file, or "none";
+- a recipe from the registry (``ktool recipes``), with a weights file or "none";
+- a run folder of `ktool train`, `ktool finetune` (its best model without the classifier) or
+  `ktool pretrain` (its encoder).
+
+Every base takes 0..255 pixels: the network's own preprocessing is a layer inside the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Application:
+    """A keras.applications network: its constructor, default input size and preprocessing."""
+
+    constructor: str
+    size: int
+    preprocessing: str  # an ImagePreprocessing mode; "none" where the network rescales inputs itself
+    min_size: int = 32
+    paper: str = ""
+
+
+APPLICATIONS = {
+    "vgg16": Application("VGG16", 224, "caffe", paper="Simonyan and Zisserman 2015"),
+    "vgg19": Application("VGG19", 224, "caffe", paper="Simonyan and Zisserman 2015"),
+    "resnet50": Application("ResNet50", 224, "caffe", paper="He et al. 2016"),
+    "resnet101": Application("ResNet101", 224, "caffe", paper="He et al. 2016"),
+    "resnet152": Application("ResNet152", 224, "caffe", paper="He et al. 2016"),
+    "inception_v3": Application("InceptionV3", 299, "tf", min_size=75, paper="Szegedy et al. 2016"),
+    "mobilenet_v2": Application("MobileNetV2", 224, "tf", paper="Sandler et al. 2018"),
+    "mobilenet_v3_small": Application("MobileNetV3Small", 224, "none", paper="Howard et al. 2019"),
+    "mobilenet_v3_large": Application("MobileNetV3Large", 224, "none", paper="Howard et al. 2019"),
+    "efficientnet_b0": Application("EfficientNetB0", 224, "none", paper="Tan and Le 2019"),
+    "efficientnet_b1": Application("EfficientNetB1", 240, "none", paper="Tan and Le 2019"),
+    "efficientnet_b2": Application("EfficientNetB2", 260, "none", paper="Tan and Le 2019"),
+    "efficientnet_b3": Application("EfficientNetB3", 300, "none", paper="Tan and Le 2019"),
+}
+
+
+@dataclass
+class Base:
+    """A headless network ready for transfer.
+
+    Attributes:
+        name: what was asked for (application or recipe name, or the run folder).
+        model: tf_keras functional model, 0..255 pixels -> top features (4-D map or flat vector).
+        weights: where the weights came from, for the report ("imagenet", a path, "none", a run).
+        pretrained: False when the weights are random ("none").
+        image_size: (height, width) the base is built for.
+        channels: input channels.
+        preprocessing: the ImagePreprocessing mode inside the model (for export metadata).
+        groups: cut points, input to output (the last one is the top): where features are read for
+            probes and where blocks are unfrozen from.
+    """
+
+    name: str
+    model: object
+    weights: str
+    pretrained: bool
+    image_size: tuple
+    channels: int
+    preprocessing: str
+    groups: list
+
+    @property
+    def top(self) -> str:
+        return self.model.layers[-1].name
+
+
+def load_base(name: str, *, weights: str | None = None, image_size=None) -> Base:
+    """Builds the base ``name`` with ``weights`` at ``image_size`` (default: the base's own size).
+
+    ``weights`` None means "imagenet" for keras.applications, the run's own for run folders and
+    "none" for registry recipes.
+
+    Raises:
+        ValueError: an unknown base, a weights value that does not fit it, or an impossible download
+            (the message says where to put the file).
+        FileNotFoundError: a weights file or run folder that does not exist.
+    """
+    import recipes
+
+    path = Path(os.path.expanduser(str(name)))
+    if path.is_dir():
+        return _from_run(path, weights, image_size)
+    key = str(name).lower().replace("-", "_")
+    if key in APPLICATIONS:
+        return _from_application(key, weights or "imagenet", image_size)
+    if str(name).endswith((".keras", ".h5")) or os.sep in str(name):
+        raise FileNotFoundError(f"--base {name}: no such run folder; give a run folder (runs/NAME), an application "
+                                f"({', '.join(APPLICATIONS)}) or a recipe name.")
+    try:
+        recipe = recipes.get(key)
+    except recipes.UnknownRecipeError as err:
+        raise ValueError(f"--base {name!r} is not a keras.applications base ({', '.join(APPLICATIONS)}), a recipe "
+                         f"or a run folder. {err.args[0] if err.args else ''}") from None
+    return _from_recipe(recipe, weights or "none", image_size)
+
+
+def _size(image_size, default: int, minimum: int, name: str) -> tuple:
+    size = tuple(image_size) if image_size else (default, default)
+    if min(size) < minimum:
+        raise ValueError(f"--image-size {size[0]},{size[1]}: {name} needs at least {minimum}x{minimum}.")
+    return size
+
+
+def _from_application(key: str, weights: str, image_size) -> Base:
+    import tf_keras
+
+    import recipes  # noqa: F401  (registers ImagePreprocessing)
+    from recipes.layers import custom_layers
+
+    app = APPLICATIONS[key]
+    size = _size(image_size, app.size, app.min_size, key)
+    inputs = tf_keras.Input((*size, 3), name="image")
+    x = custom_layers("tf_keras").ImagePreprocessing(app.preprocessing, name="preprocessing")(inputs)
+    build = getattr(tf_keras.applications, app.constructor)
+    kwargs = {"include_top": False, "input_tensor": x, "input_shape": (*size, 3)}
+    if key.startswith("mobilenet_v3"):
+        kwargs["include_preprocessing"] = True
+    lowered = str(weights).lower()
+    if lowered == "imagenet":
+        network = _download(key, lambda: build(weights="imagenet", **kwargs))
+    else:
+        network = build(weights=None, **kwargs)
+    model = tf_keras.Model(inputs, network.output, name=key)
+    if lowered not in ("imagenet", "none"):
+        _load_weights_file(model, weights, key)
+    return _finish(key, model, weights, lowered != "none", size, 3, app.preprocessing)
+
+
+def _download(key: str, build):
+    """Builds with weights="imagenet"; when the download fails, says which file to put where."""
+    try:
+        return build()
+    except Exception as err:  # Keras raises a bare Exception for fetch failures
+        text = str(err)
+        if "fetch failure" not in text.lower() and "url" not in text.lower():
+            raise
+        url = re.search(r"https?://\S+?\.h5", text)
+        file = url.group(0).rsplit("/", 1)[-1] if url else f"the {key} no-top weights file"
+        # where tf_keras looks (it does not read KERAS_HOME): ~/.keras, or /tmp/.keras when that is not writable
+        home = Path("~/.keras").expanduser()
+        cache = (home if os.access(home, os.W_OK) or not home.exists() and os.access(home.parent, os.W_OK)
+                 else Path("/tmp/.keras")) / "models"
+        raise ValueError(
+            f"--weights imagenet: the {key} weights could not be downloaded ({text.splitlines()[0][:160]}). "
+            f"Put {file} in {cache}/ (the Keras cache: Keras then finds it without a download)"
+            + (f", from {url.group(0)}," if url else ",")
+            + " or pass --weights PATH to a copy of it, or --weights none to start from random weights."
+        ) from None
+
+
+def _load_weights_file(model, weights, name: str):
+    path = Path(os.path.expanduser(str(weights)))
+    if not path.is_file():
+        raise FileNotFoundError(f"--weights {weights}: no such file; give imagenet, none, or the path of a .h5 or "
+                                f".keras weights file for {name}.")
+    if path.suffix == ".keras":
+        from recipes.blocks import load_weights
+
+        load_weights(model, str(path))
+        return
+    try:
+        model.load_weights(str(path))  # official files: layer by layer in order
+    except (ValueError, KeyError):
+        try:
+            model.load_weights(str(path), by_name=True)  # e.g. a file with the classifier top: matched by name
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"--weights {path}: the file does not fit {name} ({err}); give the no-top (or full) "
+                             f"weights file of {name}.") from None
+
+
+def _from_recipe(recipe, weights: str, image_size) -> Base:
+    lowered = str(weights).lower()
+    if lowered == "imagenet":
+        raise ValueError(f"--weights imagenet: recipe {recipe.name!r} has no ImageNet download; use a keras.applications "
+                         f"base ({', '.join(APPLICATIONS)}), --weights PATH, or --weights none.")
+    if recipe.task != "classification":
+        raise ValueError(f"--base {recipe.name}: a {recipe.task} recipe; pretrain it with `ktool pretrain` and pass "
+                         "the run folder as --base.")
+    size = _size(image_size, recipe.input_shape[0], recipe.min_size, recipe.name)
+    channels = recipe.input_shape[2]
+    model = recipe.build(input_shape=(*size, channels), include_top=False)
+    if lowered != "none":
+        _load_weights_file(model, weights, recipe.name)
+    return _finish(recipe.name, model, weights, lowered != "none", size, channels, recipe.preprocessing)
+
+
+def _from_run(path: Path, weights, image_size) -> Base:
+    import tf_keras
+
+    import recipes
+    from ktoolkit.runs import Run, resolve_model_path
+    from ktoolkit.transfer.features import cut_points
+
+    if weights not in (None, "run"):
+        raise ValueError(f"--weights {weights}: --base {path} is a run folder, which brings its own weights; "
+                         "leave --weights out.")
+    run = Run(path)
+    if run.encoder.exists():
+        model, what = recipes.load_model(run.encoder), "encoder"
+    else:
+        file, _ = resolve_model_path(path)
+        full = recipes.load_model(file)
+        cuts = cut_points(full)
+        if not cuts:
+            raise ValueError(f"--base {path}: its model has no convolutional layers to transfer from.")
+        model, what = tf_keras.Model(full.inputs, full.get_layer(cuts[-1]).output, name=f"{full.name}_base"), file.name
+    height, width, channels = model.input_shape[1:]
+    if image_size and tuple(image_size) != (height, width):
+        log.info("--image-size %s ignored: the run's model takes %dx%d", image_size, height, width)
+    preprocessing = next((layer.mode for layer in model.layers if type(layer).__name__ == "ImagePreprocessing"), "none")
+    return _finish(str(path), model, f"{path}/{what}", True, (height, width), channels, preprocessing)
+
+
+def _finish(name, model, weights, pretrained, size, channels, preprocessing) -> Base:
+    from ktoolkit.transfer.features import cut_points
+
+    groups = cut_points(model)
+    if not groups or groups[-1] != model.layers[-1].name:
+        groups.append(model.layers[-1].name)
+    log.info("base %s: %s parameters, weights %s, %d cut points", name, f"{model.count_params():,}", weights, len(groups))
+    return Base(str(name), model, str(weights), pretrained, tuple(size), channels, preprocessing, groups)

@@ -1,0 +1,233 @@
+"""CNN codes: features of a (frozen) network at a layer, cached on disk, and linear classifiers on them.
+
+The top-layer features of a pretrained network are computed once per (network, weights, layer, data,
+image size) and kept in the cache folder (``KTOOLKIT_CACHE_DIR``, default ~/.cache/ktoolkit), so a
+linear classifier trains in seconds and a second run is instant. Features of a 4-D layer are its
+global average pool. A linear classifier (multinomial logistic regression) is fit on standardized
+features and folded back into a Dense layer, so the result is a plain Keras model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+C_GRID = (0.01, 0.1, 1.0)
+
+
+# ----------------------------------------------------------------------------------------- cut points
+def cut_points(model) -> list[str]:
+    """Layers where ``model`` can be cut: every path from the input to the output passes through them.
+
+    Returns the last such layer of each spatial resolution (image-shaped outputs), input to output,
+    so for a ResNet these are the ends of its stages. Found from the graph, for any functional model.
+    """
+    layers = model.layers
+    index = {id(layer): i for i, layer in enumerate(layers)}
+    reach = [i for i in range(len(layers))]  # furthest consumer of each layer
+    for i, layer in enumerate(layers):
+        for node in layer._outbound_nodes:
+            j = index.get(id(node.outbound_layer))
+            if j is not None:
+                reach[i] = max(reach[i], j)
+    cuts, furthest = [], 0  # furthest: the furthest consumer of any layer before layer i
+    for i, layer in enumerate(layers):
+        shape = _output_shape(layer)
+        if (furthest <= i and i > 0 and shape is not None and len(shape) == 4
+                and type(layer).__name__ not in _NOT_CUTS):
+            cuts.append((layer.name, tuple(shape[1:3])))
+        furthest = max(furthest, reach[i])
+    ends = [name for k, (name, size) in enumerate(cuts) if k + 1 == len(cuts) or cuts[k + 1][1] != size]
+    return ends
+
+
+# Layers that only pad or rescale: cutting there gives the same features as the layer before.
+_NOT_CUTS = ("ZeroPadding2D", "Rescaling", "Normalization", "ImagePreprocessing", "InputLayer")
+
+
+def _output_shape(layer):
+    try:
+        shape = layer.output_shape
+    except (AttributeError, RuntimeError):
+        return None
+    return shape if isinstance(shape, tuple) else None
+
+
+# ------------------------------------------------------------------------------------------ features
+def model_key(model) -> str:
+    """A hash of the architecture and every weight: cached features are reused only for this model."""
+    h = hashlib.sha1(json.dumps(model.get_config(), sort_keys=True, default=str).encode())
+    for weight in model.weights:
+        h.update(np.ascontiguousarray(weight.numpy()).data)
+    return h.hexdigest()[:16]
+
+
+def feature_model(model, layers):
+    """A model from ``model``'s input to the pooled features of each of ``layers``."""
+    import tf_keras
+
+    outputs = []
+    for name in layers:
+        x = model.get_layer(name).output
+        if len(x.shape) == 4:
+            x = tf_keras.layers.GlobalAveragePooling2D(name=f"{name}_features")(x)
+        elif len(x.shape) != 2:
+            raise ValueError(f"layer={name!r} has output shape {tuple(x.shape)}; features need an image-shaped or flat layer.")
+        outputs.append(x)
+    return tf_keras.Model(model.inputs, outputs, name=f"{model.name}_features")
+
+
+@dataclass
+class FeatureCache:
+    """Feature arrays on disk, one .npy file per (model, layer, data, image size)."""
+
+    root: Path = field(default_factory=lambda: Path(os.environ.get("KTOOLKIT_CACHE_DIR", "~/.cache/ktoolkit")).expanduser() / "features")
+    hits: int = 0
+    misses: int = 0
+
+    def path(self, key: str) -> Path:
+        return Path(self.root) / f"{key}.npy"
+
+    def load(self, key: str):
+        path = self.path(key)
+        if path.exists():
+            try:
+                array = np.load(path)
+                self.hits += 1
+                return array
+            except (OSError, ValueError):
+                log.warning("ignoring unreadable feature cache file %s", path)
+        self.misses += 1
+        return None
+
+    def save(self, key: str, array: np.ndarray):
+        from ktoolkit.io import atomic_path
+
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path(key)) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, array)
+
+
+def extract_features(model, layers, split, *, image_size, channels, batch_size: int = 64,
+                     cache: FeatureCache | None = None, key: str | None = None, progress: bool = False) -> dict:
+    """Features of ``split``'s images at each of ``layers``: ``{layer: array (N, D)}`` in split order.
+
+    Cached layers are read from ``cache``; the others are computed in one pass over the data.
+    ``key`` identifies the model (default :func:`model_key`).
+    """
+    from ktoolkit.data import make_dataset
+
+    layers = list(dict.fromkeys(layers))
+    result, keys = {}, {}
+    if cache is not None:
+        key = key or model_key(model)
+        for name in layers:
+            keys[name] = hashlib.sha1(
+                f"{key}|{name}|{split.fingerprint()}|{tuple(image_size)}|{channels}".encode()).hexdigest()[:24]
+            cached = cache.load(keys[name])
+            if cached is not None and len(cached) == len(split):
+                result[name] = cached
+    todo = [name for name in layers if name not in result]
+    if todo:
+        started = time.time()
+        dataset = make_dataset(split, num_classes=int(split.labels.max()) + 1, image_size=image_size, channels=channels,
+                               batch_size=batch_size, training=False, one_hot=False, cache=None)
+        dataset = dataset.map(lambda x, y: x)
+        outputs = feature_model(model, todo).predict(dataset, verbose=1 if progress else 0)
+        outputs = outputs if isinstance(outputs, list) else [outputs]
+        for name, array in zip(todo, outputs):
+            result[name] = array.astype(np.float32)
+            if cache is not None:
+                cache.save(keys[name], result[name])
+        log.info("features of %d images at %d layer(s) in %.1f s", len(split), len(todo), time.time() - started)
+    return {name: result[name] for name in layers}
+
+
+# --------------------------------------------------------------------------------- linear classifier
+@dataclass
+class LinearProbe:
+    """A multinomial logistic regression on standardized features (weights in the original scale)."""
+
+    kernel: np.ndarray  # (D, classes), applies to raw features
+    bias: np.ndarray  # (classes,)
+    C: float
+    train_accuracy: float
+    val_accuracy: float | None
+    seconds: float
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        logits = features @ self.kernel + self.bias
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def accuracy(self, features, labels) -> float:
+        return float((self.predict_proba(features).argmax(1) == np.asarray(labels)).mean())
+
+
+def fit_linear(train_x, train_y, val_x=None, val_y=None, *, num_classes: int | None = None, Cs=C_GRID,
+               max_iter: int = 300) -> LinearProbe:
+    """Fits logistic regression on features, picking the inverse regularization C on the validation split.
+
+    Without validation data, C=1 (features are standardized, so that is a sensible scale).
+    """
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    started = time.time()
+    train_x, train_y = np.asarray(train_x, np.float64), np.asarray(train_y)
+    num_classes = num_classes or int(train_y.max()) + 1
+    mean = train_x.mean(axis=0)
+    scale = train_x.std(axis=0)
+    scale[scale < 1e-8] = 1.0
+    z = (train_x - mean) / scale
+    has_val = val_x is not None and len(val_x) > 0
+    candidates = sorted(Cs) if has_val else (1.0,)
+    best = None
+    # one estimator, C increasing, warm-started from the previous solution: far fewer iterations in all
+    clf = LogisticRegression(max_iter=max_iter, tol=1e-3, warm_start=True)
+    for C in candidates:
+        clf.set_params(C=C)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(z, train_y)
+        kernel = np.zeros((z.shape[1], num_classes))
+        bias = np.full(num_classes, -1e4)  # classes absent from training are never predicted
+        coef = clf.coef_ if len(clf.classes_) > 2 else np.vstack([-clf.coef_[0] / 2, clf.coef_[0] / 2])
+        intercept = clf.intercept_ if len(clf.classes_) > 2 else np.array([-clf.intercept_[0] / 2, clf.intercept_[0] / 2])
+        kernel[:, clf.classes_] = (coef / scale).T
+        bias[clf.classes_] = intercept - (coef * (mean / scale)).sum(axis=1)
+        probe = LinearProbe(kernel.astype(np.float32), bias.astype(np.float32), C, 0.0, None, 0.0)
+        probe.train_accuracy = probe.accuracy(train_x, train_y)
+        if has_val:
+            probe.val_accuracy = probe.accuracy(np.asarray(val_x, np.float64), val_y)
+        if best is None or (probe.val_accuracy or 0) > (best.val_accuracy or 0):
+            best = probe
+    best.seconds = time.time() - started
+    return best
+
+
+def linear_classifier_model(model, layer: str, probe: LinearProbe, name: str | None = None):
+    """``model`` cut at ``layer``, global average pooling, and the probe as a softmax Dense layer
+    named "predictions": a plain Keras classifier that `ktool evaluate/predict/export` take as is."""
+    import tf_keras
+
+    x = model.get_layer(layer).output
+    if len(x.shape) == 4:
+        x = tf_keras.layers.GlobalAveragePooling2D(name="avg_pool_features")(x)
+    dense = tf_keras.layers.Dense(probe.kernel.shape[1], activation="softmax", name="predictions")
+    outputs = dense(x)
+    dense.set_weights([probe.kernel, probe.bias])
+    return tf_keras.Model(model.inputs, outputs, name=name or f"{model.name}_linear")

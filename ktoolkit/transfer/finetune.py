@@ -1,0 +1,382 @@
+"""`ktool finetune`: transfer a pretrained base to your data with the strategy the data calls for.
+
+``finetune(FinetuneConfig(base="mobilenet_v2", data="mydir"))`` loads the data and the base, measures
+size and similarity (``advise``), picks one of the four strategies of recipes.transfer (or the one
+asked for), runs it, evaluates on the held-out split and leaves a run folder like `ktool train`'s,
+with decision.json and the decision, plan and probes in the report.
+
+- linear / linear-early: logistic regression on cached features (top layer / the best probed cut),
+  folded into a Dense layer on the cut base: no epochs, seconds once the features are cached.
+- finetune: the head starts as the linear classifier on the frozen top features, then the top
+  ``unfreeze`` groups train with it, each group deeper at ``lr_decay`` times the learning rate of the
+  one above (one optimizer per group). Frozen layers stay in inference mode; batch normalization stays
+  in inference mode everywhere (its statistics are kept; see ``_trainable_model``).
+- full: every layer trains, from the pretrained weights (or from scratch with weights none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+from ktoolkit.io import save_model, write_json
+from ktoolkit.runs import Run
+from ktoolkit.train.config import RunConfig, TrainConfig
+from ktoolkit.train.engine import TrainResult
+
+log = logging.getLogger(__name__)
+
+STRATEGY_CHOICES = ("auto", "linear", "linear-early", "finetune", "full")
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """Everything a transfer-learning run depends on (the flags of `ktool finetune`).
+
+    Attributes:
+        base: keras.applications name (vgg16, resnet50, mobilenet_v2, efficientnet_b0, ...), a recipe
+            name, or a run folder of `ktool train`/`finetune`/`pretrain`.
+        data: a class-per-folder directory, a CSV, an .npz, or ``tfds:NAME``.
+        out: the run folder.
+        weights: "imagenet", a weights file, or "none"; default: imagenet for keras.applications bases,
+            the run's own for run folders, none for recipes.
+        strategy: auto (decided from the data), linear, linear-early, finetune or full.
+        cut: the layer for linear-early (default: the best held-out probe).
+        unfreeze: how many of the base's top groups (cut points) train in the finetune strategy.
+        lr: learning rate of the head (finetune) or of everything (full); default 1e-4 with pretrained
+            weights, 1e-3 from scratch.
+        lr_decay: each unfrozen group deeper trains at this times the learning rate of the group above.
+        dropout: dropout before the new classifier (finetune, full).
+        small_threshold: fewer training images per class than this is "small" (default 1,000).
+        similarity_threshold: a similarity at or above this is "similar" (default: recipes.transfer).
+        The other fields are those of `ktool train` (TrainConfig).
+    """
+
+    base: str = "mobilenet_v2"
+    data: str = ""
+    out: str = "runs/finetune"
+    weights: str | None = None
+    strategy: str = "auto"
+    cut: str | None = None
+    unfreeze: int = 2
+    epochs: int = 5
+    batch_size: int = 32
+    optimizer: str = "adam"
+    lr: float | None = None
+    lr_decay: float = 0.3
+    momentum: float = 0.9
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    dropout: float = 0.2
+    distribute: str = "auto"
+    image_size: tuple[int, int] | None = None
+    channels: int | None = None  # not a setting: the base decides (kept for the shared checks)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+    augment: str = "none"
+    cache: str = "memory"
+    early_stopping: int = 0
+    strict: bool = False
+    deterministic: bool = False
+    data_dir: str | None = None
+    steps_per_epoch: int | None = None
+    small_threshold: float | None = None
+    similarity_threshold: float | None = None
+
+    KIND = "finetune"
+    RESUMABLE = TrainConfig.RESUMABLE
+
+    def __post_init__(self):
+        if isinstance(self.image_size, (list, tuple)):
+            self.image_size = tuple(int(v) for v in self.image_size)
+        elif isinstance(self.image_size, int):
+            self.image_size = (self.image_size, self.image_size)
+
+    def validate(self) -> "FinetuneConfig":
+        """Raises a ValueError naming the first bad field, its value and the valid ones."""
+        bad = self._bad
+        if not self.data:
+            bad("data", "give the training data: a folder with one subfolder per class, a CSV, an .npz or tfds:NAME.")
+        if not self.base:
+            bad("base", "give a base: mobilenet_v2, resnet50, vgg16, ... (`ktool finetune --help`), a recipe or a run folder.")
+        self.check_common()
+        if self.strategy not in STRATEGY_CHOICES:
+            bad("strategy", f"use one of {', '.join(STRATEGY_CHOICES)}.")
+        if not (isinstance(self.unfreeze, int) and self.unfreeze >= 1):
+            bad("unfreeze", "must be a whole number >= 1 (groups of the base to train).")
+        if not 0 < self.lr_decay <= 1:
+            bad("lr_decay", "must be in (0, 1], e.g. 0.3.")
+        if not 0 <= self.dropout < 1:
+            bad("dropout", "must be in [0, 1).")
+        if not 0 <= self.label_smoothing < 1:
+            bad("label_smoothing", "must be in [0, 1), e.g. 0.1.")
+        for name in ("small_threshold", "similarity_threshold"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                bad(name, "must be >= 0.")
+        if self.early_stopping < 0:
+            bad("early_stopping", "is a patience in epochs; 0 turns it off.")
+        return self
+
+
+@dataclass
+class FinetuneResult(TrainResult):
+    """A TrainResult plus the decision and what was done."""
+
+    strategy: str = ""
+    advice: object = None
+    plan: dict = field(default_factory=dict)
+
+
+def finetune(config: FinetuneConfig | None = None, *, progress: bool = False, overwrite: bool = False,
+             **overrides) -> FinetuneResult:
+    """Runs transfer learning as ``config`` says; see the module docstring. Raises like ``train``."""
+    import numpy as np
+
+    from ktoolkit.data import AugmentConfig, load_data, make_dataset
+    from ktoolkit.train.distribute import is_chief, make_strategy
+    from ktoolkit.train.engine import finish, prepare_run_folder, save_final, write_run_header
+    from ktoolkit.transfer.advise import advise
+    from ktoolkit.transfer.bases import load_base
+    from ktoolkit.transfer.features import FeatureCache, extract_features, fit_linear, linear_classifier_model
+
+    config = dataclasses.replace(config or FinetuneConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    config.validate()
+    started = time.time()
+    run = Run(config.out)
+    prepare_run_folder(run, config, overwrite)
+    import tf_keras
+
+    dist, description = make_strategy(config.distribute)
+    chief = is_chief(dist)
+    source = load_data(config.data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                       seed=config.seed, strict=config.strict, data_dir=config.data_dir, progress=progress)
+    class_names = list(source.class_names)
+    num_classes = len(class_names)
+    if num_classes < 2:
+        raise ValueError(f"data={config.data!r} has {num_classes} class(es) with images; a classifier needs at least 2.")
+    tf_keras.utils.set_random_seed(config.seed)
+    with dist.scope():
+        base = load_base(config.base, weights=config.weights, image_size=config.image_size)
+    if chief:
+        write_run_header(run, config, source, base.image_size, base.channels)
+
+    cache = FeatureCache()
+    advice = advise(base, source, small_threshold=config.small_threshold,
+                    similarity_threshold=config.similarity_threshold, seed=config.seed, cache=cache, progress=progress)
+    strategy, why = _choose(config, base, advice)
+    log.info("strategy %s: %s", strategy, why)
+    splits = {name: split for name, split in source.splits.items() if len(split)}
+    feature_kwargs = dict(image_size=base.image_size, channels=base.channels, cache=cache, progress=progress)
+
+    def probe_at(layer):
+        feats = {s: extract_features(base.model, [layer], splits[s], **feature_kwargs)[layer] for s in ("train", "val")
+                 if s in splits}
+        return fit_linear(feats["train"], splits["train"].labels, feats.get("val"),
+                          splits["val"].labels if "val" in splits else None, num_classes=num_classes)
+
+    history, resumed = [], 0
+    if strategy in ("linear", "linear-early"):
+        layer = base.top if strategy == "linear" else _check_cut(config.cut or advice.best_cut, base)
+        probe = probe_at(layer)
+        model = linear_classifier_model(base.model, layer, probe, name=f"{_model_name(base)}_{strategy.replace('-', '_')}")
+        if chief:
+            save_model(model, run.best)
+            save_model(model, run.last)
+        plan = {"strategy": strategy, "features": layer, "feature_dims": int(probe.kernel.shape[0]),
+                "trained": "logistic regression on cached features (the base is frozen and cut at the features layer)",
+                "C": probe.C, "train_accuracy": probe.train_accuracy, "val_accuracy": probe.val_accuracy,
+                "classifier_seconds": round(probe.seconds, 2), "feature_cache": {"hits": cache.hits, "misses": cache.misses}}
+    else:
+        # finetune: the head starts as the linear classifier on the frozen features. Not for full: once batch
+        # normalization trains, the features move away from the ones that classifier was fit on.
+        probe = probe_at(base.top) if strategy == "finetune" else None
+        global_batch = config.batch_size * dist.num_replicas_in_sync
+        augment = None if config.augment in ("", "none", None) else AugmentConfig.parse(config.augment)
+
+        def dataset(name, training):
+            if name not in splits:
+                return None
+            return make_dataset(splits[name], num_classes=num_classes, image_size=base.image_size, channels=base.channels,
+                                batch_size=global_batch, training=training, seed=config.seed,
+                                cache=None if config.cache == "none" else config.cache,
+                                augment=augment if training else None, deterministic=config.deterministic or None)
+
+        train_ds, val_ds = dataset("train", True), dataset("val", False)
+        steps = config.steps_per_epoch or max(1, -(-len(splits["train"]) // global_batch))
+        if config.steps_per_epoch:
+            train_ds = train_ds.repeat()
+        with dist.scope():
+            model, plan = _trainable_model(base, strategy, config, num_classes, probe, steps)
+        inference = tf_keras.Model(model.inputs, model.outputs, name=model.name)
+        from ktoolkit.train.engine import fit
+
+        with dist.scope():
+            history, resumed, best_model = fit(run, model, inference, train_ds, val_ds, epochs=config.epochs, steps=steps,
+                                               callbacks=plan.pop("_callbacks"), early_stopping=config.early_stopping,
+                                               chief=chief, progress=progress)
+        save_final(run, inference, best_model, chief)
+
+    metrics = {}
+    if chief:
+        write_json(run.root / "decision.json", {"strategy": strategy, "why": why, "advice": advice.to_dict(), "plan": plan})
+        _plot_probes(advice.probes, run.root / "probes.png", title=f"linear probes: {base.name} on {config.data}")
+        eval_name = "test" if "test" in splits else "val"
+        eval_ds = None
+        if eval_name in splits:
+            eval_ds = make_dataset(splits[eval_name], num_classes=num_classes, image_size=base.image_size,
+                                   channels=base.channels, batch_size=64, training=False)
+        metrics = finish(run, class_names, eval_name, eval_ds, history, title=f"{base.name} ({strategy}) on {config.data}",
+                         started=started, progress=progress, extra_sections=_report_sections(advice, strategy, why, plan))
+    return FinetuneResult(run=run, config=config, metrics=metrics, history=history, seconds=time.time() - started,
+                          resumed_from_epoch=resumed, strategy=strategy, advice=advice, plan=plan)
+
+
+def _choose(config, base, advice) -> tuple[str, str]:
+    if config.strategy != "auto":
+        return config.strategy, f"asked for (--strategy {config.strategy}); the data's quadrant is {advice.decision.quadrant}"
+    if not base.pretrained:
+        return "full", "weights none: there is nothing pretrained to transfer, so the whole network trains from scratch"
+    return advice.decision.strategy, "; ".join(advice.decision.reasons())
+
+
+def _check_cut(layer: str, base) -> str:
+    names = [layer.name for layer in base.model.layers]
+    if layer not in names:
+        import difflib
+
+        close = difflib.get_close_matches(layer, names, 3)
+        raise ValueError(f"--cut {layer}: {base.name} has no such layer"
+                         + (f" (did you mean {', '.join(close)}?)" if close else "")
+                         + f"; its cut points are {', '.join(base.groups)}.")
+    return layer
+
+
+def _model_name(base) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_]+", "_", base.model.name).strip("_") or "base"
+
+
+def group_of_layers(model, cuts) -> dict:
+    """{layer name: group}: the group of a layer is the first cut point at or after it; "head" after the last."""
+    order = {layer.name: i for i, layer in enumerate(model.layers)}
+    ends = sorted((order[c], c) for c in cuts if c in order)
+    groups = {}
+    for i, layer in enumerate(model.layers):
+        groups[layer.name] = next((c for end, c in ends if i <= end), "head")
+    return groups
+
+
+def _trainable_model(base, strategy, config, num_classes, probe, steps):
+    """The classifier to fit, with trainable flags and one optimizer per learning-rate group."""
+    import tf_keras
+
+    from ktoolkit.train.engine import _optimizer
+
+    x = base.model.output
+    if len(x.shape) == 4:
+        x = tf_keras.layers.GlobalAveragePooling2D(name="avg_pool_features")(x)
+    x = tf_keras.layers.Dropout(config.dropout, name="head_dropout")(x)
+    dense = tf_keras.layers.Dense(num_classes, activation="softmax", name="predictions")
+    outputs = dense(x)
+    if probe is not None:
+        dense.set_weights([probe.kernel, probe.bias])
+    from ktoolkit.transfer.grouped import GroupedLearningRates
+
+    lr = config.lr or (1e-4 if base.pretrained else 1e-3)
+    model = GroupedLearningRates(base.model.inputs, outputs, name=f"{_model_name(base)}_{strategy}")
+    groups = group_of_layers(model, base.groups)
+    if strategy == "finetune":
+        trained = base.groups[-config.unfreeze:] + ["head"]
+        rates = {g: lr * config.lr_decay ** k for k, g in enumerate(reversed(trained))}
+    else:
+        rates = {g: lr for g in [*base.groups, "head"]}
+    for layer in model.layers:
+        # finetune keeps every batch normalization in inference mode, in the unfrozen groups too (as the Keras
+        # transfer-learning guide advises): their moving averages (momentum 0.99-0.999) would lag behind the
+        # changing weights, and small batches give noisy statistics. full trains them like the rest.
+        is_bn = type(layer).__name__ == "BatchNormalization"
+        layer.trainable = groups[layer.name] in rates and not (strategy == "finetune" and is_bn)
+        if is_bn and layer.trainable:  # full: statistics that follow the new data within tens of steps, not thousands
+            layer.momentum = min(layer.momentum, 0.9)
+    optimizers, callbacks = {}, []
+    for rate in sorted(set(rates.values()), reverse=True):
+        opt, cbs = _optimizer(dataclasses.replace(_as_train_config(config), lr=rate), steps)
+        optimizers[rate] = opt
+        callbacks = callbacks or cbs
+    model.set_groups({g: optimizers[r] for g, r in rates.items()}, groups)
+    metrics = ["accuracy"] + ([tf_keras.metrics.TopKCategoricalAccuracy(5, name="top5")] if num_classes > 5 else [])
+    model.compile(optimizer=optimizers[max(rates.values())],
+                  loss=tf_keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing), metrics=metrics)
+    trainable = sum(int(w.shape.num_elements()) for w in model.trainable_weights)
+    frozen_layers = [layer.name for layer in model.layers if not layer.trainable and layer.weights]
+    plan = {
+        "strategy": strategy,
+        "groups": [{"group": g, "learning_rate": rates.get(g), "trainable": g in rates,
+                    "layers": sum(1 for n in groups.values() if n == g)} for g in [*base.groups, "head"]],
+        "trainable_parameters": trainable,
+        "frozen_parameters": int(model.count_params() - trainable),
+        "frozen_layers_with_weights": len(frozen_layers),
+        "head_initialized_from": "linear classifier on the cached top features" if probe is not None else "random",
+        "optimizer": config.optimizer, "epochs": config.epochs,
+        "_callbacks": callbacks,
+    }
+    return model, plan
+
+
+def _as_train_config(config) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in dataclasses.asdict(config).items() if k in names and k != "data"}, data=config.data)
+
+
+def _plot_probes(probes, path, title: str = ""):
+    if not probes:
+        return
+    from ktoolkit.io import save_figure
+    from ktoolkit.report import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(probes)), 3.6))
+    xs = range(len(probes))
+    ax.plot(xs, [p.val_accuracy for p in probes], "o-", label="held-out")
+    ax.plot(xs, [p.train_accuracy for p in probes], "o--", alpha=0.6, label="training")
+    ax.set_xticks(list(xs), [p.layer for p in probes], rotation=30, ha="right")
+    ax.set_ylabel("linear probe accuracy")
+    ax.set_xlabel("cut point (input → output)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def _rate(value) -> str:
+    return "" if value is None else f"{value:.2g}"
+
+
+def _report_sections(advice, strategy, why, plan) -> list[tuple[str, str]]:
+    decision = "\n".join(f"- {line}" for line in advice.lines()) + f"\n\n**Strategy: {strategy}** ({why})."
+    probes = "| cut point | features | held-out accuracy | training accuracy |\n|---|---|---|---|\n" + "\n".join(
+        f"| {p.layer} | {p.dims} | {p.val_accuracy:.1%} | {p.train_accuracy:.1%} |" for p in advice.probes)
+    probes += "\n\n![probes by depth](probes.png)"
+    if "groups" in plan:
+        rows = "\n".join(f"| {g['group']} | {g['layers']} | {'yes' if g['trainable'] else 'frozen'} | "
+                         f"{_rate(g['learning_rate'])} |" for g in plan["groups"])
+        bn = "; batch normalization stays in inference mode in every group" if plan["strategy"] == "finetune" else ""
+        body = (f"{plan['trainable_parameters']:,} trainable and {plan['frozen_parameters']:,} frozen parameters; "
+                f"head initialized from the {plan['head_initialized_from']}; {plan['optimizer']}, {plan['epochs']} epochs. "
+                f"Frozen layers run in inference mode{bn}.\n\n"
+                "| group (ends at) | layers | trains | learning rate |\n|---|---|---|---|\n" + rows)
+    else:
+        body = (f"Base frozen and cut at `{plan['features']}` ({plan['feature_dims']} features); {plan['trained']}: "
+                f"C={plan['C']:g}, training accuracy {plan['train_accuracy']:.1%}"
+                + (f", validation {plan['val_accuracy']:.1%}" if plan['val_accuracy'] is not None else "")
+                + f", fit in {plan['classifier_seconds']:.1f} s; feature cache {plan['feature_cache']['hits']} hit(s), "
+                f"{plan['feature_cache']['misses']} miss(es).")
+    return [("Transfer-learning decision", decision), ("Plan", body), ("Linear probes by depth", probes)]

@@ -1,0 +1,95 @@
+"""The export report: export_report.md, export_report.json and, when several modes are compared,
+export_compare.png (size, accuracy and latency of each file side by side)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ktoolkit.io import save_figure, write_json, write_text
+
+REPORT_MD, REPORT_JSON, COMPARE_PNG = "export_report.md", "export_report.json", "export_compare.png"
+
+
+def write_report(folder, results, *, source_info: dict, settings: dict) -> dict:
+    """Writes the report files into ``folder``; returns their paths by kind ("md", "json", "png")."""
+    folder = Path(folder)
+    paths = {"md": folder / REPORT_MD, "json": folder / REPORT_JSON}
+    write_json(paths["json"], {"source": source_info, "settings": settings, "exports": [r.to_dict() for r in results]})
+    if len(results) > 1:
+        paths["png"] = folder / COMPARE_PNG
+        plot_comparison(results, paths["png"])
+    write_text(paths["md"], _markdown(results, source_info, settings, paths.get("png")))
+    return paths
+
+
+def _markdown(results, source_info, settings, png) -> str:
+    ok = all(r.passed for r in results)
+    lines = [
+        f"# Export of {source_info['name']}",
+        "",
+        f"From `{source_info['origin']}`; verified on {source_info['images']} held-out images "
+        f"(the `{source_info['split']}` split of `{source_info['data']}`). Accuracy budget: at most "
+        f"{settings['max_accuracy_drop']:g} point(s) below the Keras model's {100 * source_info['keras_accuracy']:.2f}%.",
+        "",
+        "**All files are within the budget.**" if ok else
+        "**FAILED: some files lose more accuracy than the budget allows.** They are kept, named `*.FAILED.*`; "
+        "do not ship them.",
+        "",
+        "| mode | file | size | accuracy | drop (points) | top-1 agreement | largest class change | "
+        f"latency ({settings['threads']} threads, p50) | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        v = r.verification
+        lines.append(
+            f"| {r.mode} | `{r.path.name}` | {_size(r.size_bytes)} | {100 * v.accuracy:.2f}% | {v.accuracy_drop:+.2f} | "
+            f"{100 * v.agreement:.1f}% | {v.max_class_change:+.1f} ({v.max_class_change_class}) | "
+            f"{r.latency_ms:.2f} ms | {'ok' if r.passed else 'FAILED'} |")
+    if png:
+        lines += ["", f"![size, accuracy and latency]({png.name})"]
+    for r in results:
+        lines += ["", f"## {r.mode}: `{r.path.name}`", "", r.description, ""]
+        if r.notes:
+            lines += [f"- {note}" for note in r.notes]
+        if r.ops:
+            ops = ", ".join(f"{name} x{count}" for name, count in r.ops["ops"].items())
+            lines += [f"- operators: {ops}"]
+            for key, who in (("gpu_unsupported", "GPU delegate"), ("nnapi_unsupported", "NNAPI")):
+                gaps = r.ops[key]
+                lines.append(f"- {who}: " + ("takes every operator" if not gaps else
+                             "would leave to the CPU: " + "; ".join(f"#{g['index']} {g['op']} ({g['reason']})" for g in gaps)))
+            lines += [f"- NNAPI note: {note}" for note in r.ops["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+
+
+def plot_comparison(results, path) -> None:
+    """Three panels, one bar per mode: file size, accuracy, latency."""
+    from ktoolkit.report import _pyplot
+
+    plt = _pyplot()
+    names = [r.mode for r in results]
+    panels = [
+        ("file size (KB)", [r.size_bytes / 1024 for r in results]),
+        ("held-out accuracy (%)", [100 * r.verification.accuracy for r in results]),
+        ("latency p50 (ms)", [r.latency_ms for r in results]),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 0.5 * len(results) + 2))
+    colors = ["tab:blue" if r.passed else "tab:red" for r in results]
+    for ax, (title, values) in zip(axes, panels):
+        ax.barh(names, values, color=colors)
+        ax.set_title(title)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+        for i, value in enumerate(values):
+            ax.text(value, i, f" {value:.3g}", va="center", fontsize=8)
+    keras = 100 * results[0].verification.keras_accuracy
+    axes[1].axvline(keras, color="black", linestyle="--", linewidth=1, label=f"Keras {keras:.2f}%")
+    axes[1].set_xlim(min(keras, *panels[1][1]) - 5, 100.5)
+    axes[1].legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

@@ -1,0 +1,176 @@
+"""What is exported: the run's Keras model made ready for conversion, its classes, and its data.
+
+:func:`load_source` turns a run folder (or a .keras file plus data) into an :class:`ExportSource`:
+the model in float32 with one output, the class names, and the run's own train/val/test split
+(same data, fractions and seed as training), so calibration images come from "train" and
+verification runs on the held-out "test" split that training never saw.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportSource:
+    """A model ready to convert, with everything the files and the checks need.
+
+    Attributes:
+        model: the tf_keras model, float32, one softmax output.
+        class_names: class names in output order.
+        name: file stem for the exported files (the model's name).
+        data: the :class:`ktoolkit.data.DataSource`, split as in training.
+        heldout: the split that verifies ("test", or "val" when the run kept no test split).
+        preprocessing: the normalization inside the model (an ``ImagePreprocessing`` mode), or None.
+        origin: where the model came from, for the reports.
+    """
+
+    model: object
+    class_names: list
+    name: str
+    data: object
+    heldout: str
+    preprocessing: str | None = None
+    origin: str = ""
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.model.input_shape[1:])
+
+    def dataset(self, split, *, batch_size: int = 32, training: bool = False, one_hot: bool = False,
+                seed: int = 0):
+        """A split (its name or a :class:`ktoolkit.data.Split`) as a tf.data pipeline of (float32 0..255
+        images, labels), made as in training; ``training`` shuffles and caches (fine-tuning is short
+        and starts from a trained model, so it does without augmentation)."""
+        from ktoolkit.data import make_dataset
+
+        height, width, channels = self.image_shape
+        split = self.data.splits[split] if isinstance(split, str) else split
+        return make_dataset(split, num_classes=len(self.class_names), image_size=(height, width),
+                            channels=channels, batch_size=batch_size, training=training, one_hot=one_hot,
+                            seed=seed, cache="memory" if training else None)
+
+    def calibration_images(self, count: int, seed: int = 0) -> np.ndarray:
+        """``count`` training images (float32, 0..255), drawn at random with ``seed``: the
+        representative sample that full-integer quantization calibrates its ranges on."""
+        key = ("calibration", count, seed)
+        if key not in self._cache:
+            train = self.data.splits["train"]
+            rng = np.random.default_rng(seed)
+            picked = np.sort(rng.choice(len(train), size=min(count, len(train)), replace=False))
+            images = [np.asarray(x) for x, _ in self.dataset(train.subset(picked), batch_size=64)]
+            self._cache[key] = np.concatenate(images)
+        return self._cache[key]
+
+
+def load_source(model, *, data: str | None = None, progress: bool = False) -> ExportSource:
+    """Loads a run folder's model (or a .keras file) and its data for export.
+
+    Args:
+        model: a run folder or a .keras file.
+        data: the images to calibrate and verify on; default the run's own data, split exactly as in
+            training. Other data gets a stratified 80/10/10 split (seed 0); its classes must be the
+            model's.
+        progress: progress bars while scanning the data.
+
+    Raises:
+        ValueError: no data (a bare .keras file without ``data``), classes that differ from the
+            model's, or a model that is not a classifier.
+        FileNotFoundError: the model or the data does not exist.
+    """
+    import recipes
+    from ktoolkit.data import load_data
+    from ktoolkit.runs import resolve_model_path
+
+    path, run = resolve_model_path(model)
+    keras_model = prepare_model(recipes.load_model(path))
+    n = int(keras_model.output_shape[-1])
+    names = run.class_names() if run else [str(i) for i in range(n)]
+    if len(names) != n:
+        raise ValueError(f"{path} has {n} outputs but its classes.json lists {len(names)} classes.")
+    config = run.data_settings() if run else None
+    if data is None:
+        if config is None:
+            raise ValueError(f"{path} is not in a run folder, so there are no images to calibrate and verify on; "
+                             f"pass data=... (--data) with the classes {', '.join(names[:5])}...")
+        data = config.data
+    if config is not None and str(data) == str(config.data):
+        source = load_data(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                           seed=config.seed, data_dir=config.data_dir, progress=progress)
+    else:
+        source = load_data(data, progress=progress)
+    if list(source.class_names) != list(names):
+        raise ValueError(f"data={str(data)!r} has the classes {', '.join(source.class_names)}, but the model was "
+                         f"trained on {', '.join(names)}; export with the run's own data or data with the same classes.")
+    heldout = next((s for s in ("test", "val") if len(source.splits.get(s, ())) > 0), None)
+    if heldout is None or len(source.splits.get("train", ())) == 0:
+        raise ValueError(f"data={str(data)!r} needs a training split (calibration, fine-tuning) and a held-out "
+                         f"test or val split (verification); its split sizes are "
+                         f"{ {k: len(v) for k, v in source.splits.items()} }.")
+    return ExportSource(model=keras_model, class_names=list(names), name=keras_model.name, data=source,
+                        heldout=heldout, preprocessing=find_preprocessing(keras_model), origin=str(Path(path)))
+
+
+def prepare_model(model):
+    """The model as the converters want it: one output (GoogLeNet's auxiliary heads are dropped)
+    and float32 layers (a mixed-precision run's model is rebuilt from its config)."""
+    import tf_keras
+
+    if len(model.outputs) > 1:
+        names = [layer.name for layer in model.layers]
+        if "predictions" not in names:
+            raise ValueError(f"{model.name} has {len(model.outputs)} outputs and no layer named 'predictions' to "
+                             f"keep; export a model with one classifier output.")
+        model = tf_keras.Model(model.inputs, model.get_layer("predictions").output, name=model.name)
+    return as_float32(model)
+
+
+def as_float32(model):
+    """Returns ``model`` with every layer's dtype policy float32 (same weights).
+
+    A run trained with ``--mixed-precision`` saves layers with the mixed_float16/mixed_bfloat16
+    policy; the TFLite and ONNX converters would bake the casts in, so the model is rebuilt from its
+    config with the policy replaced.
+    """
+    config = model.get_config()
+    if not _replace_mixed_policies(config):
+        return model
+    log.info("%s was trained with mixed precision; rebuilding it in float32 for export", model.name)
+    rebuilt = type(model).from_config(config)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
+def _replace_mixed_policies(config) -> bool:
+    """Replaces mixed dtype policies in a (nested) Keras config by "float32"; True if any was found."""
+    found = False
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key == "dtype" and isinstance(value, dict) and "mixed" in str(value.get("config", {}).get("name", "")):
+                config[key] = "float32"
+                found = True
+            else:
+                found |= _replace_mixed_policies(value)
+    elif isinstance(config, list):
+        for value in config:
+            found |= _replace_mixed_policies(value)
+    return found
+
+
+def find_preprocessing(model) -> str | None:
+    """The mode of the model's ``ImagePreprocessing`` layer (searched in nested models too), or None."""
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            found = find_preprocessing(layer)
+            if found:
+                return found
+        elif type(layer).__name__ == "ImagePreprocessing":
+            return layer.mode
+    return None
