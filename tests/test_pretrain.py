@@ -173,6 +173,7 @@ def test_contrastive_pretraining_without_labels_beats_random_initialization(unla
         linear_eval(run.root, str(unlabelled_digits))
 
 
+@pytest.mark.slow
 def test_readme_commands_run_on_real_images(digits_folder, tmp_path):
     """The README's "Learning without labels" commands on digit PNGs (with and without class folders), for
     1 epoch at 32x32."""
@@ -197,6 +198,7 @@ def test_readme_commands_run_on_real_images(digits_folder, tmp_path):
     assert "noisy input mse" in outputs[2]
 
 
+@pytest.mark.slow
 def test_killed_contrastive_run_resumes_from_its_last_epoch(digits_npz, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "ktoolkit.cli", "pretrain", "--recipe", "mlp", "--data", str(digits_npz), "--out",

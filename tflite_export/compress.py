@@ -66,8 +66,14 @@ def compress(model, steps, source, *, epochs: int = 2, steps_per_epoch: int | No
         elif step == "cluster":
             cluster = tfmot.clustering.keras.cluster_weights  # passes preserve_sparsity on to the experimental code
             init = tfmot.clustering.keras.CentroidInitialization.KMEANS_PLUS_PLUS
-            wrapped = _clone(model, lambda layer: cluster(layer, number_of_clusters=clusters, cluster_centroids_init=init,
-                                                          preserve_sparsity="prune" in done))
+            preserve = "prune" in done
+
+            def wrap(layer):
+                k = _clusters_for(layer, clusters, preserve)
+                return layer if k is None else cluster(layer, number_of_clusters=k, cluster_centroids_init=init,
+                                                       preserve_sparsity=preserve)
+
+            wrapped = _clone(model, wrap)
             _fine_tune(wrapped, train, epochs, per_epoch, lr, progress, [], f"clustering to {clusters} values per kernel")
             model = tfmot.clustering.keras.strip_clustering(wrapped)
         else:
@@ -81,6 +87,21 @@ def _compressible(layer) -> bool:
     """Conv2D and Dense kernels are pruned and clustered; depthwise kernels (a few weights per
     channel, MobileNet's bottleneck) and batch-norm parameters are left alone."""
     return type(layer).__name__ in ("Conv2D", "Dense")
+
+
+def _clusters_for(layer, clusters: int, preserve_sparsity: bool) -> int | None:
+    """``clusters``, or fewer for a kernel with too few weights to share them (None: too few to
+    cluster at all). k-means++ needs at least as many weights as centroids; sparsity-preserving
+    clustering splits the centroids other than zero between the negative and the positive weights
+    in proportion to their counts; tfmot wants at least 3 clusters."""
+    kernel = layer.kernel.numpy()
+    if not preserve_sparsity:
+        k = min(clusters, kernel.size)
+    else:
+        positive, negative = int((kernel > 0).sum()), int((kernel < 0).sum())
+        k = min(clusters, 1 + min(positive, negative)) if positive + negative >= 2 else 0
+        k = max(k, 3) if positive + negative >= 2 else 0
+    return k if k >= 3 else None
 
 
 def _clone(model, wrap):

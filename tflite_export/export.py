@@ -145,10 +145,22 @@ def export(model, *, mode: str = "float32", compare=None, format: str = "tflite"
     source_info = {"name": source.name, "origin": source.origin, "data": str(source.data.origin),
                    "split": source.heldout, "images": int(len(labels)), "class_names": source.class_names,
                    "keras_accuracy": files[0].verification.keras_accuracy,
-                   "keras_file_bytes": Path(source.origin).stat().st_size,
+                   "keras_file_bytes": keras_file_bytes(source.model),
                    "preprocessing": source.preprocessing}
     report = write_report(folder, files, source_info=source_info, settings=settings)
     return ExportResult(files=files, folder=folder, report=report)
+
+
+def keras_file_bytes(model) -> int:
+    """Size of ``model`` as a float32 .keras file without optimizer state: the baseline that file sizes
+    and compression ratios are measured against. (A run's best.keras may also hold the optimizer's
+    slots, which would flatter every ratio.)"""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ktoolkit-size-") as tmp:
+        path = Path(tmp, "model.keras")
+        model.save(path)  # loaded without compiling: no optimizer state
+        return path.stat().st_size
 
 
 def _modes(mode, compare):

@@ -35,14 +35,18 @@ def _markdown(results, source_info, settings, png) -> str:
         "**FAILED: some files lose more accuracy than the budget allows.** They are kept, named `*.FAILED.*`; "
         "do not ship them.",
         "",
-        "| mode | file | size | accuracy | drop (points) | top-1 agreement | largest class change | "
+        f"Sizes: the file, and gzipped, with how many times smaller than the float32 .keras model "
+        f"({_size(source_info['keras_file_bytes'])} without optimizer state) it is.",
+        "",
+        "| mode | file | size | gzipped | accuracy | drop (points) | top-1 agreement | largest class change | "
         f"latency ({settings['threads']} threads, p50) | status |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         v = r.verification
+        gz = f"{_size(r.gzip_bytes)} ({source_info['keras_file_bytes'] / r.gzip_bytes:.1f}x)" if r.gzip_bytes else "-"
         lines.append(
-            f"| {r.mode} | `{r.path.name}` | {_size(r.size_bytes)} | {100 * v.accuracy:.2f}% | {v.accuracy_drop:+.2f} | "
+            f"| {r.mode} | `{r.path.name}` | {_size(r.size_bytes)} | {gz} | {100 * v.accuracy:.2f}% | {v.accuracy_drop:+.2f} | "
             f"{100 * v.agreement:.1f}% | {v.max_class_change:+.1f} ({v.max_class_change_class}) | "
             f"{r.latency_ms:.2f} ms | {'ok' if r.passed else 'FAILED'} |")
     if png:
