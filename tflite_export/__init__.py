@@ -18,8 +18,8 @@ import os
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
-from tflite_export.export import ExportedFile, ExportResult, export  # noqa: E402
-from tflite_export.modes import FORMATS, MODES  # noqa: E402
-from tflite_export.runtime import benchmark, open_model  # noqa: E402
+from tflite_export.export import ExportedFile, ExportResult, export
+from tflite_export.modes import FORMATS, MODES
+from tflite_export.runtime import benchmark, open_model
 
-__all__ = ["ExportResult", "ExportedFile", "FORMATS", "MODES", "benchmark", "export", "open_model"]
+__all__ = ["FORMATS", "MODES", "ExportResult", "ExportedFile", "benchmark", "export", "open_model"]

@@ -41,6 +41,11 @@ def operators(tflite: bytes) -> list[dict]:
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
     graph = model.Subgraphs(0)
+
+    def tensor_types(indices):  # flatbuffers gives 0 for an empty vector; -1 marks an omitted input
+        return [types[graph.Tensors(j).Type()] if j >= 0 else None for j in (indices if len(indices) else [])] \
+            if not isinstance(indices, int) else []
+
     ops = []
     for i in range(graph.OperatorsLength()):
         op = graph.Operators(i)
@@ -49,10 +54,6 @@ def operators(tflite: bytes) -> list[dict]:
         name = names.get(builtin, f"BUILTIN_{builtin}")
         if name == "CUSTOM":
             name = f"CUSTOM:{code.CustomCode().decode()}"
-
-        def tensor_types(indices):
-            return [types[graph.Tensors(j).Type()] if j >= 0 else None for j in indices]
-
         ops.append({"op": name, "inputs": tensor_types(op.InputsAsNumpy()), "outputs": tensor_types(op.OutputsAsNumpy())})
     return ops
 

@@ -22,6 +22,7 @@ import math
 log = logging.getLogger(__name__)
 
 STEPS = ("prune", "cluster", "qat")
+RANGE_IMAGES = 64  # training images that set the activation ranges before quantization-aware training
 
 
 def compress(model, steps, source, *, epochs: int = 2, steps_per_epoch: int | None = None, batch_size: int = 32,
@@ -47,40 +48,61 @@ def compress(model, steps, source, *, epochs: int = 2, steps_per_epoch: int | No
     unknown = [s for s in steps if s not in STEPS]
     if unknown or list(steps) != sorted(steps, key=STEPS.index):
         raise ValueError(f"steps={list(steps)!r}: use steps among {', '.join(STEPS)}, in that order.")
-    import tensorflow_model_optimization as tfmot
+    import tf_keras
 
+    tf_keras.utils.set_random_seed(0)  # the same export twice gives the same file (k-means++, shuffling)
     model = _copy(flatten(model))  # fine-tuning must not change the caller's model
     train = source.dataset("train", batch_size=batch_size, training=True, one_hot=True).repeat()
     per_epoch = steps_per_epoch or max(1, math.ceil(len(source.data.splits["train"]) / batch_size))
+
+    def fine_tune(wrapped, what, callbacks=()):
+        _fine_tune(wrapped, train, epochs, per_epoch, lr, progress, list(callbacks), what)
+
     done = []
     for step in steps:
         if step == "prune":
-            end = max(1, int(0.7 * epochs * per_epoch))
-            schedule = tfmot.sparsity.keras.PolynomialDecay(initial_sparsity=0.0, final_sparsity=sparsity,
-                                                             begin_step=0, end_step=end,
-                                                             frequency=max(1, end // 20))
-            wrapped = _clone(model, lambda layer: tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule))
-            _fine_tune(wrapped, train, epochs, per_epoch, lr, progress, [tfmot.sparsity.keras.UpdatePruningStep()],
-                       f"pruning to {sparsity:.0%} sparsity")
-            model = tfmot.sparsity.keras.strip_pruning(wrapped)
+            model = _prune(model, sparsity, end_step=max(1, int(0.7 * epochs * per_epoch)), fine_tune=fine_tune)
         elif step == "cluster":
-            cluster = tfmot.clustering.keras.cluster_weights  # passes preserve_sparsity on to the experimental code
-            init = tfmot.clustering.keras.CentroidInitialization.KMEANS_PLUS_PLUS
-            preserve = "prune" in done
-
-            def wrap(layer):
-                k = _clusters_for(layer, clusters, preserve)
-                return layer if k is None else cluster(layer, number_of_clusters=k, cluster_centroids_init=init,
-                                                       preserve_sparsity=preserve)
-
-            wrapped = _clone(model, wrap)
-            _fine_tune(wrapped, train, epochs, per_epoch, lr, progress, [], f"clustering to {clusters} values per kernel")
-            model = tfmot.clustering.keras.strip_clustering(wrapped)
+            model = _cluster(model, clusters, preserve_sparsity="prune" in done, fine_tune=fine_tune)
         else:
-            model = _quantize_aware(model, done)
-            _fine_tune(model, train, epochs, per_epoch, lr, progress, [], "quantization-aware training")
+            model = fold_batch_norm(model)
+            qat = _quantize_aware(model, done)
+            _start_ranges(qat, model, source.calibration_images(RANGE_IMAGES))
+            fine_tune(qat, "quantization-aware training")
+            model = qat  # not stripped: the converter reads the learned ranges from it
         done.append(step)
     return model
+
+
+def _prune(model, sparsity: float, end_step: int, fine_tune):
+    """Magnitude pruning to ``sparsity`` along a polynomial schedule that ends at ``end_step``; stripped."""
+    import tensorflow_model_optimization as tfmot
+
+    prune = tfmot.sparsity.keras
+    schedule = prune.PolynomialDecay(initial_sparsity=0.0, final_sparsity=sparsity, begin_step=0, end_step=end_step,
+                                     frequency=max(1, end_step // 20))
+    wrapped = _clone(model, lambda layer: prune.prune_low_magnitude(layer, pruning_schedule=schedule))
+    fine_tune(wrapped, f"pruning to {sparsity:.0%} sparsity", [prune.UpdatePruningStep()])
+    return prune.strip_pruning(wrapped)
+
+
+def _cluster(model, clusters: int, preserve_sparsity: bool, fine_tune):
+    """Weight clustering (k-means++ initialized centroids, moved by fine-tuning); stripped."""
+    import tensorflow_model_optimization as tfmot
+
+    cluster = tfmot.clustering.keras
+
+    def wrap(layer):
+        k = _clusters_for(layer, clusters, preserve_sparsity)
+        if k is None:
+            return layer
+        # the public cluster_weights passes preserve_sparsity on to the experimental implementation
+        return cluster.cluster_weights(layer, number_of_clusters=k, preserve_sparsity=preserve_sparsity,
+                                       cluster_centroids_init=cluster.CentroidInitialization.KMEANS_PLUS_PLUS)
+
+    wrapped = _clone(model, wrap)
+    fine_tune(wrapped, f"clustering to {clusters} values per kernel")
+    return cluster.strip_clustering(wrapped)
 
 
 def _compressible(layer) -> bool:
@@ -156,6 +178,110 @@ def _quantize_aware(model, done):
         return q.quantize_apply(annotated, scheme)
 
 
+def fold_batch_norm(model):
+    """Returns ``model`` with each batch normalization that follows a Conv2D or DepthwiseConv2D folded
+    into that layer's kernel and bias (same function, inference mode).
+
+    tfmot quantizes a convolution's kernel before the batch normalization after it, and a
+    depthwise kernel with one range for all channels: MobileNetV2's first depthwise kernel spans
+    -56..56 before normalization, so most channels round to zero. Folded, as the TFLite converter
+    folds them, the kernels carry their channels' real scales.
+    """
+    import numpy as np
+    import tf_keras
+
+    config = model.get_config()
+    entries = {layer["name"]: layer for layer in config["layers"]}
+    consumers = {}
+    for layer in config["layers"]:
+        for node in layer["inbound_nodes"]:
+            for inbound in node:
+                consumers.setdefault(inbound[0], []).append(layer["name"])
+    for output in config["output_layers"]:
+        consumers.setdefault(output[0], []).append(None)
+    folds = {}  # batch normalization -> the convolution it folds into
+    for layer in config["layers"]:
+        if layer["class_name"] != "BatchNormalization" or len(layer["inbound_nodes"]) != 1:
+            continue
+        source = layer["inbound_nodes"][0][0][0]
+        conv = entries[source]
+        if (conv["class_name"] in ("Conv2D", "DepthwiseConv2D") and conv["config"].get("activation") == "linear"
+                and consumers.get(source) == [layer["name"]] and layer["config"]["axis"] in (-1, [3], 3)):
+            folds[layer["name"]] = source
+    if not folds:
+        return model
+    config["layers"] = [layer for layer in config["layers"] if layer["name"] not in folds]
+    for layer in config["layers"]:
+        if layer["name"] in folds.values():
+            layer["config"]["use_bias"] = True
+        for node in layer["inbound_nodes"]:
+            for inbound in node:
+                inbound[0] = folds.get(inbound[0], inbound[0])
+    for output in config["output_layers"]:
+        output[0] = folds.get(output[0], output[0])
+    folded = tf_keras.Model.from_config(config)
+    into = {conv: bn for bn, conv in folds.items()}
+    for layer in folded.layers:
+        old = model.get_layer(layer.name)
+        if layer.name not in into:
+            layer.set_weights(old.get_weights())
+            continue
+        bn = model.get_layer(into[layer.name])
+        kernel = old.get_weights()[0]
+        bias = old.get_weights()[1] if old.use_bias else 0.0
+        gamma = bn.gamma.numpy() if bn.scale else 1.0
+        beta = bn.beta.numpy() if bn.center else 0.0
+        scale = gamma / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+        shaped = scale.reshape(kernel.shape[2], kernel.shape[3]) if layer.__class__.__name__ == "DepthwiseConv2D" else scale
+        layer.set_weights([kernel * shaped, (bias - bn.moving_mean.numpy()) * scale + beta])
+    log.info("folded %d batch normalization(s) into the convolutions before quantization-aware training", len(folds))
+    return folded
+
+
+def _start_ranges(qat, model, images, batch_size: int = 16):
+    """Sets the activation quantizers' ranges to what ``model``'s activations span on ``images``.
+
+    tfmot starts every range at -6..6 and moves it by 0.1% of the batch's range per training step,
+    which a short fine-tuning never finishes: activations beyond 6 (logits, residual sums) stay
+    clipped. Starting from the measured ranges, as post-training calibration would, the
+    quantization-aware model is as accurate as post-training int8 before its first step.
+    """
+    import numpy as np
+    import tf_keras
+
+    model = _copy(model)  # layers of its own: ``model``'s may also be called in the stripped or wrapped models
+    layers = {layer.name: layer for layer in model.layers}
+    plan, tensors = [], []  # (min variable, max variable, layer whose pre-activation it is), the float tensors
+    for layer in qat.layers:
+        found = {w.name.rsplit("/", 1)[-1].split(":")[0]: w for w in layer.weights}
+        for kind in ("quantize_layer", "output", "post_activation", "pre_activation"):
+            low, high = found.get(f"{kind}_min"), found.get(f"{kind}_max")
+            inner = layers.get(layer.name.removeprefix("quant_"))
+            if low is None or high is None or (inner is None and kind != "quantize_layer"):
+                continue
+            tensor = model.inputs[0] if kind == "quantize_layer" else inner.input if kind == "pre_activation" else inner.output
+            plan.append((low, high, inner if kind == "pre_activation" else None))
+            tensors.append(tensor)
+    if not plan:
+        return
+    probe = tf_keras.Model(model.inputs, tensors)
+    lows, highs = [np.inf] * len(tensors), [-np.inf] * len(tensors)
+    for start in range(0, len(images), batch_size):
+        values = probe(images[start:start + batch_size], training=False)
+        values = values if isinstance(values, list) else [values]
+        for i, (_, _, inner) in enumerate(plan):
+            v = values[i]
+            if inner is not None:  # the layer's output before its activation (softmax's logits)
+                activation, inner.activation = inner.activation, tf_keras.activations.linear
+                v = inner(v)
+                inner.activation = activation
+            v = np.asarray(v)
+            lows[i], highs[i] = min(lows[i], float(v.min())), max(highs[i], float(v.max()))
+    for i, (low, high, _) in enumerate(plan):
+        low.assign(np.full(low.shape, min(lows[i], 0.0), dtype=np.float32))  # 0 stays representable
+        high.assign(np.full(high.shape, max(highs[i], 0.0), dtype=np.float32))
+
+
 def _output_quantize_config_class():
     """A QuantizeConfig that quantizes a layer's output only (for weightless custom layers)."""
     import tensorflow_model_optimization as tfmot
@@ -185,8 +311,15 @@ def _output_quantize_config_class():
 
 
 def _fine_tune(model, train, epochs, steps_per_epoch, lr, progress, callbacks, what):
+    """Fine-tunes with Adam; batch normalization stays in inference mode (frozen), as when fine-tuning
+    any trained network: a few steps of small-batch statistics would replace the ones it was
+    trained with, and the moving averages (MobileNet's momentum is 0.999) could not follow."""
     import tf_keras
 
+    for layer in model.layers:
+        inner = getattr(layer, "layer", layer)  # tfmot wraps layers
+        if isinstance(inner, tf_keras.layers.BatchNormalization):
+            inner.trainable = False
     log.info("%s: fine-tuning %d epoch(s) of %d steps", what, epochs, steps_per_epoch)
     model.compile(optimizer=tf_keras.optimizers.Adam(lr), loss=tf_keras.losses.CategoricalCrossentropy(),
                   metrics=["accuracy"])

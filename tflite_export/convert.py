@@ -21,7 +21,8 @@ class ConversionError(ValueError):
     """The converter could not turn the model into builtin TFLite ops (the message says which layer)."""
 
 
-def to_tflite(model, quantize: str | None = None, *, representative=None, int8_io: bool = False) -> bytes:
+def to_tflite(model, quantize: str | None = None, *, representative=None, int8_io: bool = False,
+              progress: bool = False) -> bytes:
     """Converts a tf_keras model to a .tflite flatbuffer.
 
     Args:
@@ -32,6 +33,7 @@ def to_tflite(model, quantize: str | None = None, *, representative=None, int8_i
         int8_io: for "int8": uint8 input and output tensors instead of float32, so the file takes
             camera bytes as they are (the Android Task Library and MediaPipe accept uint8 or float32
             image inputs, not int8). Inside, the model is int8 either way.
+        progress: a progress bar over the calibration images.
 
     Returns:
         The .tflite file's bytes.
@@ -54,7 +56,7 @@ def to_tflite(model, quantize: str | None = None, *, representative=None, int8_i
             raise ValueError(f"quantize={quantize!r} needs representative images to calibrate on.")
 
         def samples():
-            for image in representative:
+            for image in calibration_progress(representative, progress):
                 yield [image[None].astype("float32")]
 
         converter.representative_dataset = samples
@@ -69,7 +71,7 @@ def to_tflite(model, quantize: str | None = None, *, representative=None, int8_i
         raise ValueError(f"quantize={quantize!r}: use None, 'float16', 'dynamic', 'int8' or 'int16x8'.")
     converter.target_spec.supported_ops = ops
     try:
-        with warnings.catch_warnings(), _quiet_stderr():
+        with warnings.catch_warnings(), _quiet_stderr(not progress):  # the progress bar is on stderr too
             warnings.simplefilter("ignore")  # "Statistics for quantized inputs were expected": the ranges come from calibration
             return converter.convert()
     except Exception as err:  # the converter raises ConverterError and, for some graphs, other types
@@ -80,11 +82,11 @@ def to_tflite(model, quantize: str | None = None, *, representative=None, int8_i
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def _quiet_stderr(quiet: bool = True):
     """Sends file descriptor 2 to /dev/null while the converter runs: its C++ code prints progress
     ("fully_quantize: 0, ...") and, on failure, the MLIR dump that the raised exception also holds.
     Logging at DEBUG level keeps it."""
-    if log.isEnabledFor(logging.DEBUG):
+    if not quiet or log.isEnabledFor(logging.DEBUG):
         yield
         return
     sys.stderr.flush()
@@ -98,12 +100,21 @@ def _quiet_stderr():
         os.close(devnull)
 
 
+def calibration_progress(images, show: bool):
+    """``images``, behind a progress bar when ``show``."""
+    if not show:
+        return images
+    from tqdm import tqdm
+
+    return tqdm(images, desc="calibrating", unit="image", leave=False)
+
+
 def _missing_ops(message: str) -> list[str]:
     """TensorFlow op names that have no builtin TFLite kernel, from a converter error message."""
     names = re.findall(r"'tf\.(\w+)' op is neither a custom op nor a flex op", message)
     for line in re.findall(r"TF Select ops: ([^\n]+)", message):
         names += [n.strip() for n in line.split(",")]
-    return sorted(set(n for n in names if n))
+    return sorted({n for n in names if n})
 
 
 def _explain(model, missing: list[str]) -> str:
@@ -129,7 +140,8 @@ def layers_using_ops(model, op_types) -> list[tuple[str, str, list[str]]]:
         try:
             specs = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), layer.input)
             graph = tf.function(lambda x, layer=layer: layer(x)).get_concrete_function(specs).graph
-        except Exception:  # a layer that cannot be traced alone: skip it, the message still names the ops
+        except Exception as err:  # noqa: BLE001  (a layer that cannot be traced alone; the message still names the ops)
+            log.debug("could not trace layer %r alone: %s", layer.name, err)
             continue
         used = sorted({op.type for op in graph.get_operations()} & wanted)
         if used:

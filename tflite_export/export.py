@@ -143,7 +143,7 @@ def export(model, *, mode: str = "float32", compare=None, format: str = "tflite"
     from tflite_export.report import write_report
 
     source_info = {"name": source.name, "origin": source.origin, "data": str(source.data.origin),
-                   "split": source.heldout, "images": int(len(labels)), "class_names": source.class_names,
+                   "split": source.heldout, "images": len(labels), "class_names": source.class_names,
                    "keras_accuracy": files[0].verification.keras_accuracy,
                    "keras_file_bytes": keras_file_bytes(source.model),
                    "preprocessing": source.preprocessing}
@@ -191,27 +191,13 @@ def _export_mode(mode, fmt, source, folder, heldout, keras_probs, labels, settin
         notes.append(f"fine-tuned {settings['epochs']} epoch(s) per step ({' + '.join(mode.compress)}); the "
                      f"fine-tuned Keras model's held-out accuracy: {100 * (converted_probs.argmax(-1) == labels).mean():.2f}%")
     log.info("%s: converting to %s", mode.name, fmt)
-    content, runner, notes_of_format = _convert(mode, fmt, source, keras_model, settings, folder)
+    content, runner, notes_of_format = _convert(mode, fmt, source, keras_model, settings, folder, progress)
     notes += notes_of_format
     file_probs, _ = run_over(runner.predict, heldout, progress=progress, what=f"{mode.name} {fmt} file")
     verification = compare(keras_probs, file_probs, labels, source.class_names, converted_probs)
     passed = verification.accuracy_drop <= settings["max_accuracy_drop"] + 1e-9
 
-    suffix = FORMATS[fmt]
-    stem = f"{source.name}_{mode.name}"
-    for old in (folder / f"{stem}{suffix}", folder / f"{stem}{FAILED_MARK}{suffix}"):
-        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
-    path = folder / f"{stem}{'' if passed else FAILED_MARK}{suffix}"
-    if content is None:  # a SavedModel folder, written beside
-        shutil.move(str(runner.folder), str(path))
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        gzipped = None
-    else:
-        from ktoolkit.io import atomic_path
-
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(content)
-        size, gzipped = len(content), len(gzip.compress(content, compresslevel=9))
+    path, size, gzipped = _write(content, runner, folder, f"{source.name}_{mode.name}", FORMATS[fmt], passed)
 
     from tflite_export.runtime import benchmark
 
@@ -231,7 +217,26 @@ def _export_mode(mode, fmt, source, folder, heldout, keras_probs, labels, settin
                         seconds=time.time() - started, ops=ops, notes=notes)
 
 
-def _convert(mode, fmt, source, keras_model, settings, folder):
+def _write(content, runner, folder, stem, suffix, passed):
+    """Writes the file (``stem.FAILED.suffix`` when over the budget) in place of the previous export's;
+    returns (path, size in bytes, gzipped size or None for a SavedModel folder)."""
+    for old in (folder / f"{stem}{suffix}", folder / f"{stem}{FAILED_MARK}{suffix}"):
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink(missing_ok=True)
+    path = folder / f"{stem}{'' if passed else FAILED_MARK}{suffix}"
+    if content is None:  # a SavedModel folder, written beside and moved into place
+        shutil.move(str(runner.folder), str(path))
+        return path, sum(p.stat().st_size for p in path.rglob("*") if p.is_file()), None
+    from ktoolkit.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(content)
+    return path, len(content), len(gzip.compress(content, compresslevel=9))
+
+
+def _convert(mode, fmt, source, keras_model, settings, folder, progress):
     """Returns (file bytes or None for a folder, a runner of the result, notes)."""
     from tflite_export.runtime import SavedModelRunner, open_model
 
@@ -244,7 +249,8 @@ def _convert(mode, fmt, source, keras_model, settings, folder):
 
         int8_io = settings["int8_io"] and mode.integer
         representative = source.calibration_images(settings["calib_samples"]) if mode.needs_calibration else None
-        content = to_tflite(keras_model, mode.quantize, representative=representative, int8_io=int8_io)
+        content = to_tflite(keras_model, mode.quantize, representative=representative, int8_io=int8_io,
+                            progress=progress)
         channels = source.image_shape[2]
         inside = f"; the model applies '{source.preprocessing}' normalization itself" if source.preprocessing else ""
         content = add_metadata(content, ModelInfo(
@@ -260,7 +266,7 @@ def _convert(mode, fmt, source, keras_model, settings, folder):
 
         content = to_onnx(keras_model, labels=source.class_names, description=description)
         if mode.quantize == "int8":
-            content = quantize_int8(content, source.calibration_images(settings["calib_samples"]))
+            content = quantize_int8(content, source.calibration_images(settings["calib_samples"]), progress=progress)
         h, w, c = source.image_shape
         name = f"{source.name}_{mode.name}"
         notes.append(f"TensorRT on the device: trtexec --onnx={name}.onnx --shapes=input:1x{h}x{w}x{c} "
@@ -271,6 +277,4 @@ def _convert(mode, fmt, source, keras_model, settings, folder):
     tmp = folder / f".{source.name}_{mode.name}.saved_model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     to_saved_model(keras_model, tmp)
-    runner = SavedModelRunner(tmp)
-    runner.folder = tmp
-    return None, runner, notes
+    return None, SavedModelRunner(tmp), notes

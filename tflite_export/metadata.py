@@ -53,8 +53,8 @@ class ModelInfo:
 
 def add_metadata(tflite: bytes, info: ModelInfo) -> bytes:
     """Returns the .tflite file with ``info`` as TFLite metadata and labels.txt packed into it."""
-    from ai_edge_litert import schema_py_generated as schema
     import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(tflite, 0))
     model.metadata = [m for m in (model.metadata or []) if m.name.decode() != METADATA_NAME]

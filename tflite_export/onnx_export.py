@@ -46,14 +46,16 @@ def to_onnx(model, *, labels, description: str = "") -> bytes:
     return proto.SerializeToString()
 
 
-def quantize_int8(content: bytes, representative) -> bytes:
+def quantize_int8(content: bytes, representative, *, progress: bool = False) -> bytes:
     """Statically quantizes an ONNX model to int8 QDQ form, calibrated (min/max) on ``representative``
     images (N, H, W, C float32 0..255); symmetric activations and per-channel symmetric weights."""
     from onnxruntime import quantization as oq
 
+    from tflite_export.convert import calibration_progress
+
     class Images(oq.CalibrationDataReader):
         def __init__(self):
-            self._images = iter(representative)
+            self._images = iter(calibration_progress(representative, progress))
 
         def get_next(self):
             image = next(self._images, None)

@@ -27,19 +27,19 @@ def _markdown(results, source_info, settings, png) -> str:
     lines = [
         f"# Export of {source_info['name']}",
         "",
-        f"From `{source_info['origin']}`; verified on {source_info['images']} held-out images "
-        f"(the `{source_info['split']}` split of `{source_info['data']}`). Accuracy budget: at most "
-        f"{settings['max_accuracy_drop']:g} point(s) below the Keras model's {100 * source_info['keras_accuracy']:.2f}%.",
+        (f"From `{source_info['origin']}`; verified on {source_info['images']} held-out images "
+         f"(the `{source_info['split']}` split of `{source_info['data']}`). Accuracy budget: at most "
+         f"{settings['max_accuracy_drop']:g} point(s) below the Keras model's {100 * source_info['keras_accuracy']:.2f}%."),
         "",
         "**All files are within the budget.**" if ok else
-        "**FAILED: some files lose more accuracy than the budget allows.** They are kept, named `*.FAILED.*`; "
-        "do not ship them.",
+        ("**FAILED: some files lose more accuracy than the budget allows.** They are kept, named `*.FAILED.*`; "
+         "do not ship them."),
         "",
-        f"Sizes: the file, and gzipped, with how many times smaller than the float32 .keras model "
-        f"({_size(source_info['keras_file_bytes'])} without optimizer state) it is.",
+        (f"Sizes: the file, and gzipped, with how many times smaller than the float32 .keras model "
+         f"({_size(source_info['keras_file_bytes'])} without optimizer state) it is."),
         "",
-        "| mode | file | size | gzipped | accuracy | drop (points) | top-1 agreement | largest class change | "
-        f"latency ({settings['threads']} threads, p50) | status |",
+        ("| mode | file | size | gzipped | accuracy | drop (points) | top-1 agreement | largest class change | "
+         f"latency ({settings['threads']} threads, p50) | status |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

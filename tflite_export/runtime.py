@@ -136,6 +136,7 @@ class SavedModelRunner(Runner):
         os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
         import tensorflow as tf
 
+        self.folder = Path(folder)
         self._serve = tf.saved_model.load(str(folder)).signatures["serving_default"]
         spec = self._serve.structured_input_signature[1]["input"]
         self.input_shape = tuple(int(d) for d in spec.shape[1:])

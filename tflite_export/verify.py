@@ -55,7 +55,7 @@ def compare(keras_probs: np.ndarray, file_probs: np.ndarray, labels: np.ndarray,
             changes.append((100.0 * (np.mean(file_top[members] == c) - np.mean(keras_top[members] == c)), c))
     change, cls = max(changes, key=lambda t: abs(t[0])) if changes else (0.0, 0)
     return Verification(
-        images=int(len(labels)),
+        images=len(labels),
         keras_accuracy=float(np.mean(keras_top == labels)),
         accuracy=float(np.mean(file_top == labels)),
         agreement=float(np.mean(keras_top == file_top)),
