@@ -84,13 +84,6 @@ class PretrainConfig(RunConfig):
     # Settings that may differ when an interrupted run is resumed (they do not change the result).
     RESUMABLE = ("epochs", "deterministic", "strict", "cache", "data_dir", "distribute")
 
-    def __post_init__(self):
-        if isinstance(self.image_size, (list, tuple)):
-            self.image_size = tuple(int(v) for v in self.image_size)
-        elif isinstance(self.image_size, int):
-            self.image_size = (self.image_size, self.image_size)
-        self.recipe_options = dict(self.recipe_options or {})
-
     def resolved(self) -> "PretrainConfig":
         """A copy with the method's defaults filled in (recipe, augment), as the run folder records it."""
         import dataclasses

@@ -17,11 +17,20 @@ CACHES = ("memory", "none")  # or a file path
 
 
 class RunConfig:
-    """What the configurations of runs share (`ktool train`, `ktool pretrain`): the YAML file of
+    """What the configurations of runs share (`ktool train`, `pretrain`, `finetune`): the YAML file of
     settings (the same names as the flags), and the checks of the fields they have in common."""
 
     KIND = "run"  # in messages: "unknown run setting(s)"
     RESUMABLE: tuple = ()  # settings that may differ when an interrupted run is resumed
+
+    def __post_init__(self):
+        """Normalizes what YAML and flags give loosely: image_size 64 or [64, 64] -> (64, 64)."""
+        if isinstance(self.image_size, (list, tuple)):
+            self.image_size = tuple(int(v) for v in self.image_size)
+        elif isinstance(self.image_size, int):
+            self.image_size = (self.image_size, self.image_size)
+        if hasattr(self, "recipe_options"):
+            self.recipe_options = dict(self.recipe_options or {})
 
     def _bad(self, name, hint):
         raise ValueError(f"{name}={getattr(self, name)!r}: {hint}")
@@ -155,13 +164,6 @@ class TrainConfig(RunConfig):
     data_dir: str | None = None
     steps_per_epoch: int | None = None
     recipe_options: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if isinstance(self.image_size, (list, tuple)):
-            self.image_size = tuple(int(v) for v in self.image_size)
-        elif isinstance(self.image_size, int):
-            self.image_size = (self.image_size, self.image_size)
-        self.recipe_options = dict(self.recipe_options or {})
 
     def validate(self) -> "TrainConfig":
         """Raises a ValueError naming the first bad field, its value and the valid ones."""

@@ -51,32 +51,19 @@ def train(config: TrainConfig | None = None, *, progress: bool = False, overwrit
         ValueError: a bad setting (named), or an interrupted run with different settings in ``out``.
         RunExistsError: ``out`` holds a finished run and ``overwrite`` is False.
     """
-    import dataclasses
-
-    config = dataclasses.replace(config or TrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
-    config.validate()
-    started = time.time()
-    run = Run(config.out)
-    prepare_run_folder(run, config, overwrite)
-
+    start = start_run(config or TrainConfig(), overrides, overwrite=overwrite, progress=progress)
+    config, run, strategy, description, chief, source = (start.config, start.run, start.strategy, start.description,
+                                                         start.chief, start.source)
+    started = start.started
     import tensorflow as tf
     import tf_keras
 
     import recipes
-    from ktoolkit.data import AugmentConfig, load_data, make_dataset
-    from ktoolkit.train.distribute import is_chief, make_strategy
+    from ktoolkit.data import AugmentConfig, make_dataset
 
-    # First, before TensorFlow runs any op: MultiWorkerMirroredStrategy configures the collective ops
-    # at program start-up (and loading the data decodes images with TensorFlow).
-    strategy, description = make_strategy(config.distribute)
-    chief = is_chief(strategy)
     recipe = recipes.get(config.recipe)
-    source = load_data(config.data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
-                       seed=config.seed, strict=config.strict, data_dir=config.data_dir, progress=progress)
     class_names = list(source.class_names)
     num_classes = len(class_names)
-    if num_classes < 2:
-        raise ValueError(f"data={config.data!r} has {num_classes} class(es) with images; a classifier needs at least 2.")
     image_size = tuple(config.image_size or recipe.input_shape[:2])
     channels = config.channels or recipe.input_shape[2]
 
@@ -149,23 +136,64 @@ def train(config: TrainConfig | None = None, *, progress: bool = False, overwrit
                        seconds=time.time() - started, resumed_from_epoch=resumed)
 
 
+@dataclass
+class RunStart:
+    """A classifier run, set up: the validated settings, the run folder, the strategy and the split data."""
+
+    config: object
+    run: Run
+    strategy: object
+    description: str
+    chief: bool
+    source: object
+    started: float
+
+
+def start_run(config, overrides: dict, *, overwrite: bool, progress: bool) -> RunStart:
+    """What `ktool train` and `ktool finetune` do first: apply ``overrides`` (the non-None ones) to
+    ``config`` and validate it, prepare the run folder, make the tf.distribute strategy, and load and
+    split the data (at least 2 classes)."""
+    import dataclasses
+
+    from ktoolkit.data import load_data
+    from ktoolkit.train.distribute import is_chief, make_strategy
+
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    config.validate()
+    started = time.time()
+    run = Run(config.out)
+    prepare_run_folder(run, config, overwrite)
+    # First, before TensorFlow runs any op: MultiWorkerMirroredStrategy configures the collective ops
+    # at program start-up (and loading the data decodes images with TensorFlow).
+    strategy, description = make_strategy(config.distribute)
+    source = load_data(config.data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                       seed=config.seed, strict=config.strict, data_dir=config.data_dir, progress=progress)
+    if source.num_classes < 2:
+        raise ValueError(f"data={config.data!r} has {source.num_classes} class(es) with images; "
+                         "a classifier needs at least 2.")
+    return RunStart(config, run, strategy, description, is_chief(strategy), source, started)
+
+
 def fit(run: Run, model, inference, train_ds, val_ds, *, epochs: int, steps: int, callbacks=(), early_stopping: int = 0,
         chief: bool = True, progress: bool = False):
     """``model.fit`` with the run folder's crash recovery: history.csv, best.keras, the checkpoint.
 
-    Call it inside the strategy scope. Returns (history rows, epoch resumed from, the BestModel callback).
+    Call it inside the strategy scope. Returns (history rows, epoch resumed from, the BestModel callback,
+    or None when ``inference`` is None).
     """
     import tf_keras
 
     from ktoolkit.train.callbacks import BestModel, RunLog
 
-    main = "" if len(model.output_names) == 1 else "predictions_"
-    monitor = f"val_{main}accuracy" if val_ds is not None else f"{main}accuracy"
     run_log = RunLog(run, epochs, write=chief)
-    best_model = BestModel(run, monitor, "max", inference, write=chief)
+    best_model = None  # inference None: nothing to pick a best model by (e.g. pretraining without labels)
+    if inference is not None:
+        main = "" if len(model.output_names) == 1 else "predictions_"
+        monitor = f"val_{main}accuracy" if val_ds is not None else f"{main}accuracy"
+        best_model = BestModel(run, monitor, "max", inference, write=chief)
     all_callbacks = [
         run_log,
-        best_model,
+        *([best_model] if best_model else []),
         # the same folder on every worker: Keras sends the non-chief workers' writes to temporary folders
         tf_keras.callbacks.BackupAndRestore(str(run.backup), save_freq="epoch", delete_checkpoint=True),
         *callbacks,

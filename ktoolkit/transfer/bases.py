@@ -119,7 +119,6 @@ def _size(image_size, default: int, minimum: int, name: str) -> tuple:
 def _from_application(key: str, weights: str, image_size) -> Base:
     import tf_keras
 
-    import recipes  # noqa: F401  (registers ImagePreprocessing)
     from recipes.layers import custom_layers
 
     app = APPLICATIONS[key]

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 
 from ktoolkit.io import save_model, write_json
-from ktoolkit.runs import Run
 from ktoolkit.train.config import RunConfig, TrainConfig
 from ktoolkit.train.engine import TrainResult
 
@@ -90,12 +89,6 @@ class FinetuneConfig(RunConfig):
     KIND = "finetune"
     RESUMABLE = TrainConfig.RESUMABLE
 
-    def __post_init__(self):
-        if isinstance(self.image_size, (list, tuple)):
-            self.image_size = tuple(int(v) for v in self.image_size)
-        elif isinstance(self.image_size, int):
-            self.image_size = (self.image_size, self.image_size)
-
     def validate(self) -> "FinetuneConfig":
         """Raises a ValueError naming the first bad field, its value and the valid ones."""
         bad = self._bad
@@ -134,30 +127,19 @@ class FinetuneResult(TrainResult):
 def finetune(config: FinetuneConfig | None = None, *, progress: bool = False, overwrite: bool = False,
              **overrides) -> FinetuneResult:
     """Runs transfer learning as ``config`` says; see the module docstring. Raises like ``train``."""
-    import numpy as np
+    import tf_keras
 
-    from ktoolkit.data import AugmentConfig, load_data, make_dataset
-    from ktoolkit.train.distribute import is_chief, make_strategy
-    from ktoolkit.train.engine import finish, prepare_run_folder, save_final, write_run_header
+    from ktoolkit.data import AugmentConfig, make_dataset
+    from ktoolkit.train.engine import finish, fit, save_final, start_run, write_run_header
     from ktoolkit.transfer.advise import advise
     from ktoolkit.transfer.bases import load_base
     from ktoolkit.transfer.features import FeatureCache, extract_features, fit_linear, linear_classifier_model
 
-    config = dataclasses.replace(config or FinetuneConfig(), **{k: v for k, v in overrides.items() if v is not None})
-    config.validate()
-    started = time.time()
-    run = Run(config.out)
-    prepare_run_folder(run, config, overwrite)
-    import tf_keras
-
-    dist, description = make_strategy(config.distribute)
-    chief = is_chief(dist)
-    source = load_data(config.data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
-                       seed=config.seed, strict=config.strict, data_dir=config.data_dir, progress=progress)
+    start = start_run(config or FinetuneConfig(), overrides, overwrite=overwrite, progress=progress)
+    config, run, dist, chief, source, started = (start.config, start.run, start.strategy, start.chief, start.source,
+                                                 start.started)
     class_names = list(source.class_names)
     num_classes = len(class_names)
-    if num_classes < 2:
-        raise ValueError(f"data={config.data!r} has {num_classes} class(es) with images; a classifier needs at least 2.")
     tf_keras.utils.set_random_seed(config.seed)
     with dist.scope():
         base = load_base(config.base, weights=config.weights, image_size=config.image_size)
@@ -212,8 +194,6 @@ def finetune(config: FinetuneConfig | None = None, *, progress: bool = False, ov
         with dist.scope():
             model, plan = _trainable_model(base, strategy, config, num_classes, probe, steps)
         inference = tf_keras.Model(model.inputs, model.outputs, name=model.name)
-        from ktoolkit.train.engine import fit
-
         with dist.scope():
             history, resumed, best_model = fit(run, model, inference, train_ds, val_ds, epochs=config.epochs, steps=steps,
                                                callbacks=plan.pop("_callbacks"), early_stopping=config.early_stopping,
