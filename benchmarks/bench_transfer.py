@@ -88,6 +88,13 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench-transfer-"))
     os.environ["KTOOLKIT_CACHE_DIR"] = str(work / "cache")
 
+    # Imports before any clock starts (TensorFlow, tf_keras, scikit-learn: several seconds), so neither
+    # side pays them.
+    import sklearn.linear_model  # noqa: F401
+    import tf_keras  # noqa: F401
+
+    import ktoolkit.evaluate  # noqa: F401
+    import ktoolkit.report  # noqa: F401
     from ktoolkit.transfer.finetune import FinetuneConfig, finetune
 
     sources = {"flowers5": str(need(FLOWERS, "flowers5")), "digits": digits_npz(work), "fashion": fashion_npz(work)}

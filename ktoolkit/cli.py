@@ -603,5 +603,36 @@ def benchmark_cmd(model, threads, runs, warmup):
         click.echo(f"{r['threads']:>7}  {r['p50_ms']:>8.3f}  {r['p90_ms']:>8.3f}  {r['mean_ms']:>9.3f}")
 
 
+# ------------------------------------------------------------------------------------------------- demo
+@main.command("demo")
+@click.option("--out", default="runs/demo", show_default=True, help="Folder for the demo's data, runs and DEMO.md.")
+@click.option("--base", help="Transfer from this base instead of training one (e.g. mobilenet_v2, a run folder).")
+@click.option("--weights", help="Weights for --base: imagenet, a .h5/.keras file, or none.")
+@click.option("--base-epochs", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Epochs of the demo's base (cifar_resnet20 on the digits 0-4).")
+@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Epochs of fine-tuning strategies and of quantization-aware training, if needed.")
+@click.option("--overwrite", is_flag=True, help="Start over instead of reusing finished steps.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, TensorFlow's included.")
+def demo_cmd(out, base, weights, base_epochs, epochs, overwrite, verbose):
+    """The whole journey on built-in digits, offline: base, transfer, int8 export, verification, latency.
+
+    Needs no download (scikit-learn's digits are the images). A few minutes on two CPU cores; prints
+    every step and ends with the path of DEMO.md, which links the reports.
+    """
+    _setup_logging(verbose)
+    import recipes
+    from ktoolkit.demo import demo
+    from ktoolkit.train import RunExistsError
+
+    try:
+        result = demo(out, base=base, weights=weights, base_epochs=base_epochs, epochs=epochs, overwrite=overwrite,
+                      progress=_interactive(), echo=click.echo)
+    except (ValueError, FileNotFoundError, RunExistsError, recipes.UnknownRecipeError) as err:
+        raise _fail(err)
+    if not result.ok:
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -48,7 +48,7 @@ def predict_probabilities(model, dataset, *, progress: bool = False):
 
         bar = tqdm(total=int(total) if total > 0 else None, desc="evaluating", unit="batch", leave=False)
     for images, y in dataset:
-        out = model(images, training=False)
+        out = model.predict_on_batch(images)  # one compiled graph (a plain call runs layer by layer in Python)
         if isinstance(out, (list, tuple)):
             out = out[0]
         elif isinstance(out, dict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,11 +45,27 @@ def write_json(path, obj) -> Path:
 
 
 def save_model(model, path) -> Path:
-    """Saves a Keras model to ``path`` (.keras) atomically."""
+    """Saves a Keras model to ``path`` (.keras) atomically, without the optimizer's state.
+
+    A compiled functional model is saved through an uncompiled twin that shares its layers: the .keras
+    format would otherwise store the optimizer's slots too (Adam: twice the weights, so a file three
+    times the size). Resuming never needs them: the training checkpoint keeps its own copy.
+    """
+    if getattr(model, "optimizer", None) is not None and type(model).__name__ == "Functional":
+        import tf_keras
+
+        model = tf_keras.Model(model.inputs, model.outputs, name=model.name)
     with atomic_path(path) as tmp:
         os.remove(tmp)  # Keras refuses to overwrite without asking in some versions
         model.save(tmp)
     return Path(path)
+
+
+def copy_file(source, destination) -> Path:
+    """Copies a file atomically (the destination is never half-written)."""
+    with atomic_path(destination) as tmp:
+        shutil.copyfile(source, tmp)
+    return Path(destination)
 
 
 def save_figure(fig, path, dpi: int = 110) -> Path:

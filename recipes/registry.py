@@ -105,10 +105,16 @@ def register(name: str, **metadata) -> Callable:
     return decorator
 
 
+# Names people know the paper's networks by (VGG-16 and VGG-19 are configurations D and E).
+ALIASES = {"vgg16": "vgg_d", "vgg19": "vgg_e"}
+
+
 def get(name: str) -> Recipe:
-    """Returns the recipe called ``name``; raises :class:`UnknownRecipeError` with close matches."""
+    """Returns the recipe called ``name`` (or an alias, e.g. vgg16 = vgg_d); raises
+    :class:`UnknownRecipeError` with close matches."""
     _load_all()
     key = name.strip().lower().replace("-", "_")
+    key = ALIASES.get(key, key)
     if key not in _REGISTRY:
         raise UnknownRecipeError(name, sorted(_REGISTRY))
     return _REGISTRY[key]

@@ -88,12 +88,6 @@ def test_every_readme_command_runs(command):
     assert result.exit_code == 0, result.output
 
 
-def test_readme_quick_start_command_runs():
-    quick = re.search(r"pip install -c constraints.txt \. && (ktool [^\n`]+)", README).group(1)
-    result = run(*shlex.split(quick)[1:])
-    assert result.exit_code == 0, result.output
-
-
 def test_readme_training_commands_run_on_real_images(digits_folder, tmp_path):
     """The README's training section, with `mydir` a folder of real digit PNGs and fewer epochs."""
     section = README.split("## Training on your data", 1)[1]

@@ -133,6 +133,40 @@ def test_int8_files_are_really_integer(run, tmp_path):
     assert result.files[0].verification.agreement >= AGREEMENT["int8"]
 
 
+def test_shared_quantization_vectors_make_the_file_smaller_and_change_nothing():
+    """compact() stores each distinct zero-point/scale/shape vector once; the file runs the same."""
+    import flatbuffers
+    import tf_keras
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.interpreter import Interpreter
+
+    from tflite_export.convert import to_tflite
+
+    inputs = tf_keras.Input((16, 16, 3))
+    x = inputs
+    for filters in (32, 32, 64, 64):
+        x = tf_keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+    outputs = tf_keras.layers.Dense(4, activation="softmax")(tf_keras.layers.GlobalAveragePooling2D()(x))
+    images = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype("float32")
+    shared = to_tflite(tf_keras.Model(inputs, outputs), "int8", representative=images)
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(shared, 0))
+    builder = flatbuffers.Builder(len(shared))  # the same model, every vector written out again
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    plain = bytes(builder.Output())
+    zero_points = sum(len(t.quantization.zeroPoint) for t in model.subgraphs[0].tensors
+                      if t.quantization is not None and t.quantization.zeroPoint is not None)
+    assert len(plain) - len(shared) >= 8 * (zero_points - 64 - 64)  # all but one zero vector per length gone
+
+    def run_file(content):
+        interpreter = Interpreter(model_content=content)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], images[:1])
+        interpreter.invoke()
+        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+    np.testing.assert_array_equal(run_file(shared), run_file(plain))
+
+
 def test_metadata_reads_back_the_labels_and_normalization(post_training, run):
     for f in post_training.files:
         content = f.path.read_bytes()

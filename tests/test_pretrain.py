@@ -129,9 +129,11 @@ def test_autoencoders_reconstruct_and_denoise_real_digits(method, digits_npz, tm
     base = load_base(str(run.root))  # what `ktool finetune --base RUN` starts from
     assert base.preprocessing == "unit" and base.model.output_shape == (None, 16)
 
-    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = tf.lite.Interpreter(model_content=tf.lite.TFLiteConverter.from_keras_model(encoder).convert())
+    from tflite_export.convert import to_tflite
+
+    interpreter = Interpreter(model_content=to_tflite(encoder))
     interpreter.allocate_tensors()
     interpreter.set_tensor(interpreter.get_input_details()[0]["index"], pixels[:1])
     interpreter.invoke()

@@ -73,12 +73,60 @@ def to_tflite(model, quantize: str | None = None, *, representative=None, int8_i
     try:
         with warnings.catch_warnings(), _quiet_stderr(not progress):  # the progress bar is on stderr too
             warnings.simplefilter("ignore")  # "Statistics for quantized inputs were expected": the ranges come from calibration
-            return converter.convert()
+            content = converter.convert()
     except Exception as err:  # the converter raises ConverterError and, for some graphs, other types
         missing = _missing_ops(str(err))
         if not missing:
             raise
         raise ConversionError(_explain(model, missing)) from None
+    return compact(content)
+
+
+def _sharing_builder_class():
+    import flatbuffers
+
+    class SharingBuilder(flatbuffers.Builder):
+        """Writes each distinct small numeric vector once and points every table that has it there.
+
+        Per-channel int8 quantization gives every weight and bias tensor a zero-point vector (int64, 8
+        bytes a channel) that is all zeros: in MobileNetV2 that is 250 KB of identical vectors. Flatbuffers
+        allow several tables to reference one vector, and the runtime only reads them, so they are shared
+        (tensor shapes and equal scale vectors too). Weight buffers (uint8) are never shared.
+        """
+
+        def __init__(self, size):
+            super().__init__(size)
+            self._shared = {}
+
+        def CreateNumpyVector(self, x):
+            if x.dtype.kind == "u" and x.dtype.itemsize == 1:
+                return super().CreateNumpyVector(x)
+            key = (x.dtype.str, x.shape, x.tobytes())
+            if key not in self._shared:
+                self._shared[key] = super().CreateNumpyVector(x)
+            return self._shared[key]
+
+    return SharingBuilder
+
+
+def sharing_builder(size: int):
+    """A flatbuffers Builder that writes each distinct numeric vector once (see ``compact``)."""
+    return _sharing_builder_class()(size)
+
+
+def compact(tflite: bytes) -> bytes:
+    """The same model, re-serialized with identical small vectors (quantization zero points, scales,
+    shapes) stored once and shared: the runtime reads them the same way, and a per-channel int8
+    MobileNetV2 is 6% smaller (250 KB of its 4.0 MB were all-zero zero-point vectors). Files over 2 GB,
+    whose weights lie outside the flatbuffer, are returned as they are."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(tflite, 0))
+    if any((b.offset or 0) > 1 for b in model.buffers or []):
+        return tflite
+    builder = sharing_builder(len(tflite) + 4096)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 @contextlib.contextmanager

@@ -53,8 +53,9 @@ class ModelInfo:
 
 def add_metadata(tflite: bytes, info: ModelInfo) -> bytes:
     """Returns the .tflite file with ``info`` as TFLite metadata and labels.txt packed into it."""
-    import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
+
+    from tflite_export.convert import sharing_builder
 
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(tflite, 0))
     model.metadata = [m for m in (model.metadata or []) if m.name.decode() != METADATA_NAME]
@@ -64,7 +65,7 @@ def add_metadata(tflite: bytes, info: ModelInfo) -> bytes:
     entry = schema.MetadataT()
     entry.name, entry.buffer = METADATA_NAME.encode(), len(model.buffers) - 1
     model.metadata.append(entry)
-    builder = flatbuffers.Builder(len(tflite) + 4096)
+    builder = sharing_builder(len(tflite) + 4096)  # keeps compact()'s shared vectors shared
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     out = io.BytesIO(bytes(builder.Output()))
     out.seek(0, io.SEEK_END)

@@ -130,12 +130,13 @@ def save_elsewhere(model):
     """What a non-chief worker does when the chief saves: the same save, to a file it then deletes.
 
     Saving reads sync-on-read variables (batch-norm statistics, metrics), which under
-    MultiWorkerMirroredStrategy is a collective op every worker must join.
+    MultiWorkerMirroredStrategy is a collective op every worker must join: so exactly the chief's save
+    (``save_model``, which leaves out the optimizer and the compiled metrics).
     """
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="ktoolkit-worker-") as tmp:
-        model.save(f"{tmp}/model.keras")
+        save_model(model, f"{tmp}/model.keras")
 
 
 def _finite(value) -> bool:

@@ -224,15 +224,17 @@ def save_final(run: Run, inference, best_model, chief: bool = True):
 
 
 def finish(run: Run, class_names, eval_split: str, eval_ds, history, *, title: str, started: float,
-           progress: bool = False, extra_sections=None) -> dict:
-    """Evaluates best.keras on ``eval_ds``, draws the curves, marks the run complete, writes the report."""
+           progress: bool = False, extra_sections=None, evaluation=None) -> dict:
+    """Evaluates best.keras on ``eval_ds`` (or saves ``evaluation``, made by the caller), draws the curves,
+    marks the run complete, writes the report."""
     import recipes
     from ktoolkit.evaluate import evaluate_model, save_evaluation
     from ktoolkit.report import plot_curves, write_report
 
     metrics = {}
-    if eval_ds is not None:
+    if evaluation is None and eval_ds is not None:
         evaluation = evaluate_model(recipes.load_model(run.best), eval_ds, class_names, progress=progress)
+    if evaluation is not None:
         metrics = save_evaluation(evaluation, run, split=eval_split)
     if history:
         plot_curves(history, run.curves, title=title)

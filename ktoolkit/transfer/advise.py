@@ -81,15 +81,17 @@ def load_images(split, image_size, channels) -> np.ndarray:
 
 def advise(base, source, *, small_threshold: float | None = None, similarity_threshold: float | None = None,
            similarity_images: int = 256, probe_images_per_class: int = 100, seed: int = 0, cache=None,
-           progress: bool = False) -> Advice:
+           whole_split_limit: int = 50_000, progress: bool = False) -> Advice:
     """Measures size and similarity of ``source`` (a DataSource) for ``base`` (a transfer.bases.Base).
 
     Similarity: the batch-norm similarity when the base has batch normalization, else the linear-probe
     ratio (see ``ktoolkit/transfer/similarity.py``). Probes run on up to ``probe_images_per_class``
     training images per class and are scored on the validation split (or held-out training images).
+    When the data is small (the linear quadrants) and its train and validation splits hold at most
+    ``whole_split_limit`` images, their features are computed whole and cached for the classifier.
     """
     from recipes import transfer
-    from ktoolkit.transfer.features import extract_features
+    from ktoolkit.transfer.features import extract_features, model_key
     from ktoolkit.transfer.similarity import batchnorm_distance, probe_depths, probe_ratio
 
     started = time.time()
@@ -97,21 +99,35 @@ def advise(base, source, *, small_threshold: float | None = None, similarity_thr
     counts = train.class_counts(source.num_classes)
     per_class = float(np.median(counts[counts > 0])) if counts.any() else 0.0
 
-    sample = train.subset(sample_indices(train.labels, max(1, similarity_images // source.num_classes), seed))
-    bn = batchnorm_distance(base.model, load_images(sample, base.image_size, base.channels))
+    key = model_key(base.model)
+    picked = sample_indices(train.labels, max(1, similarity_images // source.num_classes), seed)
+    sample = train.subset(picked)
+    bn = batchnorm_distance(base.model, load_images(sample, base.image_size, base.channels), cache=cache,
+                            key=f"{key}-{sample.fingerprint()}-{tuple(base.image_size)}-{base.channels}")
 
-    probe_train = train.subset(sample_indices(train.labels, probe_images_per_class, seed))
+    # The probes: up to probe_images_per_class training images per class, scored on the validation split
+    # (or on a fifth of those images held out). When the data is small, the linear strategies will need
+    # the features of the whole splits anyway: one pass computes (and caches) every cut point, and the
+    # probes use their share of it.
+    small = per_class < (transfer.SMALL_IMAGES_PER_CLASS if small_threshold is None else small_threshold)
+    whole = small and len(train) + len(source.splits.get("val") or []) <= whole_split_limit
+    train_idx = sample_indices(train.labels, probe_images_per_class, seed)
     val = source.splits.get("val")
-    if val is None or len(val) == 0:  # hold out a fifth of the probe sample
-        order = np.random.default_rng(seed).permutation(len(probe_train))
+    if val is None or len(val) == 0:
+        order = np.random.default_rng(seed).permutation(len(train_idx))
         held = max(1, len(order) // 5)
-        probe_train, val = probe_train.subset(np.sort(order[held:])), probe_train.subset(np.sort(order[:held]))
+        val, val_idx, train_idx = train, np.sort(train_idx[order[:held]]), np.sort(train_idx[order[held:]])
     else:
-        val = val.subset(sample_indices(val.labels, probe_images_per_class, seed))
-    kwargs = dict(image_size=base.image_size, channels=base.channels, cache=cache, progress=progress)
-    train_features = extract_features(base.model, base.groups, probe_train, **kwargs)
-    val_features = extract_features(base.model, base.groups, val, **kwargs)
-    probes = probe_depths(train_features, probe_train.labels, val_features, val.labels, source.num_classes)
+        val_idx = sample_indices(val.labels, probe_images_per_class, seed)
+    kwargs = dict(image_size=base.image_size, channels=base.channels, cache=cache, key=key, progress=progress)
+
+    def features(split, idx):
+        if whole:
+            return {k: v[idx] for k, v in extract_features(base.model, base.groups, split, **kwargs).items()}
+        return extract_features(base.model, base.groups, split.subset(idx), **kwargs)
+
+    probes = probe_depths(features(train, train_idx), train.labels[train_idx], features(val, val_idx),
+                          val.labels[val_idx], source.num_classes)
     best_cut = max(probes, key=lambda p: p.val_accuracy).layer
 
     if bn is not None:

@@ -103,9 +103,13 @@ def load_base(name: str, *, weights: str | None = None, image_size=None) -> Base
                                 f"({', '.join(APPLICATIONS)}) or a recipe name.")
     try:
         recipe = recipes.get(key)
-    except recipes.UnknownRecipeError as err:
+    except recipes.UnknownRecipeError:
+        import difflib
+
+        close = difflib.get_close_matches(key, list(dict.fromkeys([*APPLICATIONS, *recipes.names()])), 4, 0.6)
         raise ValueError(f"--base {name!r} is not a keras.applications base ({', '.join(APPLICATIONS)}), a recipe "
-                         f"or a run folder. {err.args[0] if err.args else ''}") from None
+                         "(`ktool recipes`) or a run folder"
+                         + (f"; did you mean {', '.join(close)}?" if close else ".")) from None
     return _from_recipe(recipe, weights or "none", image_size)
 
 
@@ -140,6 +144,13 @@ def _from_application(key: str, weights: str, image_size) -> Base:
     return _finish(key, model, weights, lowered != "none", size, 3, app.preprocessing)
 
 
+def _reason(text: str) -> str:
+    """The useful end of Keras's fetch-failure message ("... -- [Errno -2] Name or service not known")."""
+    first = text.strip().splitlines()[0] if text.strip() else "no reason given"
+    reason = first.rsplit(" -- ", 1)[-1] if " -- " in first else first
+    return reason if len(reason) <= 200 else reason[:197] + "..."
+
+
 def _download(key: str, build):
     """Builds with weights="imagenet"; when the download fails, says which file to put where."""
     try:
@@ -155,7 +166,7 @@ def _download(key: str, build):
         cache = (home if os.access(home, os.W_OK) or not home.exists() and os.access(home.parent, os.W_OK)
                  else Path("/tmp/.keras")) / "models"
         raise ValueError(
-            f"--weights imagenet: the {key} weights could not be downloaded ({text.splitlines()[0][:160]}). "
+            f"--weights imagenet: the {key} weights could not be downloaded ({_reason(text)}). "
             f"Put {file} in {cache}/ (the Keras cache: Keras then finds it without a download)"
             + (f", from {url.group(0)}," if url else ",")
             + " or pass --weights PATH to a copy of it, or --weights none to start from random weights."

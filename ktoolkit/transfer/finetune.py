@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from ktoolkit.io import save_model, write_json
+from ktoolkit.io import copy_file, save_model, write_json
 from ktoolkit.train.config import RunConfig, TrainConfig
 from ktoolkit.train.engine import TrainResult
 
@@ -167,7 +167,7 @@ def finetune(config: FinetuneConfig | None = None, *, progress: bool = False, ov
         model = linear_classifier_model(base.model, layer, probe, name=f"{_model_name(base)}_{strategy.replace('-', '_')}")
         if chief:
             save_model(model, run.best)
-            save_model(model, run.last)
+            copy_file(run.best, run.last)  # no epochs: the last model is the best one
         plan = {"strategy": strategy, "features": layer, "feature_dims": int(probe.kernel.shape[0]),
                 "trained": "logistic regression on cached features (the base is frozen and cut at the features layer)",
                 "C": probe.C, "train_accuracy": probe.train_accuracy, "val_accuracy": probe.val_accuracy,
@@ -205,14 +205,36 @@ def finetune(config: FinetuneConfig | None = None, *, progress: bool = False, ov
         write_json(run.root / "decision.json", {"strategy": strategy, "why": why, "advice": advice.to_dict(), "plan": plan})
         _plot_probes(advice.probes, run.root / "probes.png", title=f"linear probes: {base.name} on {config.data}")
         eval_name = "test" if "test" in splits else "val"
-        eval_ds = None
-        if eval_name in splits:
+        eval_ds, evaluation = None, None
+        if eval_name in splits and strategy in ("linear", "linear-early"):
+            evaluation = _evaluate_linear(model, probe, base, layer, splits[eval_name], class_names, feature_kwargs)
+        elif eval_name in splits:
             eval_ds = make_dataset(splits[eval_name], num_classes=num_classes, image_size=base.image_size,
                                    channels=base.channels, batch_size=64, training=False)
         metrics = finish(run, class_names, eval_name, eval_ds, history, title=f"{base.name} ({strategy}) on {config.data}",
-                         started=started, progress=progress, extra_sections=_report_sections(advice, strategy, why, plan))
+                         started=started, progress=progress, extra_sections=_report_sections(advice, strategy, why, plan),
+                         evaluation=evaluation)
     return FinetuneResult(run=run, config=config, metrics=metrics, history=history, seconds=time.time() - started,
                           resumed_from_epoch=resumed, strategy=strategy, advice=advice, plan=plan)
+
+
+def _evaluate_linear(model, probe, base, layer, split, class_names, feature_kwargs):
+    """Evaluates the linear classifier on the split's (cached) features, after checking on a batch of
+    images that the saved Keras model computes the same probabilities."""
+    import numpy as np
+
+    from ktoolkit.evaluate import evaluate_predictions
+    from ktoolkit.transfer.advise import load_images
+    from ktoolkit.transfer.features import extract_features
+
+    from_features = probe.predict_proba(extract_features(base.model, [layer], split, **feature_kwargs)[layer])
+    check = split.subset(np.arange(min(32, len(split))))
+    from_model = np.asarray(model.predict_on_batch(load_images(check, base.image_size, base.channels)))
+    gap = float(np.abs(from_model - from_features[:len(check)]).max())
+    if gap > 1e-3:
+        raise RuntimeError(f"the saved linear classifier differs from the probe it was folded from by {gap:.2g} in "
+                           "probability on the first test images; this is a bug, please report it.")
+    return evaluate_predictions(from_features, np.asarray(split.labels).astype(int), class_names)
 
 
 def _choose(config, base, advice) -> tuple[str, str]:

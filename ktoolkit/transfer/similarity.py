@@ -47,42 +47,48 @@ def _bn_layers(model):
             if type(layer).__name__ in ("BatchNormalization", "SyncBatchNormalization") and layer.moving_mean is not None]
 
 
-def batchnorm_distance(model, images: np.ndarray, batch_size: int = 32) -> BatchNormDistance | None:
+def batchnorm_distance(model, images: np.ndarray, batch_size: int = 32, *, cache=None,
+                       key: str | None = None) -> BatchNormDistance | None:
     """Compares the statistics of ``images`` (N, H, W, C, 0..255) inside ``model`` with its BN layers'.
 
-    Returns None when the model has no batch normalization.
+    Returns None when the model has no batch normalization. With a ``cache`` (features.FeatureCache) and
+    a ``key`` naming the model and the images, the measured statistics are kept and reused.
     """
     import tf_keras
 
     started = time.time()
-    bns = _bn_layers(model)
+    bns = [bn for bn in _bn_layers(model) if len(bn.input.shape) == 4]
     if not bns:
         return None
-    pool = tf_keras.layers.GlobalAveragePooling2D
-    outputs = []
-    for i, bn in enumerate(bns):
-        x = bn.input
-        if len(x.shape) != 4:
-            continue
-        outputs.append(pool(name=f"bn_stat_mean_{i}")(x))
-        outputs.append(pool(name=f"bn_stat_square_{i}")(tf_keras.layers.Multiply(name=f"bn_stat_sq_{i}")([x, x])))
-    probe = tf_keras.Model(model.inputs, outputs)
-    sums = None
-    for start in range(0, len(images), batch_size):
-        batch = probe(np.asarray(images[start:start + batch_size], np.float32), training=False)
-        batch = [np.asarray(b, np.float64).sum(axis=0) for b in batch]
-        sums = batch if sums is None else [s + b for s, b in zip(sums, batch)]
-    n = len(images)
-    layers = []
-    for i, bn in enumerate([b for b in bns if len(b.input.shape) == 4]):
-        mean, square = sums[2 * i] / n, sums[2 * i + 1] / n
+    sizes = [int(bn.input.shape[-1]) for bn in bns]
+    stats = cache.load(f"bnstats-{key}") if cache is not None and key else None
+    if stats is None or len(stats) != 2 * sum(sizes):
+        pool = tf_keras.layers.GlobalAveragePooling2D
+        outputs = []
+        for i, bn in enumerate(bns):
+            x = bn.input
+            outputs.append(pool(name=f"bn_stat_mean_{i}")(x))
+            outputs.append(pool(name=f"bn_stat_square_{i}")(tf_keras.layers.Multiply(name=f"bn_stat_sq_{i}")([x, x])))
+        probe = tf_keras.Model(model.inputs, outputs)
+        sums = None
+        for start in range(0, len(images), batch_size):  # predict_on_batch: one compiled graph, not layer by layer
+            batch = probe.predict_on_batch(np.asarray(images[start:start + batch_size], np.float32))
+            batch = [np.asarray(b, np.float64).sum(axis=0) for b in batch]
+            sums = batch if sums is None else [s + b for s, b in zip(sums, batch)]
+        stats = np.concatenate(sums) / len(images)
+        if cache is not None and key:
+            cache.save(f"bnstats-{key}", stats)
+    layers, offset = [], 0
+    for bn, size in zip(bns, sizes):
+        mean, square = stats[offset:offset + size], stats[offset + size:offset + 2 * size]
+        offset += 2 * size
         var = np.maximum(square - mean ** 2, 1e-6)
         mu, sigma2 = np.asarray(bn.moving_mean, np.float64), np.asarray(bn.moving_variance, np.float64) + bn.epsilon
         kl = 0.5 * (var / sigma2 + (mean - mu) ** 2 / sigma2 - 1.0 - np.log(var / sigma2))
         layers.append((bn.name, float(np.median(kl))))
     first_kl, mean_kl = layers[0][1], float(np.mean([k for _, k in layers]))
-    return BatchNormDistance(similarity=float(np.exp(-first_kl)), first_kl=first_kl, mean_kl=mean_kl, layers=layers, images=n,
-                             seconds=time.time() - started)
+    return BatchNormDistance(similarity=float(np.exp(-first_kl)), first_kl=first_kl, mean_kl=mean_kl, layers=layers,
+                             images=len(images), seconds=time.time() - started)
 
 
 @dataclass

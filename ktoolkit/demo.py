@@ -1,0 +1,217 @@
+"""`ktool demo`: the whole journey on built-in images, no download: data, a pretrained base, transfer
+learning chosen by the decision matrix, an int8 TFLite file verified against the Keras model, its
+latency, and one page that links everything.
+
+The images are scikit-learn's 1,797 real handwritten digits (8x8, shipped with scikit-learn), written
+out as a class-per-folder PNG tree, the same layout your own data takes. Since nothing may be
+downloaded, the "pretrained" base is made here: a CIFAR ResNet-20 trained on the digits 0-4. The new
+task is the digits 5-9, classes that base has never seen; `finetune` measures the data against the
+base, picks the strategy, and the rest is what you would run on your own folder:
+
+    ktool train    --recipe cifar_resnet20 --data DEMO/data/digits_0-4 ...   (the base)
+    ktool finetune --base DEMO/base --data DEMO/data/digits_5-9 ...          (the decision and the model)
+    ktool export   --model DEMO/finetune --mode int8 --int8-io               (verified on the test split)
+    ktool benchmark DEMO/finetune/export/*_int8.tflite --threads 1,2
+
+Each step is its own run folder; running the demo again reuses the finished steps (and resumes an
+interrupted training), ``overwrite`` starts over.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PIXEL_SCALE = 4  # 8x8 digits are written as 32x32 PNGs (each pixel a 4x4 block): the base's input size
+
+
+@dataclass
+class DemoResult:
+    """Where everything is, and the numbers the demo printed."""
+
+    root: Path
+    report: Path
+    base_accuracy: float | None
+    finetune: object  # FinetuneResult
+    export: object  # tflite_export.ExportResult
+    latency: list = field(default_factory=list)  # benchmark rows
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.export.ok)
+
+
+def write_digits(root: Path) -> dict[str, Path]:
+    """scikit-learn's digits as PNG folders: ``{"0-4": root/digits_0-4, "5-9": root/digits_5-9}``, one
+    subfolder per class, 32x32 grayscale images. Existing complete folders are kept."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    folders = {"0-4": root / "digits_0-4", "5-9": root / "digits_5-9"}
+    counts = {(label, name): 0 for label in range(10) for name in folders}
+    for image, label in zip(digits.images, digits.target):
+        counts[(label, "0-4" if label < 5 else "5-9")] += 1
+    for name, folder in folders.items():
+        wanted = sum(n for (_, part), n in counts.items() if part == name)
+        if folder.exists() and sum(1 for _ in folder.rglob("*.png")) == wanted:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+            if (label < 5) != (name == "0-4"):
+                continue
+            pixels = (image * (255.0 / 16.0)).round().astype("uint8")
+            pixels = np.kron(pixels, np.ones((PIXEL_SCALE, PIXEL_SCALE), dtype="uint8"))
+            (tmp / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(tmp / str(label) / f"{i:04d}.png")
+        tmp.rename(folder)
+    return folders
+
+
+def demo(out="runs/demo", *, base: str | None = None, weights: str | None = None, base_epochs: int = 8,
+         epochs: int = 2, overwrite: bool = False, progress: bool = False, echo=log.info) -> DemoResult:
+    """Runs the demo into ``out``; see the module docstring. ``echo`` receives the progress lines.
+
+    Args:
+        out: the demo's folder (data/, base/, finetune/ with export/ inside, DEMO.md).
+        base: transfer from this base instead of the one the demo trains (a keras.applications name, a
+            recipe or a run folder, as for `ktool finetune --base`).
+        weights: weights for ``base`` (as `ktool finetune --weights`).
+        base_epochs: epochs of the base's training on the digits 0-4.
+        epochs: epochs of the finetune/full strategies, and of quantization-aware training if int8
+            post-training quantization misses the accuracy budget.
+    """
+    from ktoolkit.train import TrainConfig, train
+    from ktoolkit.transfer.finetune import FinetuneConfig, finetune
+    from tflite_export import benchmark, export
+
+    started = time.time()
+    root = Path(out)
+    if overwrite and root.exists():
+        shutil.rmtree(root)
+    steps = 5 if base is None else 4
+    step = iter(range(1, steps + 1))
+
+    def say(text):
+        echo(f"[{next(step)}/{steps}] {text}  ({time.time() - started:.0f} s)")
+
+    say("data: scikit-learn's 1,797 handwritten digits, written as class folders of 32x32 PNGs")
+    folders = write_digits(root / "data")
+    echo(f"      {folders['0-4']} (to pretrain a base)  and  {folders['5-9']} (the new task)")
+
+    base_accuracy = None
+    if base is None:
+        say(f"base: cifar_resnet20 trained on the digits 0-4 for {base_epochs} epochs, the demo's stand-in for a network "
+            "pretrained on ImageNet")
+        base_run = root / "base"
+        config = TrainConfig(recipe="cifar_resnet20", data=str(folders["0-4"]), out=str(base_run), epochs=base_epochs,
+                             image_size=(32, 32), channels=3, batch_size=16, lr=3e-3, schedule="cosine", cache="memory")
+        result = _reuse_or_run(base_run, lambda: train(config, progress=progress), echo)
+        base_accuracy = result.metrics.get("accuracy") if result else _accuracy(base_run)
+        echo(f"      base: test accuracy {base_accuracy:.1%} on the digits 0-4  ->  {base_run}")
+        base, weights = str(base_run), None
+
+    say(f"transfer: `ktool finetune --base {base} --data {folders['5-9']}`: measure, decide, train")
+    tuned_run = root / "finetune"
+    config = FinetuneConfig(base=base, weights=weights, data=str(folders["5-9"]), out=str(tuned_run), epochs=epochs,
+                            test_fraction=0.2, seed=0)
+    tuned = _reuse_or_run(tuned_run, lambda: finetune(config, progress=progress), echo)
+    if tuned is not None:
+        for line in tuned.advice.lines():
+            echo(f"      {line}")
+        echo(f"      strategy: {tuned.strategy}; test accuracy {tuned.metrics['accuracy']:.1%} on "
+             f"{tuned.metrics['images']} images  ->  {tuned_run}")
+
+    say("export: int8 TFLite (uint8 camera bytes in and out), run on the test split and compared with the Keras model")
+    exported = export(str(tuned_run), mode="int8", int8_io=True, progress=progress)
+    if not exported.ok:
+        echo(f"      int8 lost more than 1 point ({_verdict(exported.files[0])}); trying quantization-aware training "
+             f"({epochs} epochs)")
+        exported = export(str(tuned_run), mode="qat", int8_io=True, epochs=epochs, progress=progress)
+    tflite = exported.files[0]
+    echo(f"      {tflite.path.name}: {tflite.size_bytes / 1024:.0f} KB; {_verdict(tflite)}")
+
+    say("benchmark: latency of the .tflite file with LiteRT (XNNPACK), 1 and 2 threads")
+    latency = benchmark(str(tflite.path), threads=(1, 2), runs=50, warmup=5)
+    for row in latency:
+        echo(f"      {row['threads']} thread(s): p50 {row['p50_ms']:.3f} ms, p90 {row['p90_ms']:.3f} ms")
+
+    result = DemoResult(root, root / "DEMO.md", base_accuracy, tuned, exported, latency, time.time() - started)
+    _write_page(result, folders, base, tflite)
+    echo(f"done in {result.seconds:.0f} s: {'the int8 file is within the accuracy budget' if result.ok else 'OVER THE ACCURACY BUDGET'}")
+    echo(f"report: {result.report}")
+    return result
+
+
+def _reuse_or_run(folder: Path, run, echo):
+    """Runs a step, or reuses it when its run folder is already complete (returns None then)."""
+    from ktoolkit.runs import Run
+
+    if Run(folder).read_state().get("complete"):
+        echo(f"      {folder} is already complete: reused (`ktool demo --overwrite` starts over)")
+        return None
+    return run()
+
+
+def _accuracy(folder: Path) -> float:
+    import json
+
+    return json.loads((folder / "metrics.json").read_text())["accuracy"]
+
+
+def _verdict(f) -> str:
+    v = f.verification
+    return (f"accuracy {v.accuracy:.2%} against {v.keras_accuracy:.2%} for the Keras model on {v.images} test images, "
+            f"top-1 agreement {v.agreement:.1%}, {'within' if f.passed else 'OVER'} the 1-point budget")
+
+
+def _write_page(result: DemoResult, folders, base, tflite):
+    """DEMO.md: what was done, the numbers, and links to every report."""
+    import json
+
+    from ktoolkit.io import write_text
+
+    root = result.root
+    tuned = root / "finetune"
+    decision = json.loads((tuned / "decision.json").read_text())
+    metrics = json.loads((tuned / "metrics.json").read_text())
+    v = tflite.verification
+    lines = [
+        "# ktoolkit demo",
+        "",
+        f"Finished in {result.seconds:.0f} s. Every step is a run folder with its own report.",
+        "",
+        f"1. **Data**: `{folders['0-4']}` and `{folders['5-9']}`, scikit-learn's handwritten digits as class folders.",
+    ]
+    if result.base_accuracy is not None:
+        lines.append(f"2. **Base**: cifar_resnet20 trained on the digits 0-4, test accuracy {result.base_accuracy:.1%} "
+                     f"([report](base/report.md)).")
+    else:
+        lines.append(f"2. **Base**: `{base}`.")
+    advice = decision["advice"]
+    lines += [
+        f"3. **Transfer** to the digits 5-9 ([report](finetune/report.md)): {advice['images_per_class']:.0f} training "
+        f"images per class, similarity {advice['similarity']:.3f} -> {advice['decision']['quadrant']} -> strategy "
+        f"**{decision['strategy']}**; test accuracy {metrics['accuracy']:.1%} on {metrics['images']} images "
+        "([confusion matrix](finetune/confusion_matrix.png)).",
+        f"4. **Export**: `{tflite.path.relative_to(root)}`, {tflite.size_bytes / 1024:.0f} KB "
+        f"({tflite.description}); on the test split {v.accuracy:.2%} against {v.keras_accuracy:.2%} for the Keras "
+        f"model, top-1 agreement {v.agreement:.1%}: **{'within' if tflite.passed else 'OVER'} the 1-point budget** "
+        "([export report](finetune/export/export_report.md)).",
+        "5. **Latency** on this machine (LiteRT, XNNPACK): " + ", ".join(
+            f"{r['threads']} thread(s) p50 {r['p50_ms']:.3f} ms" for r in result.latency) + ".",
+        "",
+        "Next: the same commands on your own folder of images (README: *Transfer learning*), the .tflite file on",
+        "Android (docs/android.md) or a Jetson (docs/jetson.md).",
+        "",
+    ]
+    write_text(result.report, "\n".join(lines))
