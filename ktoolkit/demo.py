@@ -136,9 +136,14 @@ def demo(out="runs/demo", *, base: str | None = None, weights: str | None = None
     if not exported.ok:
         echo(f"      int8 lost more than 1 point ({_verdict(exported.files[0])}); trying quantization-aware training "
              f"({epochs} epochs)")
-        exported = export(str(tuned_run), mode="qat", int8_io=True, epochs=epochs, progress=progress)
+        # a small learning rate: QAT starts from a trained model and only has to adapt it to int8 (at
+        # export's default 1e-3 a pretrained MobileNetV2 falls to chance within two epochs)
+        exported = export(str(tuned_run), mode="qat", int8_io=True, epochs=epochs, lr=1e-5, progress=progress)
     tflite = exported.files[0]
     echo(f"      {tflite.path.name}: {tflite.size_bytes / 1024:.0f} KB; {_verdict(tflite)}")
+    if not tflite.passed:
+        echo(f"      int8 did not keep this model's accuracy (docs/troubleshooting.md, Export); float16 halves the file "
+             f"without integer arithmetic, verified the same way: `ktool export --model {tuned_run} --mode float16`")
 
     say("benchmark: latency of the .tflite file with LiteRT (XNNPACK), 1 and 2 threads")
     latency = benchmark(str(tflite.path), threads=(1, 2), runs=50, warmup=5)

@@ -148,3 +148,37 @@ def test_finetune_guide_commands_run_offline(digits_folder, tmp_path, monkeypatc
         result = runner.invoke(main, shlex.split(line)[1:])
         assert result.exit_code == 0, (line, result.output)
     assert "digit_3" in result.output  # predict printed labels from the file's metadata
+
+
+def _documented_ktool_lines():
+    for page in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        for block in blocks(page.read_text(), "bash"):
+            for line in block.splitlines():
+                line = line.split(" #")[0].strip()
+                if "ktool " in line:
+                    # inside a shell string (the Slurm example) the line ends with the closing quote
+                    yield page.name, line[line.index("ktool "):].split(" && ")[0].split(";")[0].rstrip("\"'")
+
+
+@pytest.mark.parametrize("page, line", list(_documented_ktool_lines()))
+def test_every_documented_ktool_command_parses(page, line):
+    """Every `ktool` line of the README and the guides names a real command with real flags and valid
+    values (the tests above also run them; this catches a renamed flag in any page at once)."""
+    import shlex
+
+    import click
+
+    from ktoolkit.cli import main
+
+    args = shlex.split(line)[1:]
+    command = main
+    while isinstance(command, click.Group) and args and args[0] in command.commands:
+        command, args = command.commands[args[0]], args[1:]
+    try:
+        command.make_context(command.name, args)
+    except click.exceptions.Exit as done:  # --version, --help
+        assert done.exit_code == 0
+    except click.BadParameter as err:  # a file or folder of the example that is not here
+        assert "does not exist" in str(err), (page, line, str(err))
+    except click.UsageError as err:
+        pytest.fail(f"{page}: `{line}`: {err}")

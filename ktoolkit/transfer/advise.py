@@ -42,7 +42,7 @@ class Advice:
         if self.probes:
             out.append("linear probes by depth (held-out accuracy): " + ", ".join(
                 f"{p.layer} {p.val_accuracy:.1%}" for p in self.probes))
-            best = max(self.probes, key=lambda p: p.val_accuracy)
+            best = best_probe(self.probes)
             out.append(f"probe ratio top/best {self.probes[-1].val_accuracy / max(best.val_accuracy, 1e-9):.3f} "
                        f"(best: {best.layer})")
         out.append(f"similarity used: {self.similarity_source}")
@@ -60,6 +60,12 @@ class Advice:
                 "images": self.batchnorm.images, "layers": self.batchnorm.layers},
             "probes": [vars(p) for p in self.probes], "best_cut": self.best_cut, "seconds": round(self.seconds, 1),
         }
+
+
+def best_probe(probes):
+    """The probe with the best held-out accuracy; of equals, the deepest: deeper features are the more
+    robust ones (to int8 quantization too), so an earlier cut must win outright."""
+    return max(reversed(probes), key=lambda p: p.val_accuracy)
 
 
 def sample_indices(labels, per_class: int, seed: int = 0) -> np.ndarray:
@@ -128,7 +134,7 @@ def advise(base, source, *, small_threshold: float | None = None, similarity_thr
 
     probes = probe_depths(features(train, train_idx), train.labels[train_idx], features(val, val_idx),
                           val.labels[val_idx], source.num_classes)
-    best_cut = max(probes, key=lambda p: p.val_accuracy).layer
+    best_cut = best_probe(probes).layer
 
     if bn is not None:
         similarity, kind, threshold = bn.similarity, "batchnorm", transfer.SIMILARITY_THRESHOLD

@@ -22,6 +22,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 C_GRID = (0.01, 0.1, 1.0)
+# Features are standardized with their standard deviation, but never divided by less than this fraction
+# of the median feature's: a nearly constant feature (pooled ReLU6 channels of an early layer vary by
+# 0.0003 around 4) would otherwise get a weight thousands of times the others, which no 8-bit
+# quantization of the classifier survives.
+SCALE_FLOOR = 0.3
 
 
 # ----------------------------------------------------------------------------------------- cut points
@@ -164,6 +169,8 @@ class LinearProbe:
     train_accuracy: float
     val_accuracy: float | None
     seconds: float
+    mean: np.ndarray | None = None  # (D,) the standardization the classifier was fit with
+    scale: np.ndarray | None = None  # (D,)
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         logits = features @ self.kernel + self.bias
@@ -191,7 +198,8 @@ def fit_linear(train_x, train_y, val_x=None, val_y=None, *, num_classes: int | N
     num_classes = num_classes or int(train_y.max()) + 1
     mean = train_x.mean(axis=0)
     scale = train_x.std(axis=0)
-    scale[scale < 1e-8] = 1.0
+    varying = scale[scale > 1e-8]
+    scale = np.maximum(scale, SCALE_FLOOR * np.median(varying)) if len(varying) else np.ones_like(scale)
     z = (train_x - mean) / scale
     has_val = val_x is not None and len(val_x) > 0
     candidates = sorted(Cs) if has_val else (1.0,)
@@ -209,7 +217,8 @@ def fit_linear(train_x, train_y, val_x=None, val_y=None, *, num_classes: int | N
         intercept = clf.intercept_ if len(clf.classes_) > 2 else np.array([-clf.intercept_[0] / 2, clf.intercept_[0] / 2])
         kernel[:, clf.classes_] = (coef / scale).T
         bias[clf.classes_] = intercept - (coef * (mean / scale)).sum(axis=1)
-        probe = LinearProbe(kernel.astype(np.float32), bias.astype(np.float32), C, 0.0, None, 0.0)
+        probe = LinearProbe(kernel.astype(np.float32), bias.astype(np.float32), C, 0.0, None, 0.0,
+                            mean.astype(np.float32), scale.astype(np.float32))
         probe.train_accuracy = probe.accuracy(train_x, train_y)
         if has_val:
             probe.val_accuracy = probe.accuracy(np.asarray(val_x, np.float64), val_y)
@@ -221,13 +230,26 @@ def fit_linear(train_x, train_y, val_x=None, val_y=None, *, num_classes: int | N
 
 def linear_classifier_model(model, layer: str, probe: LinearProbe, name: str | None = None):
     """``model`` cut at ``layer``, global average pooling, and the probe as a softmax Dense layer
-    named "predictions": a plain Keras classifier that `ktool evaluate/predict/export` take as is."""
+    named "predictions": a plain Keras classifier that `ktool evaluate/predict/export` take as is.
+
+    An image-shaped layer is standardized per channel before the pooling (a 1x1 depthwise convolution,
+    "feature_standardization"), which computes the same numbers as standardizing the pooled features,
+    and keeps them exact in int8: one weight per channel quantizes without error, and the pooled
+    values are then quantized on the standardized scale, where the classes differ by whole steps, not
+    on the raw one, where they may differ by less than one.
+    """
     import tf_keras
 
     x = model.get_layer(layer).output
+    kernel, bias = probe.kernel, probe.bias
+    if len(x.shape) == 4 and probe.mean is not None:
+        standardize = tf_keras.layers.DepthwiseConv2D(1, name="feature_standardization")
+        x = standardize(x)
+        standardize.set_weights([(1.0 / probe.scale).reshape(1, 1, -1, 1), -probe.mean / probe.scale])
+        kernel, bias = kernel * probe.scale[:, None], bias + probe.mean @ kernel
     if len(x.shape) == 4:
         x = tf_keras.layers.GlobalAveragePooling2D(name="avg_pool_features")(x)
-    dense = tf_keras.layers.Dense(probe.kernel.shape[1], activation="softmax", name="predictions")
+    dense = tf_keras.layers.Dense(kernel.shape[1], activation="softmax", name="predictions")
     outputs = dense(x)
-    dense.set_weights([probe.kernel, probe.bias])
+    dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
     return tf_keras.Model(model.inputs, outputs, name=name or f"{model.name}_linear")
