@@ -56,23 +56,18 @@ def write_digits(root: Path) -> dict[str, Path]:
 
     digits = load_digits()
     folders = {"0-4": root / "digits_0-4", "5-9": root / "digits_5-9"}
-    counts = {(label, name): 0 for label in range(10) for name in folders}
-    for image, label in zip(digits.images, digits.target):
-        counts[(label, "0-4" if label < 5 else "5-9")] += 1
     for name, folder in folders.items():
-        wanted = sum(n for (_, part), n in counts.items() if part == name)
-        if folder.exists() and sum(1 for _ in folder.rglob("*.png")) == wanted:
+        picked = np.flatnonzero((digits.target < 5) == (name == "0-4"))
+        if folder.exists() and sum(1 for _ in folder.rglob("*.png")) == len(picked):
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        tmp = folder.with_name(folder.name + ".partial")
+        tmp = folder.with_name(folder.name + ".partial")  # a killed demo never leaves half a folder
         shutil.rmtree(tmp, ignore_errors=True)
-        for i, (image, label) in enumerate(zip(digits.images, digits.target)):
-            if (label < 5) != (name == "0-4"):
-                continue
-            pixels = (image * (255.0 / 16.0)).round().astype("uint8")
+        for i in picked:
+            pixels = (digits.images[i] * (255.0 / 16.0)).round().astype("uint8")
             pixels = np.kron(pixels, np.ones((PIXEL_SCALE, PIXEL_SCALE), dtype="uint8"))
-            (tmp / str(label)).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(tmp / str(label) / f"{i:04d}.png")
+            (tmp / str(digits.target[i])).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(tmp / str(digits.target[i]) / f"{i:04d}.png")
         tmp.rename(folder)
     return folders
 
@@ -170,7 +165,9 @@ def _reuse_or_run(folder: Path, run, echo):
 def _accuracy(folder: Path) -> float:
     import json
 
-    return json.loads((folder / "metrics.json").read_text())["accuracy"]
+    from ktoolkit.runs import Run
+
+    return json.loads(Run(folder).metrics.read_text())["accuracy"]
 
 
 def _verdict(f) -> str:
