@@ -7,8 +7,12 @@ TensorFlow is imported only by the commands that build or run models, so ``ktool
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
+import re
 import sys
+from pathlib import Path
 
 import click
 
@@ -16,10 +20,138 @@ import click
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import ktoolkit
+import recipes  # the registry: names and metadata, no TensorFlow
+
+_DATA_KINDS = "a folder with one subfolder per class, a .csv of path,label rows, an .npz, or tfds:NAME"
+# Operating-system errors that are the user's situation, not a bug: what to do about each.
+_OS_FIXES = {
+    errno.ENOSPC: "no space left on the device; free some disk space or choose another --out",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose another --out",
+    errno.EROFS: "the file system is read-only; choose a writable --out",
+    errno.EACCES: "permission denied; choose a writable --out (or fix the permissions)",
+    errno.EPERM: "operation not permitted; choose a writable --out (or fix the permissions)",
+    errno.ENOENT: "no such file or folder; check the path",
+    errno.ENOTDIR: "a file is where a folder should be; choose another path",
+    errno.EEXIST: "already exists; choose another path",
+    errno.EISDIR: "is a folder, not a file; give a file",
+    errno.ENAMETOOLONG: "the name is too long; choose a shorter path",
+}
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
-def _fail(err: Exception) -> click.ClickException:
-    return click.ClickException(str(err))
+def _printable(text: str) -> str:
+    """``text`` safe for any terminal or pipe: bytes that are not UTF-8 (lone surrogates from file
+    names) and control characters are shown escaped, so they neither fail to encode nor act."""
+    text = str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def _one_line(text: str, keep: int = 8) -> str:
+    """A message as one line: its first line, then the others (listed files) joined with "; "."""
+    lines = [line.strip() for line in _printable(text).splitlines() if line.strip()]
+    if len(lines) > keep + 1:
+        lines = [*lines[:keep + 1], f"... and {len(lines) - keep - 1} more"]
+    return " ".join(lines[:1] + ["; ".join(lines[1:])]).strip()
+
+
+def _os_message(err: OSError) -> str | None:
+    """"PATH: what happened; what to do" for an OSError of the user's situation; None for others."""
+    if err.errno is None:  # ktoolkit's own FileNotFoundError("... does not exist; give ...")
+        return str(err)
+    fix = _OS_FIXES.get(err.errno)
+    if fix is None:
+        return None
+    paths = [os.fsdecode(p) for p in (err.filename, err.filename2) if p is not None]
+    if not paths:  # e.g. a zip archive's close() when the disk is full: name the folder being written
+        ctx = click.get_current_context(silent=True)
+        paths = [" ".join(ctx.meta["ktoolkit.out"])] if ctx and "ktoolkit.out" in ctx.meta else [err.strerror or "error"]
+    return f"{' -> '.join(paths)}: {fix}."
+
+
+def _unicode_message(err: UnicodeEncodeError) -> str:
+    """Names the text around a character that cannot be encoded: usually a file name that is not UTF-8."""
+    text = err.object
+    start = max(text.rfind("\n", 0, err.start) + 1, err.start - 60)
+    end = text.find("\n", err.end)
+    end = min(len(text) if end < 0 else end, err.end + 20)
+    return (f"a name that is not valid UTF-8 cannot be written as text (in {text[start:end]!r}); rename that file "
+            "or folder.")
+
+
+def _user_errors(command):
+    """Turns the user's mistakes into one line ``Error: ...`` on stderr and exit status 1.
+
+    ValueError (UnicodeError too), the OSErrors of :data:`_OS_FIXES` (FileNotFoundError,
+    PermissionError, disk full, ...) and UnknownRecipeError are the user's; their messages name the
+    file or flag. Anything else is a bug and keeps its traceback. ``-v`` prints the traceback too.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except (ValueError, OSError, recipes.UnknownRecipeError) as err:
+            message = _os_message(err) if isinstance(err, OSError) else str(err)
+            if isinstance(err, UnicodeEncodeError) and isinstance(err.object, str):
+                message = _unicode_message(err)
+            if message is None:
+                raise
+            if kwargs.get("verbose"):
+                import traceback
+
+                traceback.print_exc()
+            raise click.ClickException(_one_line(message)) from None
+
+    return wrapper
+
+
+def _check_data(value, flag: str = "--data"):
+    """Refuses, before TensorFlow loads, data that cannot be a source: missing, or a file of another kind."""
+    if value is None:
+        return
+    text = os.fspath(value)
+    if text.startswith("tfds:"):
+        if not text[5:].strip():
+            raise ValueError(f"{flag} {text}: give the dataset after 'tfds:', e.g. tfds:mnist.")
+        return
+    path = Path(text)
+    if path.is_dir():
+        return
+    if path.is_file():
+        if path.suffix.lower() not in (".csv", ".npz"):
+            kind = f"a {path.suffix} file" if path.suffix else "a file without an extension"
+            raise ValueError(f"{flag} {text}: {kind} is not a data source; give {_DATA_KINDS}.")
+        return
+    if not text:
+        raise ValueError(f"{flag}: give the data: {_DATA_KINDS}.")
+    raise FileNotFoundError(f"{flag} {text}: no such file or folder; give {_DATA_KINDS}.")
+
+
+def _check_out(value, flag: str = "--out"):
+    """Refuses an output folder that is a file, or lies under a file or a folder that cannot be written."""
+    if value is None:
+        return
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:  # for an error without a file name (disk full while a zip archive closes)
+        ctx.meta["ktoolkit.out"] = (flag, os.fspath(value))
+    path = Path(os.fspath(value))
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {value}: is a file, not a folder; choose a folder (it is created if missing).")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {value}: {existing} is a file, not a folder; choose another {flag}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {value}: {existing} is not writable (a read-only file system or no permission); "
+                         f"choose a writable {flag}.")
+
+
+def _check_exists(value, flag: str, what: str):
+    if value is not None and not os.path.exists(value):
+        raise FileNotFoundError(f"{flag} {value}: no such file or folder; give {what}.")
 
 
 def _quiet_tensorflow_import():
@@ -79,8 +211,8 @@ def _parse_numbers(value: str | None, count: int, form: str, param_hint: str):
         numbers = ()
     if count == 2 and len(numbers) == 1:
         numbers = numbers * 2
-    if len(numbers) != count:
-        raise click.BadParameter(f"{value!r}: write {form}.", param_hint=param_hint)
+    if len(numbers) != count or min(numbers) < 1:
+        raise click.BadParameter(f"{value!r}: write {form} (whole numbers >= 1).", param_hint=param_hint)
     return numbers
 
 
@@ -99,8 +231,6 @@ def recipes_cmd(ctx, task, family, markdown):
     """List the architecture recipes (name, family, parameters, input size, paper)."""
     if ctx.invoked_subcommand is not None:
         return
-    import recipes
-
     rows = [r for r in recipes.all_recipes() if (task is None or r.task == task) and (family is None or r.family == family)]
     if not rows:
         families = sorted({r.family for r in recipes.all_recipes()})
@@ -127,14 +257,10 @@ def recipes_cmd(ctx, task, family, markdown):
 @click.option("--num-classes", type=int, help="Number of classes (default: the paper's).")
 @click.option("--api", type=click.Choice(["tf_keras", "keras3"]), default="tf_keras", show_default=True,
               help="Which Keras to build with.")
+@_user_errors
 def recipes_show(name, input_shape, num_classes, api):
     """Show a recipe's metadata and layer summary."""
-    import recipes
-
-    try:
-        recipe = recipes.get(name)
-    except recipes.UnknownRecipeError as err:
-        raise _fail(err)
+    recipe = recipes.get(name)
     click.echo(f"{recipe.name}: {recipe.description}")
     click.echo(f"  family        {recipe.family}")
     click.echo(f"  paper         {recipe.paper}")
@@ -150,10 +276,7 @@ def recipes_show(name, input_shape, num_classes, api):
         kwargs["input_shape"] = _parse_numbers(input_shape, 3, "HEIGHT,WIDTH,CHANNELS, e.g. 224,224,3", "--input-shape")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    try:
-        model = recipe.build(**kwargs)
-    except ValueError as err:
-        raise _fail(err)
+    model = recipe.build(**kwargs)
     click.echo("")
     model.summary(print_fn=lambda line, **_: click.echo(line), line_length=110)
 
@@ -167,6 +290,7 @@ def data_cmd():
 @data_cmd.command("check")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_user_errors
 def data_check(folder, as_json):
     """Scan FOLDER (one subfolder per class): every unreadable file by path and reason, class counts.
 
@@ -179,9 +303,9 @@ def data_check(folder, as_json):
     if as_json:
         import json
 
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps(report.to_dict(), indent=2))  # ensure_ascii: names that are not UTF-8 come escaped
     else:
-        click.echo(report.format())
+        click.echo(_printable(report.format()))
     if not report.ok:
         sys.exit(1)  # for scripts: problems were found (training would still skip the bad files)
 
@@ -241,32 +365,49 @@ def _train_options(f):
 
 
 def _train_config(config_file, config_class=None, **values):
-    """The config (TrainConfig, or ``config_class``) of --config and the flags given (flags win)."""
-    from ktoolkit.train.config import TrainConfig
+    """The validated config (TrainConfig, or ``config_class``) of --config and the flags given (flags win),
+    with its data and run folder checked: everything that can be refused before TensorFlow loads.
+
+    A bad value is named as the user wrote it: ``--epochs 0: ...`` for a flag, ``config file F: epochs=0:
+    ...`` for the file.
+    """
+    from ktoolkit.train.config import ConfigError, TrainConfig
 
     config_class = config_class or TrainConfig
     if values.get("image_size"):
         values["image_size"] = _parse_numbers(values["image_size"], 2, "HEIGHT,WIDTH, e.g. 224,224", "--image-size")
     if values.get("channels"):
         values["channels"] = int(values["channels"])
-    values = {k: v for k, v in values.items() if v is not None}
-    return config_class.from_yaml(config_file, **values) if config_file else config_class.from_dict(values)
+    given = {k: v for k, v in values.items() if v is not None}
+    try:
+        config = config_class.from_yaml(config_file, **given) if config_file else config_class.from_dict(given)
+        config.validate()
+    except ConfigError as err:
+        if err.where or err.field in given or not config_file:
+            raise (_as_flag(err) if err.field in given else err) from None
+        raise err.located(f"config file {config_file}") from None
+    for name, check in (("data", _check_data), ("out", _check_out)):
+        check(getattr(config, name), f"--{name}" if name in given or not config_file else f"config file "
+              f"{config_file}: {name}")
+    return config
+
+
+def _as_flag(err) -> ValueError:
+    """A ConfigError about a flag's value, said with the flag: ``--image-size 0,0: ...``."""
+    value = ",".join(map(str, err.value)) if isinstance(err.value, (tuple, list)) else err.value
+    return ValueError(f"--{err.field.replace('_', '-')} {value}: {err.hint}")
 
 
 @main.command("train")
 @_train_options
+@_user_errors
 def train_cmd(config_file, overwrite, verbose, **values):
     """Train a recipe on your data; leaves a run folder with models, curves and a report."""
+    config = _train_config(config_file, **values)
     _setup_logging(verbose)
-    import recipes
-    from ktoolkit.train import RunExistsError, train
+    from ktoolkit.train import train
 
-    try:
-        config = _train_config(config_file, **values)
-        result = train(config, progress=_interactive(), overwrite=overwrite)
-    except (ValueError, FileNotFoundError, RunExistsError, recipes.UnknownRecipeError) as err:
-        raise _fail(err)
-    _print_result(result)
+    _print_result(train(config, progress=_interactive(), overwrite=overwrite))
 
 
 def _print_result(result):
@@ -274,7 +415,7 @@ def _print_result(result):
     if m:
         top5 = f", top-5 {m['top5']:.1%}" if m.get("top5") is not None else ""
         click.echo(f"{m['split']} accuracy {m['accuracy']:.1%}{top5} on {m['images']} images")
-    click.echo(f"run folder: {result.run.root}  (report: {result.run.report_md})")
+    click.echo(_printable(f"run folder: {result.run.root}  (report: {result.run.report_md})"))
 
 
 # ------------------------------------------------------------------------------ pretrain / linear-eval
@@ -306,25 +447,23 @@ def _pretrain_options(f):
 
 @main.command("pretrain")
 @_pretrain_options
+@_user_errors
 def pretrain_cmd(config_file, overwrite, verbose, **values):
     """Learn a representation from images without labels: autoencoder, denoising or contrastive.
 
     The run folder's encoder.keras is a base for `ktool finetune --base RUN`; `ktool linear-eval
     --encoder RUN --data LABELLED` measures it.
     """
-    _setup_logging(verbose)
-    import recipes
-    from ktoolkit.pretrain import PretrainConfig, pretrain
-    from ktoolkit.train import RunExistsError
+    from ktoolkit.pretrain.config import PretrainConfig
 
-    try:
-        config = _train_config(config_file, PretrainConfig, **values)
-        result = pretrain(config, progress=_interactive(), overwrite=overwrite)
-    except (ValueError, FileNotFoundError, RunExistsError, recipes.UnknownRecipeError) as err:
-        raise _fail(err)
+    config = _train_config(config_file, PretrainConfig, **values)
+    _setup_logging(verbose)
+    from ktoolkit.pretrain import pretrain
+
+    result = pretrain(config, progress=_interactive(), overwrite=overwrite)
     if result.measurements:
         click.echo("measured: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in result.measurements.items()))
-    click.echo(f"encoder: {result.run.encoder}  (report: {result.run.report_md})")
+    click.echo(_printable(f"encoder: {result.run.encoder}  (report: {result.run.report_md})"))
 
 
 @main.command("linear-eval")
@@ -340,18 +479,19 @@ def pretrain_cmd(config_file, overwrite, verbose, **values):
 @click.option("--strict/--no-strict", default=False, help="Fail on unreadable images instead of skipping.")
 @click.option("--data-dir", help="tensorflow-datasets folder for tfds: sources.")
 @click.option("--cache/--no-cache", default=True, show_default=True, help="Keep the features in the feature cache.")
+@_user_errors
 def linear_eval_cmd(encoder, data, out, baseline, val_fraction, test_fraction, seed, batch_size, strict, data_dir,
                     cache):
     """Freeze the encoder, train a linear classifier on its features, report the accuracy (linear evaluation)."""
+    _check_exists(encoder, "--encoder", "a `ktool pretrain` run folder or an encoder .keras file")
+    _check_data(data)
+    _check_out(out)
     _setup_logging()
     from ktoolkit.pretrain import linear_eval
 
-    try:
-        result = linear_eval(encoder, data, out=out, baseline=baseline, val_fraction=val_fraction,
-                             test_fraction=test_fraction, seed=seed, batch_size=batch_size, strict=strict,
-                             data_dir=data_dir, cache=cache, progress=_interactive())
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail(err)
+    result = linear_eval(encoder, data, out=out, baseline=baseline, val_fraction=val_fraction,
+                         test_fraction=test_fraction, seed=seed, batch_size=batch_size, strict=strict,
+                         data_dir=data_dir, cache=cache, progress=_interactive())
     p = result.pretrained
     click.echo(f"linear evaluation, {p.split} split ({p.images} images): pretrained encoder {p.accuracy:.1%}")
     if result.random is not None:
@@ -394,18 +534,16 @@ def _finetune_options(f):
 
 @main.command("finetune")
 @_finetune_options
+@_user_errors
 def finetune_cmd(config_file, overwrite, verbose, **values):
     """Transfer a pretrained base to your data: decides the strategy from the data, runs it, reports."""
-    _setup_logging(verbose)
-    import recipes
-    from ktoolkit.train import RunExistsError
-    from ktoolkit.transfer.finetune import FinetuneConfig, finetune
+    from ktoolkit.transfer.finetune import FinetuneConfig
 
-    try:
-        config = _train_config(config_file, config_class=FinetuneConfig, **values)
-        result = finetune(config, progress=_interactive(), overwrite=overwrite)
-    except (ValueError, FileNotFoundError, RunExistsError, recipes.UnknownRecipeError) as err:
-        raise _fail(err)
+    config = _train_config(config_file, config_class=FinetuneConfig, **values)
+    _setup_logging(verbose)
+    from ktoolkit.transfer.finetune import finetune
+
+    result = finetune(config, progress=_interactive(), overwrite=overwrite)
     for line in result.advice.lines():
         click.echo(line)
     click.echo(f"strategy: {result.strategy}")
@@ -428,9 +566,15 @@ def _advise_options(f):
 
 @main.command("advise")
 @_advise_options
+@_user_errors
 def advise_cmd(base, weights, small_threshold, similarity_threshold, data, image_size, val_fraction, test_fraction,
                seed, data_dir, as_json, verbose):
     """Which transfer-learning strategy fits this data and base, and the numbers behind it."""
+    from ktoolkit.transfer.bases import check_base
+
+    size = _parse_numbers(image_size, 2, "HEIGHT,WIDTH, e.g. 224,224", "--image-size") if image_size else None
+    check_base(base or "mobilenet_v2", weights)
+    _check_data(data)
     _setup_logging(verbose)
     import json
 
@@ -439,15 +583,11 @@ def advise_cmd(base, weights, small_threshold, similarity_threshold, data, image
     from ktoolkit.transfer.bases import load_base
     from ktoolkit.transfer.features import FeatureCache
 
-    try:
-        size = _parse_numbers(image_size, 2, "HEIGHT,WIDTH, e.g. 224,224", "--image-size") if image_size else None
-        source = load_data(data, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, data_dir=data_dir,
-                           progress=_interactive())
-        result = advise(load_base(base or "mobilenet_v2", weights=weights, image_size=size), source,
-                        small_threshold=small_threshold, similarity_threshold=similarity_threshold, seed=seed,
-                        cache=FeatureCache(), progress=_interactive())
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail(err)
+    source = load_data(data, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, data_dir=data_dir,
+                       progress=_interactive())
+    result = advise(load_base(base or "mobilenet_v2", weights=weights, image_size=size), source,
+                    small_threshold=small_threshold, similarity_threshold=similarity_threshold, seed=seed,
+                    cache=FeatureCache(), progress=_interactive())
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=float))
         return
@@ -463,52 +603,52 @@ def advise_cmd(base, weights, small_threshold, similarity_threshold, data, image
 @click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default=None,
               help="Which split (default: test for the run's data, all of other data).")
 @click.option("--out", help="Folder for metrics.json and confusion_matrix.png (default: the run folder's eval/).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@_user_errors
 def evaluate_cmd(model, data, split, out, batch_size):
     """Accuracy, top-5, per-class precision/recall/F1, confusion matrix, most confused pairs."""
+    _check_exists(model, "--model", "a run folder or a .keras file")
+    _check_data(data)
+    _check_out(out)
     _setup_logging()
     from ktoolkit.evaluate import evaluate_run
 
-    try:
-        metrics, folder = evaluate_run(model, data=data, split=split, out=out, batch_size=batch_size,
-                                       progress=_interactive())
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail(err)
+    metrics, folder = evaluate_run(model, data=data, split=split, out=out, batch_size=batch_size,
+                                   progress=_interactive())
     top5 = f", top-5 {metrics['top5']:.1%}" if metrics.get("top5") is not None else ""
     click.echo(f"{metrics['split']}: accuracy {metrics['accuracy']:.1%}{top5} on {metrics['images']} images, "
                f"macro F1 {metrics['macro_f1']:.3f}")
     for c in metrics["per_class"]:
-        click.echo(f"  {c['class']:<20} precision {c['precision']:.3f}  recall {c['recall']:.3f}  "
+        click.echo(f"  {_printable(c['class']):<20} precision {c['precision']:.3f}  recall {c['recall']:.3f}  "
                    f"F1 {c['f1']:.3f}  ({c['support']} images)")
     if metrics["most_confused"]:
         click.echo("most confused (true -> predicted):")
         for m in metrics["most_confused"][:5]:
-            click.echo(f"  {m['true']} -> {m['predicted']}: {m['count']}")
-    click.echo(f"written to {folder}")
+            click.echo(_printable(f"  {m['true']} -> {m['predicted']}: {m['count']}"))
+    click.echo(_printable(f"written to {folder}"))
 
 
 @main.command("predict")
 @click.option("--model", required=True, help="A run folder, a .keras file, or an exported .tflite or .onnx file.")
 @click.argument("images", nargs=-1, required=True)
-@click.option("--top-k", type=int, default=5, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@_user_errors
 def predict_cmd(model, images, top_k):
     """Top-k labels with probabilities for each image file."""
     from ktoolkit.predict import is_exported, predict_files
 
+    _check_exists(model, "--model", "a run folder, a .keras file, or an exported .tflite or .onnx file")
     if not is_exported(model):  # .tflite and .onnx files run without TensorFlow (a Jetson, a phone board)
         _setup_logging()
 
-    try:
-        results = predict_files(model, images, top_k=top_k)
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail(err)
+    results = predict_files(model, images, top_k=top_k)
     failed = 0
     for r in results:
         if r.error:
             failed += 1
-            click.echo(f"{r.path}: {r.error}", err=True)
+            click.echo(_printable(f"{r.path}: {r.error}"), err=True)
             continue
-        click.echo(f"{r.path}: " + ", ".join(f"{label} {p:.1%}" for label, p in r.top))
+        click.echo(_printable(f"{r.path}: " + ", ".join(f"{label} {p:.1%}" for label, p in r.top)))
     if failed == len(results):
         raise click.ClickException("no image could be read.")
 
@@ -528,20 +668,24 @@ def _export_modes_help() -> str:
               show_default=True)
 @click.option("--out", help="Folder for the files and the report (default: the run folder's export/).")
 @click.option("--data", help="Images to calibrate and verify on (default: the run's data, split as in training).")
-@click.option("--calib-samples", type=int, default=200, show_default=True,
-              help="Training images that int8 calibration sees.")
-@click.option("--int8-io", is_flag=True, help="Full-integer modes take and give uint8 (camera bytes) instead of float32.")
+# The mode-specific tunables default to None (the mode's default, named in the help): export() refuses
+# one that was given to modes that ignore it, which it can only tell when "not given" is None.
+@click.option("--calib-samples", type=int, default=None,
+              help="Training images that int8 calibration sees.  [default: 200]")
+@click.option("--int8-io", is_flag=True, default=None,
+              help="Full-integer modes take and give uint8 (camera bytes) instead of float32.")
 @click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
               help="Budget in accuracy points; a file over it is kept as *.FAILED.* and the command exits with 1.")
-@click.option("--epochs", type=int, default=2, show_default=True,
-              help="Fine-tuning epochs per step of qat, prune and cluster modes.")
+@click.option("--epochs", type=int, default=None,
+              help="Fine-tuning epochs per step of qat, prune and cluster modes.  [default: 2]")
 @click.option("--steps-per-epoch", type=int, help="Cap on fine-tuning batches per epoch.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Fine-tuning learning rate (Adam).")
-@click.option("--sparsity", type=float, default=0.8, show_default=True, help="Pruning's final share of zero weights.")
-@click.option("--clusters", type=int, default=16, show_default=True, help="Shared values per kernel when clustering.")
+@click.option("--lr", type=float, default=None, help="Fine-tuning learning rate (Adam).  [default: 0.001]")
+@click.option("--sparsity", type=float, default=None, help="Pruning's final share of zero weights.  [default: 0.8]")
+@click.option("--clusters", type=int, default=None, help="Shared values per kernel when clustering.  [default: 16]")
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for the latency column.")
 @click.option("-v", "--verbose", is_flag=True)
+@_user_errors
 def export_cmd(verbose, **options):
     """Export a trained run for a phone (.tflite) or a Jetson (.onnx), verified on the held-out split.
 
@@ -550,13 +694,13 @@ def export_cmd(verbose, **options):
     also has file sizes, latency on this machine, the operators, and what the GPU delegate and NNAPI
     would not run.
     """
+    _check_exists(options["model"], "--model", "a run folder (or a .keras file with --data)")
+    _check_data(options["data"])
+    _check_out(options["out"])
     _setup_logging(verbose)
     from tflite_export import export
 
-    try:
-        result = export(**options, progress=_interactive())
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail(err)
+    result = export(**options, progress=_interactive())
     rows = [("mode", "file", "size", "accuracy", "drop", "agreement", "latency", "")]
     for f in result.files:
         v = f.verification
@@ -566,8 +710,8 @@ def export_cmd(verbose, **options):
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    click.echo(f"Keras model: {result.files[0].verification.keras_accuracy:.2%} on "
-               f"{result.files[0].verification.images} held-out images; report: {result.report['md']}")
+    click.echo(_printable(f"Keras model: {result.files[0].verification.keras_accuracy:.2%} on "
+                          f"{result.files[0].verification.images} held-out images; report: {result.report['md']}"))
     if not result.ok:
         over = ", ".join(f.mode for f in result.files if not f.passed)
         click.echo(f"Error: {over} lost more than {options['max_accuracy_drop']:g} accuracy point(s); the files are "
@@ -578,8 +722,10 @@ def export_cmd(verbose, **options):
 @main.command("benchmark")
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--threads", default="1,2,4", show_default=True, help="Thread counts to measure, comma-separated.")
-@click.option("--runs", type=int, default=100, show_default=True, help="Timed single-image runs per thread count.")
-@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Timed single-image runs per thread count.")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@_user_errors
 def benchmark_cmd(model, threads, runs, warmup):
     """Latency of a .tflite (LiteRT with XNNPACK) or .onnx (onnxruntime) file: p50/p90 per thread count.
 
@@ -593,11 +739,8 @@ def benchmark_cmd(model, threads, runs, warmup):
         counts = ()
     if not counts or min(counts) < 1:
         raise click.BadParameter(f"{threads!r}: write thread counts like 1,2,4.", param_hint="--threads")
-    try:
-        results = benchmark(model, threads=counts, runs=runs, warmup=warmup, progress=_interactive())
-    except (ValueError, FileNotFoundError) as err:
-        raise _fail(err)
-    click.echo(f"{model}: single-image latency, {runs} runs after {warmup} warm-up")
+    results = benchmark(model, threads=counts, runs=runs, warmup=warmup, progress=_interactive())
+    click.echo(_printable(f"{model}: single-image latency, {runs} runs after {warmup} warm-up"))
     click.echo("threads  p50 (ms)  p90 (ms)  mean (ms)")
     for r in results:
         click.echo(f"{r['threads']:>7}  {r['p50_ms']:>8.3f}  {r['p90_ms']:>8.3f}  {r['mean_ms']:>9.3f}")
@@ -614,22 +757,23 @@ def benchmark_cmd(model, threads, runs, warmup):
               help="Epochs of fine-tuning strategies and of quantization-aware training, if needed.")
 @click.option("--overwrite", is_flag=True, help="Start over instead of reusing finished steps.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, TensorFlow's included.")
+@_user_errors
 def demo_cmd(out, base, weights, base_epochs, epochs, overwrite, verbose):
     """The whole journey on built-in digits, offline: base, transfer, int8 export, verification, latency.
 
     Needs no download (scikit-learn's digits are the images). A few minutes on two CPU cores; prints
     every step and ends with the path of DEMO.md, which links the reports.
     """
-    _setup_logging(verbose)
-    import recipes
-    from ktoolkit.demo import demo
-    from ktoolkit.train import RunExistsError
+    from ktoolkit.transfer.bases import check_base
 
-    try:
-        result = demo(out, base=base, weights=weights, base_epochs=base_epochs, epochs=epochs, overwrite=overwrite,
-                      progress=_interactive(), echo=click.echo)
-    except (ValueError, FileNotFoundError, RunExistsError, recipes.UnknownRecipeError) as err:
-        raise _fail(err)
+    if base is not None:
+        check_base(base, weights)
+    _check_out(out)
+    _setup_logging(verbose)
+    from ktoolkit.demo import demo
+
+    result = demo(out, base=base, weights=weights, base_epochs=base_epochs, epochs=epochs, overwrite=overwrite,
+                  progress=_interactive(), echo=click.echo)
     if not result.ok:
         sys.exit(1)
 

@@ -14,7 +14,8 @@ base, picks the strategy, and the rest is what you would run on your own folder:
     ktool benchmark DEMO/finetune/export/*_int8.tflite --threads 1,2
 
 Each step is its own run folder; running the demo again reuses the finished steps (and resumes an
-interrupted training), ``overwrite`` starts over.
+interrupted training), ``overwrite`` starts over: the steps run again with ``--overwrite``, which
+replaces only ktoolkit's own files in their run folders (anything else in ``out`` stays).
 """
 
 from __future__ import annotations
@@ -91,8 +92,6 @@ def demo(out="runs/demo", *, base: str | None = None, weights: str | None = None
 
     started = time.time()
     root = Path(out)
-    if overwrite and root.exists():
-        shutil.rmtree(root)
     steps = 5 if base is None else 4
     step = iter(range(1, steps + 1))
 
@@ -110,7 +109,7 @@ def demo(out="runs/demo", *, base: str | None = None, weights: str | None = None
         base_run = root / "base"
         config = TrainConfig(recipe="cifar_resnet20", data=str(folders["0-4"]), out=str(base_run), epochs=base_epochs,
                              image_size=(32, 32), channels=3, batch_size=16, lr=3e-3, schedule="cosine", cache="memory")
-        result = _reuse_or_run(base_run, lambda: train(config, progress=progress), echo)
+        result = _reuse_or_run(base_run, lambda: train(config, progress=progress, overwrite=overwrite), echo, overwrite)
         base_accuracy = result.metrics.get("accuracy") if result else _accuracy(base_run)
         echo(f"      base: test accuracy {base_accuracy:.1%} on the digits 0-4  ->  {base_run}")
         base, weights = str(base_run), None
@@ -119,7 +118,7 @@ def demo(out="runs/demo", *, base: str | None = None, weights: str | None = None
     tuned_run = root / "finetune"
     config = FinetuneConfig(base=base, weights=weights, data=str(folders["5-9"]), out=str(tuned_run), epochs=epochs,
                             test_fraction=0.2, seed=0)
-    tuned = _reuse_or_run(tuned_run, lambda: finetune(config, progress=progress), echo)
+    tuned = _reuse_or_run(tuned_run, lambda: finetune(config, progress=progress, overwrite=overwrite), echo, overwrite)
     if tuned is not None:
         for line in tuned.advice.lines():
             echo(f"      {line}")
@@ -152,11 +151,11 @@ def demo(out="runs/demo", *, base: str | None = None, weights: str | None = None
     return result
 
 
-def _reuse_or_run(folder: Path, run, echo):
+def _reuse_or_run(folder: Path, run, echo, overwrite: bool = False):
     """Runs a step, or reuses it when its run folder is already complete (returns None then)."""
     from ktoolkit.runs import Run
 
-    if Run(folder).read_state().get("complete"):
+    if not overwrite and Run(folder).read_state().get("complete"):
         echo(f"      {folder} is already complete: reused (`ktool demo --overwrite` starts over)")
         return None
     return run()

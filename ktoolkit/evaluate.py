@@ -112,33 +112,33 @@ def save_evaluation(evaluation: Evaluation, run, split: str = "test") -> dict:
 def evaluate_run(model, *, data=None, split=None, out=None, batch_size: int = 32, progress: bool = False):
     """Evaluates a run folder's (or a .keras file's) model; returns (metrics, output folder).
 
-    Without ``data``, or with the run's own data, the run's split settings are reused, so ``split``
-    "test" is exactly the held-out split of training. Other data is evaluated whole (``split="all"``)
-    unless a split is named; its class names must be among the model's.
+    Without ``data``, or with the run's own data (however its path is written), the split recorded
+    in the run's splits.json is used, so ``split`` "test" is exactly the held-out split of training:
+    files added since are ignored, and changed or missing ones are left out with one warning that
+    counts them (all of them gone is an error). A run without splits.json (an older ktoolkit) gets
+    its split recomputed, with a warning that it cannot be verified. Other data is evaluated whole
+    (``split="all"``) unless a split is named, without the files that were this run's training
+    images; its class names must be among the model's.
     """
     import tensorflow as tf
 
     import recipes
-    from ktoolkit.data import load_data, make_dataset
+    from ktoolkit.data import make_dataset
+    from ktoolkit.data.manifest import data_for_run
     from ktoolkit.runs import Run, resolve_model_path
 
     path, run = resolve_model_path(model)
     keras_model = recipes.load_model(path)
     n = int(keras_model.output_shape[-1])
     names = run.class_names() if run else [str(i) for i in range(n)]
-    config = run.data_settings() if run else None
-    if data is None:
-        if config is None:
-            raise ValueError(f"{path} is not in a run folder, so there is no default data; pass --data.")
-        data = config.data
-    own = config is not None and str(data) == str(config.data)
-    if own:
-        source = load_data(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
-                           seed=config.seed, data_dir=config.data_dir, progress=progress)
-        split = split or "test"
-    else:
-        source = load_data(data, val_fraction=0.0, test_fraction=0.0, progress=progress)
-        split = split or "all"
+    if data is None and run is None:
+        raise ValueError(f"{path} is not in a run folder, so there is no default data; pass --data.")
+    found = data_for_run(run, data, verify=None if split == "all" else [split or "test"], progress=progress)
+    source = found.source
+    split = split or ("test" if found.own else "all")
+    if found.verification is not None:
+        found.verification.check(list(found.verification.counts) if split == "all" else [split], "evaluating")
+    data = source.origin if data is None else data
     unknown = [c for c in source.class_names if c not in names]
     if unknown:
         raise ValueError(f"data={data!r} has classes the model does not know: {', '.join(unknown)}; "
@@ -148,7 +148,7 @@ def evaluate_run(model, *, data=None, split=None, out=None, batch_size: int = 32
     wanted = [s for s in wanted if len(source.splits[s])]
     if not wanted:
         raise ValueError(f"data={data!r} has no {split!r} split with images; its splits are "
-                         f"{', '.join(s for s in source.splits if len(source.splits[s]))}.")
+                         f"{', '.join(s for s in source.splits if len(source.splits[s])) or 'none'}.")
     height, width, channels = keras_model.input_shape[1:]
     dataset = None
     for s in wanted:

@@ -2,6 +2,8 @@
 
 Everything is written to a temporary file in the destination's folder, flushed, then moved into
 place with ``os.replace`` (atomic on POSIX and Windows): readers see the old file or the new one.
+Files get the permissions any program's new file gets (0666 less the umask, e.g. 0644), not the
+0600 of a temporary file, so a .tflite or labels.txt can be served and shared as written.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def atomic_path(path, suffix: str | None = None):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix if suffix is not None else "".join(path.suffixes[-2:]), dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files, whatever the umask
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -34,9 +37,28 @@ def atomic_path(path, suffix: str | None = None):
             os.remove(tmp)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux /proc).
+
+    Elsewhere it is read the only portable way, setting and restoring it: a moment in which another
+    thread's new file would get the wrong mode, acceptable for a command-line tool.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_text(path, text: str) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        # A file name that is not UTF-8 (a lone surrogate) is written escaped, \udcff, instead of failing.
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
     return Path(path)
 
 

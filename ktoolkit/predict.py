@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ktoolkit.runs import resolve_model_path
+from tflite_export.untrusted import sanitize_text
 
 EXPORTED = (".tflite", ".onnx")
 
@@ -32,7 +33,8 @@ def is_exported(model) -> bool:
 def load_classifier(model):
     """Returns (keras model, class names) for a run folder or a .keras file.
 
-    Class names come from the run's classes.json (next to the file), else they are "0", "1", ...
+    Class names come from the run's classes.json (next to the file), else they are "0", "1", ...;
+    they are sanitized (no terminal control sequences), since they came from a file.
     """
     import recipes
 
@@ -42,7 +44,11 @@ def load_classifier(model):
     names = run.class_names() if run else [str(i) for i in range(n)]
     if len(names) != n:
         raise ValueError(f"{path} has {n} outputs but its classes.json lists {len(names)} classes.")
-    return keras_model, names
+    return keras_model, _printable(names)
+
+
+def _printable(names) -> list[str]:
+    return [sanitize_text(name) or str(i) for i, name in enumerate(names)]
 
 
 def predict_files(model, images, top_k: int = 5) -> list[Prediction]:
@@ -81,7 +87,7 @@ def _exported(model):
     names = runner.labels or [str(i) for i in range(n)]
     if len(names) != n:
         raise ValueError(f"{model} has {n} outputs but its labels list {len(names)} classes.")
-    return runner.predict, names, runner.input_shape, _read_pillow
+    return runner.predict, _printable(names), runner.input_shape, _read_pillow
 
 
 def _read_tf(path: Path, shape) -> np.ndarray:

@@ -23,11 +23,11 @@ from recipes.resnet import (
     cifar_resnet20, cifar_resnet32, cifar_resnet44, cifar_resnet56, cifar_resnet110,
     resnet18, resnet34, resnet50, resnet101, resnet152, se_resnet50,
 )
-from recipes.saving import load_model
+from recipes.saving import UnsafeModelError, load_model
 from recipes.vgg import vgg16, vgg19, vgg_a, vgg_a_lrn, vgg_b, vgg_c, vgg_d, vgg_e
 
 __all__ = [
-    "Recipe", "UnknownRecipeError", "all_recipes", "build", "get", "names", "load_model", "multiclass_hinge",
+    "Recipe", "UnknownRecipeError", "UnsafeModelError", "all_recipes", "build", "get", "names", "load_model", "multiclass_hinge",
     "lenet5", "alexnet", "alexnet_grouped", "zfnet",
     "vgg_a", "vgg_a_lrn", "vgg_b", "vgg_c", "vgg_d", "vgg_e", "vgg16", "vgg19",
     "googlenet", "inception_v3",

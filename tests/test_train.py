@@ -100,6 +100,7 @@ def test_evaluate_and_predict_commands(finished_run, digits_folder, tmp_path):
 def test_interrupted_run_with_other_settings_is_refused(digits_npz, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
+    (out / "state.json").write_text('{"ktoolkit_run": "an-earlier-run", "complete": false}')  # ktoolkit's marker
     (out / "config.yaml").write_text(TrainConfig(recipe="lenet5", data=str(digits_npz), out=str(out), lr=0.1).to_yaml())
     with pytest.raises(ValueError, match="interrupted run with other settings.*lr: 0.1 there, 0.001 now"):
         train(recipe="lenet5", data=str(digits_npz), out=str(out), lr=0.001)

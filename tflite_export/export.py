@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tflite_export.modes import FORMATS, check_format, get_mode
+from tflite_export.untrusted import confined, safe_filename, sanitize_text
 
 log = logging.getLogger(__name__)
 
@@ -67,29 +68,41 @@ class ExportResult:
         return all(f.passed for f in self.files)
 
 
+# The tunables that only some modes use, with the value a mode that uses them gets when they are not given.
+TUNABLE_DEFAULTS = {"calib_samples": 200, "int8_io": False, "epochs": 2, "steps_per_epoch": None, "lr": 1e-3,
+                    "sparsity": 0.8, "clusters": 16}
+
+
 def export(model, *, mode: str = "float32", compare=None, format: str = "tflite", out=None, data=None,
-           calib_samples: int = 200, int8_io: bool = False, max_accuracy_drop: float = 1.0, epochs: int = 2,
-           steps_per_epoch: int | None = None, batch_size: int = 32, lr: float = 1e-3, sparsity: float = 0.8,
-           clusters: int = 16, threads: int = 2, latency_runs: int = 30, progress: bool = False) -> ExportResult:
+           calib_samples: int | None = None, int8_io: bool | None = None, max_accuracy_drop: float = 1.0,
+           epochs: int | None = None, steps_per_epoch: int | None = None, batch_size: int = 32,
+           lr: float | None = None, sparsity: float | None = None, clusters: int | None = None, threads: int = 2,
+           latency_runs: int = 30, progress: bool = False) -> ExportResult:
     """Exports a run's model in one or several modes, verifies each file, writes the report.
+
+    The tunables (``calib_samples``, ``int8_io``, ``epochs``, ``steps_per_epoch``, ``lr``, ``sparsity``,
+    ``clusters``) default to None: the mode's default (:data:`TUNABLE_DEFAULTS`). One given to modes
+    that all ignore it is refused, so a setting never silently does nothing.
 
     Args:
         model: a run folder (or a .keras file, with ``data``).
         mode: the export mode (see :data:`tflite_export.modes.MODES`).
         compare: more modes to export and compare side by side with ``mode`` (a list or "a,b,c").
         format: "tflite", "onnx" or "saved_model".
-        out: the folder for the files and the report (default: the run folder's ``export/``).
+        out: the folder for the files and the report (default: the run folder's ``export/``). Files are
+            written only inside it, named from the model's name made safe (:func:`safe_filename`).
         data: images to calibrate and verify on (default: the run's data, split as in training).
-        calib_samples: training images that full-integer quantization calibrates on.
-        int8_io: full-integer modes get uint8 input and output tensors (camera bytes in) instead of float32.
+        calib_samples: training images that full-integer quantization calibrates on (200).
+        int8_io: .tflite full-integer modes get uint8 input and output tensors (camera bytes in) instead
+            of float32 (False).
         max_accuracy_drop: the budget, in accuracy points lost on the held-out split; a file over it
             is kept but named ``*.FAILED.*`` and the result is not ``ok``.
-        epochs: fine-tuning epochs per step of the pruning, clustering and quantization-aware modes.
+        epochs: fine-tuning epochs per step of the pruning, clustering and quantization-aware modes (2).
         steps_per_epoch: cap on fine-tuning batches per epoch (None: the whole training split).
         batch_size: batch size of fine-tuning and verification.
-        lr: fine-tuning learning rate (Adam).
-        sparsity: the fraction of zero weights pruning ends at.
-        clusters: shared weight values per kernel for clustering.
+        lr: fine-tuning learning rate (Adam; 1e-3).
+        sparsity: the fraction of zero weights pruning ends at (0.8).
+        clusters: shared weight values per kernel for clustering (16).
         threads: CPU threads for the latency measurement.
         latency_runs: timed single-image runs per file.
         progress: progress bars (fine-tuning, verification).
@@ -98,21 +111,17 @@ def export(model, *, mode: str = "float32", compare=None, format: str = "tflite"
         An :class:`ExportResult`; ``ok`` is False when a file is over the budget.
 
     Raises:
-        ValueError: a bad setting (named, with the valid values), or a model the converter cannot take
-            (the layer is named).
+        ValueError: a bad setting (named, with the valid values), a setting that the chosen modes
+            ignore, or a model the converter cannot take (the layer is named).
         FileNotFoundError: the model or its data does not exist.
     """
     modes = _modes(mode, compare)
-    for m in modes:
-        check_format(m, format)
-    _check_numbers(calib_samples=calib_samples, epochs=epochs, batch_size=batch_size, threads=threads,
-                   latency_runs=latency_runs, clusters=clusters)
-    if not 0 < sparsity < 1:
-        raise ValueError(f"sparsity={sparsity!r}: a fraction of zero weights in (0, 1), e.g. 0.8.")
-    if max_accuracy_drop < 0:
-        raise ValueError(f"max_accuracy_drop={max_accuracy_drop!r}: accuracy points, >= 0 (e.g. 1.0).")
-    if not lr > 0:
-        raise ValueError(f"lr={lr!r}: the fine-tuning learning rate must be > 0, e.g. 1e-3.")
+    given = {"calib_samples": calib_samples, "int8_io": int8_io, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+             "lr": lr, "sparsity": sparsity, "clusters": clusters}
+    settings = {"format": format, "modes": [m.name for m in modes], "max_accuracy_drop": max_accuracy_drop,
+                "batch_size": batch_size, "threads": threads, "latency_runs": latency_runs,
+                **_tunables(modes, format, given)}
+    _check_settings(settings)
 
     from ktoolkit.io import write_text
     from ktoolkit.runs import resolve_model_path
@@ -123,15 +132,12 @@ def export(model, *, mode: str = "float32", compare=None, format: str = "tflite"
     folder = Path(out) if out else ((run.root if run else path.parent) / "export")
     source = load_source(model, data=data, progress=progress)
     heldout = source.dataset(source.heldout, batch_size=batch_size)
-    log.info("%s: the Keras model on %d held-out images", source.name, len(source.data.splits[source.heldout]))
+    log.info("%s: the Keras model on %d held-out images", sanitize_text(source.name),
+             len(source.data.splits[source.heldout]))
     keras_probs, labels = run_over(lambda x: source.model(x, training=False), heldout, progress=progress,
                                    what="Keras model")
-    write_text(folder / "labels.txt", "\n".join(source.class_names) + "\n")
+    write_text(confined(folder, "labels.txt"), "\n".join(_labels(source)) + "\n")
 
-    settings = {"format": format, "modes": [m.name for m in modes], "calib_samples": calib_samples, "int8_io": int8_io,
-                "max_accuracy_drop": max_accuracy_drop, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
-                "batch_size": batch_size, "lr": lr, "sparsity": sparsity, "clusters": clusters, "threads": threads,
-                "latency_runs": latency_runs}
     files = []
     for m in modes:
         files.append(_export_mode(m, format, source, folder, heldout, keras_probs, labels, settings, progress))
@@ -142,13 +148,63 @@ def export(model, *, mode: str = "float32", compare=None, format: str = "tflite"
 
     from tflite_export.report import write_report
 
-    source_info = {"name": source.name, "origin": source.origin, "data": str(source.data.origin),
-                   "split": source.heldout, "images": len(labels), "class_names": source.class_names,
+    source_info = {"name": sanitize_text(source.name), "origin": source.origin, "data": str(source.data.origin),
+                   "split": source.heldout, "images": len(labels), "class_names": _labels(source),
                    "keras_accuracy": files[0].verification.keras_accuracy,
                    "keras_file_bytes": keras_file_bytes(source.model),
                    "preprocessing": source.preprocessing}
     report = write_report(folder, files, source_info=source_info, settings=settings)
     return ExportResult(files=files, folder=folder, report=report)
+
+
+# tunable -> (does this mode, written as this format, use it?, the modes that do, in words)
+_USED_BY = {
+    "calib_samples": (lambda m, fmt: m.needs_calibration, "calibrated full-integer modes"),
+    "int8_io": (lambda m, fmt: m.integer and fmt == "tflite", "full-integer int8 modes written as .tflite"),
+    "epochs": (lambda m, fmt: bool(m.compress), "fine-tuning modes"),
+    "steps_per_epoch": (lambda m, fmt: bool(m.compress), "fine-tuning modes"),
+    "lr": (lambda m, fmt: bool(m.compress), "fine-tuning modes"),
+    "sparsity": (lambda m, fmt: "prune" in m.compress, "pruning modes"),
+    "clusters": (lambda m, fmt: "cluster" in m.compress, "clustering modes"),
+}
+
+
+def _tunables(modes, fmt, given: dict) -> dict:
+    """The tunables' values (given, else their defaults); a ValueError for one that every chosen mode ignores."""
+    from tflite_export.modes import MODES
+
+    values = {}
+    for name, value in given.items():
+        uses, who = _USED_BY[name]
+        ignored = value is not None and value is not False and not any(uses(m, fmt) for m in modes)
+        if ignored:
+            users = ", ".join(n for n, m in MODES.items() if uses(m, fmt)) or "none in this format"
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{name}={value!r} ({flag}) does nothing in mode {', '.join(m.name for m in modes)} "
+                             f"(format {fmt}): only {who} use it ({users}). Leave it out, or export one of those "
+                             f"modes (--mode, or --compare to add it).")
+        values[name] = TUNABLE_DEFAULTS[name] if value is None else value
+    return values
+
+
+def _check_settings(settings: dict) -> None:
+    for m in settings["modes"]:
+        check_format(get_mode(m), settings["format"])
+    _check_numbers(**{k: settings[k] for k in ("calib_samples", "epochs", "batch_size", "threads", "latency_runs",
+                                               "clusters")})
+    if settings["steps_per_epoch"] is not None:
+        _check_numbers(steps_per_epoch=settings["steps_per_epoch"])
+    if not 0 < settings["sparsity"] < 1:
+        raise ValueError(f"sparsity={settings['sparsity']!r}: a fraction of zero weights in (0, 1), e.g. 0.8.")
+    if settings["max_accuracy_drop"] < 0:
+        raise ValueError(f"max_accuracy_drop={settings['max_accuracy_drop']!r}: accuracy points, >= 0 (e.g. 1.0).")
+    if not settings["lr"] > 0:
+        raise ValueError(f"lr={settings['lr']!r}: the fine-tuning learning rate must be > 0, e.g. 1e-3.")
+
+
+def _labels(source) -> list[str]:
+    """The class names as they go into files and reports: no control characters (they came from a file)."""
+    return [sanitize_text(name) or str(i) for i, name in enumerate(source.class_names)]
 
 
 def keras_file_bytes(model) -> int:
@@ -197,7 +253,7 @@ def _export_mode(mode, fmt, source, folder, heldout, keras_probs, labels, settin
     verification = compare(keras_probs, file_probs, labels, source.class_names, converted_probs)
     passed = verification.accuracy_drop <= settings["max_accuracy_drop"] + 1e-9
 
-    path, size, gzipped = _write(content, runner, folder, f"{source.name}_{mode.name}", FORMATS[fmt], passed)
+    path, size, gzipped = _write(content, runner, folder, _stem(source, mode), FORMATS[fmt], passed)
 
     from tflite_export.runtime import benchmark
 
@@ -217,15 +273,19 @@ def _export_mode(mode, fmt, source, folder, heldout, keras_probs, labels, settin
                         seconds=time.time() - started, ops=ops, notes=notes)
 
 
+def _stem(source, mode) -> str:
+    """The exported files' name without suffix: the model's stored name (which a stranger's file sets)
+    and the mode, made a plain file name, never a path."""
+    return f"{safe_filename(source.name)}_{safe_filename(mode.name)}"
+
+
 def _write(content, runner, folder, stem, suffix, passed):
     """Writes the file (``stem.FAILED.suffix`` when over the budget) in place of the previous export's;
-    returns (path, size in bytes, gzipped size or None for a SavedModel folder)."""
-    for old in (folder / f"{stem}{suffix}", folder / f"{stem}{FAILED_MARK}{suffix}"):
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink(missing_ok=True)
-    path = folder / f"{stem}{'' if passed else FAILED_MARK}{suffix}"
+    returns (path, size in bytes, gzipped size or None for a SavedModel folder). Every path is checked
+    to lie directly in ``folder``."""
+    for old in (confined(folder, f"{stem}{suffix}"), confined(folder, f"{stem}{FAILED_MARK}{suffix}")):
+        _remove_previous(old)
+    path = confined(folder, f"{stem}{'' if passed else FAILED_MARK}{suffix}")
     if content is None:  # a SavedModel folder, written beside and moved into place
         shutil.move(str(runner.folder), str(path))
         return path, sum(p.stat().st_size for p in path.rglob("*") if p.is_file()), None
@@ -236,11 +296,27 @@ def _write(content, runner, folder, stem, suffix, passed):
     return path, len(content), len(gzip.compress(content, compresslevel=9))
 
 
+def _remove_previous(path: Path) -> None:
+    """Removes a previous export's file or SavedModel folder at ``path``. A symlink is unlinked, never
+    followed; a folder that is not a SavedModel is not ktoolkit's to delete."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        if not (path / "saved_model.pb").is_file():
+            raise ValueError(f"{path} is a folder that is not a SavedModel ktool export wrote; move it away or "
+                             f"export to another --out folder.")
+        shutil.rmtree(path)
+    elif path.exists():  # a FIFO or a device file: not an export either
+        raise ValueError(f"{path} exists and is not a file ktool export wrote; move it away or export to another "
+                         f"--out folder.")
+
+
 def _convert(mode, fmt, source, keras_model, settings, folder, progress):
     """Returns (file bytes or None for a folder, a runner of the result, notes)."""
     from tflite_export.runtime import SavedModelRunner, open_model
 
-    description = (f"{source.name} image classifier ({len(source.class_names)} classes), exported by ktoolkit "
+    name = sanitize_text(source.name)
+    description = (f"{name} image classifier ({len(source.class_names)} classes), exported by ktoolkit "
                    f"as {mode.name}: {mode.description}")
     notes = []
     if fmt == "tflite":
@@ -254,7 +330,7 @@ def _convert(mode, fmt, source, keras_model, settings, folder, progress):
         channels = source.image_shape[2]
         inside = f"; the model applies '{source.preprocessing}' normalization itself" if source.preprocessing else ""
         content = add_metadata(content, ModelInfo(
-            name=source.name, description=description, labels=source.class_names, channels=channels,
+            name=name, description=description, labels=_labels(source), channels=channels,
             mean=[0.0] * channels, std=[1.0] * channels,
             input_description=f"{'RGB' if channels == 3 else 'grayscale'} pixels on the 0..255 scale "
                               f"({'uint8' if int8_io else 'float32'}){inside}"))
@@ -264,17 +340,20 @@ def _convert(mode, fmt, source, keras_model, settings, folder, progress):
     if fmt == "onnx":
         from tflite_export.onnx_export import quantize_int8, to_onnx
 
-        content = to_onnx(keras_model, labels=source.class_names, description=description)
+        content = to_onnx(keras_model, labels=_labels(source), description=description)
         if mode.quantize == "int8":
             content = quantize_int8(content, source.calibration_images(settings["calib_samples"]), progress=progress)
         h, w, c = source.image_shape
-        name = f"{source.name}_{mode.name}"
+        name = _stem(source, mode)
         notes.append(f"TensorRT on the device: trtexec --onnx={name}.onnx --shapes=input:1x{h}x{w}x{c} "
                      + ("--int8 --fp16" if mode.quantize == "int8" else "--fp16") + f" --saveEngine={name}.engine")
         return content, open_model((content, "onnx")), notes
     from tflite_export.convert import to_saved_model
 
-    tmp = folder / f".{source.name}_{mode.name}.saved_model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = confined(folder, f".{_stem(source, mode)}.saved_model.tmp")
+    if tmp.is_symlink() or tmp.is_file():
+        tmp.unlink()  # never write (or delete) through a link
+    elif tmp.is_dir():
+        shutil.rmtree(tmp)  # a crashed export's leftover: the name is ktoolkit's own
     to_saved_model(keras_model, tmp)
     return None, SavedModelRunner(tmp), notes

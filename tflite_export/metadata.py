@@ -18,15 +18,28 @@ in-model normalization is named in the input's description.
 from __future__ import annotations
 
 import io
+import itertools
+import struct
 import zipfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from tflite_export.untrusted import (
+    MAX_LABELS_BYTES,
+    label_lines,
+    read_capped,
+    sanitize_text,
+)
 
 METADATA_NAME = "TFLITE_METADATA"
 FILE_IDENTIFIER = b"M001"
 PARSER_VERSION = "1.0.0"  # every field written here exists since metadata schema 1.0.0
 LABELS_FILE = "labels.txt"
+_MAX_FLOATS = 4096  # mean, std, min, max: one number per channel
+MAX_PACKED_FILES = 64  # files in the zip appended to a model; the metadata writers pack one or two
 
 # enum values and union tags of metadata_schema.fbs
 _TENSOR_AXIS_LABELS = 2
@@ -80,24 +93,28 @@ def read_metadata(tflite: bytes) -> dict | None:
 
     Keys: name, description, version, author, license, min_parser_version, input (name, description,
     color_space, mean, std, min, max), output (name, description, min, max, associated_files), files
-    (name -> text of each file in the appended zip).
-    """
-    from ai_edge_litert import schema_py_generated as schema
+    (name -> text of each associated file packed into the appended zip). Strings are sanitized
+    (:func:`tflite_export.untrusted.sanitize_text`); the files' text is as stored, at most
+    :data:`~tflite_export.untrusted.MAX_LABELS_BYTES` each.
 
-    model = schema.Model.GetRootAs(tflite, 0)
-    data = None
-    for i in range(model.MetadataLength()):
-        if model.Metadata(i).Name().decode() == METADATA_NAME:
-            data = model.Buffers(model.Metadata(i).Buffer()).DataAsNumpy().tobytes()
+    Raises:
+        ValueError: not a TFLite model, or a metadata flatbuffer or packed archive that is corrupt
+            (every offset is checked against the buffer: a hostile file cannot crash the reader).
+    """
+    data = _metadata_buffer(tflite)
     if data is None:
         return None
     if data[4:8] != FILE_IDENTIFIER:
         raise ValueError(f"the {METADATA_NAME} buffer is not a metadata flatbuffer (identifier {data[4:8]!r}).")
     root = _Table.root(data)
-    subgraph = root.tables(3)[0]
-    inp, out = subgraph.tables(2)[0], subgraph.tables(3)[0]
-    norm = next((u.table(1) for u in inp.tables(4) if u.scalar(0, "uint8") == _NORMALIZATION_OPTIONS), None)
-    image = inp.table(3).table(1) if inp.table(3) and inp.table(3).scalar(0, "uint8") == _IMAGE_PROPERTIES else None
+    subgraph = _first(root, 3, "subgraph")
+    inp, out = _first(subgraph, 2, "input"), _first(subgraph, 3, "output")
+    units = itertools.islice(inp.tables(4), MAX_PACKED_FILES)  # process units: one or two in a real file
+    norm = next((u.table(1) for u in units if u.scalar(0, "uint8") == _NORMALIZATION_OPTIONS), None)
+    content = inp.table(3)
+    image = content.table(1) if content and content.scalar(0, "uint8") == _IMAGE_PROPERTIES else None
+    associated = [{"name": f.string(0), "description": f.string(1), "type": f.scalar(2, "int8")}
+                  for f in itertools.islice(out.tables(6), MAX_PACKED_FILES)]
     return {
         "name": root.string(0), "description": root.string(1), "version": root.string(2),
         "author": root.string(4), "license": root.string(5), "min_parser_version": root.string(7),
@@ -105,33 +122,106 @@ def read_metadata(tflite: bytes) -> dict | None:
             "name": inp.string(0), "description": inp.string(1),
             "color_space": {1: "RGB", 2: "GRAYSCALE"}.get(image.scalar(0, "int8")) if image else None,
             "mean": norm.floats(0) if norm else None, "std": norm.floats(1) if norm else None,
-            "max": inp.table(5).floats(0) if inp.table(5) else None,
-            "min": inp.table(5).floats(1) if inp.table(5) else None,
+            **_range(inp.table(5)),
         },
-        "output": {
-            "name": out.string(0), "description": out.string(1),
-            "max": out.table(5).floats(0) if out.table(5) else None,
-            "min": out.table(5).floats(1) if out.table(5) else None,
-            "associated_files": [{"name": f.string(0), "description": f.string(1), "type": f.scalar(2, "int8")}
-                                 for f in out.tables(6)],
-        },
-        "files": packed_files(tflite),
+        "output": {"name": out.string(0), "description": out.string(1), **_range(out.table(5)),
+                   "associated_files": associated},
+        "files": packed_files(tflite, names=[LABELS_FILE] + [f["name"] for f in associated if f["name"]]),
     }
 
 
-def packed_files(tflite: bytes) -> dict[str, str]:
-    """The files zipped onto a .tflite model (labels.txt), as {name: text}; {} when there are none."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(tflite)) as archive:
-            return {name: archive.read(name).decode() for name in archive.namelist()}
-    except zipfile.BadZipFile:
+def _range(stats) -> dict:
+    return {"max": stats.floats(0) if stats else None, "min": stats.floats(1) if stats else None}
+
+
+def _first(table, slot: int, what: str):
+    first = table.table_at(slot, 0)
+    if first is None:
+        raise ValueError(f"the {METADATA_NAME} flatbuffer has no {what} metadata; the file is corrupt.")
+    return first
+
+
+def _metadata_buffer(tflite: bytes) -> bytes | None:
+    """The bytes of the model buffer named TFLITE_METADATA, read with bounds checks (the generated
+    schema code trusts every offset)."""
+    if len(tflite) < 8 or tflite[4:8] != b"TFL3":
+        raise ValueError(f"not a TFLite model (no TFL3 identifier: {bytes(tflite[4:8])!r}).")
+    model = _Table.root(tflite)
+    for entry in model.tables(6):  # Model.metadata: [Metadata(name, buffer)]
+        if entry.string(0) == METADATA_NAME:
+            index = entry.scalar(1, "uint32")
+            buffer = model.table_at(4, index)  # Model.buffers: [Buffer(data, offset, size)]
+            if buffer is None:
+                raise ValueError(f"the {METADATA_NAME} entry points at buffer {index}, past the model's last; "
+                                 f"the file is corrupt.")
+            return buffer.ubytes(0)
+    return None
+
+
+def packed_files(tflite: bytes, names=(LABELS_FILE,)) -> dict[str, str]:
+    """The files zipped onto a .tflite model, as {name: text}, for the members called ``names`` only
+    (labels.txt and the metadata's associated files); {} when there is no archive.
+
+    Reads are bounded: the archive's directory must be small, and a member over
+    :data:`~tflite_export.untrusted.MAX_LABELS_BYTES` is refused before it is read (its declared
+    size) or as it is read (a member that lies about its size).
+
+    Raises:
+        ValueError: a member over the cap, too many members, or a member that cannot be read.
+    """
+    if not _small_zip_directory(tflite):
         return {}
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(tflite))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError):
+        return {}  # no archive (or an unreadable one): the model has no packed files
+    files = {}
+    with archive:
+        for name in dict.fromkeys(names):
+            try:
+                info = archive.getinfo(name)
+            except KeyError:
+                continue
+            what = f"the packed {sanitize_text(name)!r} ({info.file_size:,} bytes declared)"
+            if info.file_size > MAX_LABELS_BYTES:
+                raise ValueError(f"{what} is over the {MAX_LABELS_BYTES:,}-byte cap for a labels file; it was not read.")
+            try:
+                with archive.open(info) as member:
+                    files[name] = read_capped(member, MAX_LABELS_BYTES, what).decode("utf-8", errors="replace")
+            except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, OSError, zlib.error) as err:
+                raise ValueError(f"{what} cannot be read ({type(err).__name__}: {err}).") from None
+    return files
+
+
+def _small_zip_directory(content: bytes) -> bool:
+    """True when ``content`` ends with a zip directory small enough to load: zipfile reads the whole
+    central directory and makes an object per entry, so a hostile one could take gigabytes.
+
+    Raises:
+        ValueError: a directory of more than :data:`MAX_PACKED_FILES` entries, or a zip64 one.
+    """
+    tail = content[-(22 + 0xFFFF):]
+    at = tail.rfind(b"PK\x05\x06")  # the end-of-central-directory record
+    if at < 0 or len(tail) - at < 22:
+        return False
+    entries, size, comment = struct.unpack_from("<HIxxxxH", tail, at + 10)
+    if at + 22 + comment != len(tail):
+        return False  # those four bytes are part of the model, not a record that ends the file
+    if entries > MAX_PACKED_FILES or size > 1024 * MAX_PACKED_FILES or tail[max(at - 20, 0):at - 16] == b"PK\x06\x07":
+        raise ValueError(f"the zip archive appended to the model lists {entries:,} files ({size:,}-byte directory"
+                         f"{', zip64' if size == 0xFFFFFFFF or entries == 0xFFFF else ''}); TFLite metadata packs "
+                         f"at most a few labels files (cap {MAX_PACKED_FILES}).")
+    return True
 
 
 def packed_labels(tflite: bytes) -> list[str] | None:
-    """The class names from the labels.txt packed into a .tflite file, or None."""
+    """The class names (sanitized) from the labels.txt packed into a .tflite file, or None.
+
+    Raises:
+        ValueError: a packed labels.txt over the size or line caps.
+    """
     text = packed_files(tflite).get(LABELS_FILE)
-    return [line for line in text.splitlines() if line.strip()] if text else None
+    return label_lines(text.encode(), f"the packed {LABELS_FILE}") if text else None
 
 
 # ------------------------------------------------------------------------------------- flatbuffer
@@ -195,46 +285,89 @@ def _floats(b, values) -> int:
     return b.CreateNumpyVector(np.asarray(values, dtype=np.float32))
 
 
+_SCALARS = {"int8": "<b", "uint8": "<B", "uint32": "<I"}  # struct formats of the scalar fields read here
+
+
 class _Table:
-    """Reads fields of a flatbuffer table by slot."""
+    """Reads fields of a flatbuffer table by slot, checking every offset against the buffer: an
+    offset or a length that points outside it raises a ValueError (never an IndexError, a
+    struct.error or a read of gigabytes), whatever the file holds."""
 
-    def __init__(self, buf: bytes, pos: int):
-        from flatbuffers import table
-
-        self._t = table.Table(bytearray(buf) if not isinstance(buf, bytearray) else buf, pos)
+    def __init__(self, buf, pos: int):
+        self._buf, self._pos = buf, pos
+        vtable = pos - self._get("<i", pos)
+        self._vtable, self._vtable_size = vtable, self._get("<H", vtable)
 
     @classmethod
-    def root(cls, buf: bytes) -> _Table:
-        buf = bytearray(buf)
-        return cls(buf, int.from_bytes(buf[:4], "little"))
+    def root(cls, buf) -> _Table:
+        buf = memoryview(buf).toreadonly()
+        return cls(buf, _Table._get_from(buf, "<I", 0))
 
-    def _offset(self, slot: int) -> int:
-        return self._t.Offset(4 + 2 * slot)
+    @staticmethod
+    def _get_from(buf, fmt: str, at: int) -> int:
+        size = struct.calcsize(fmt)
+        if not 0 <= at <= len(buf) - size:
+            raise ValueError(f"a flatbuffer offset ({at}) points outside the {len(buf)}-byte buffer; the file is "
+                             f"corrupt or was not written by a TFLite tool.")
+        return struct.unpack_from(fmt, buf, at)[0]
+
+    def _get(self, fmt: str, at: int) -> int:
+        return self._get_from(self._buf, fmt, at)
+
+    def _field(self, slot: int) -> int | None:
+        """The absolute position of a field, or None when the table does not have it."""
+        entry = 4 + 2 * slot
+        if entry + 2 > self._vtable_size:
+            return None
+        offset = self._get("<H", self._vtable + entry)
+        return self._pos + offset if offset else None
+
+    def _indirect(self, at: int) -> int:
+        return at + self._get("<I", at)
+
+    def _vector(self, slot: int, item_size: int) -> tuple[int, int]:
+        """(start, length) of a vector field; (0, 0) when absent. The whole vector must fit."""
+        at = self._field(slot)
+        if at is None:
+            return 0, 0
+        start = self._indirect(at)
+        length = self._get("<I", start)
+        if length * item_size > len(self._buf) - start - 4:
+            raise ValueError(f"a flatbuffer vector of {length:,} items runs past the {len(self._buf)}-byte buffer; "
+                             f"the file is corrupt.")
+        return start + 4, length
 
     def string(self, slot: int) -> str | None:
-        o = self._offset(slot)
-        return self._t.String(o + self._t.Pos).decode() if o else None
+        if self._field(slot) is None:
+            return None
+        start, length = self._vector(slot, 1)
+        return sanitize_text(bytes(self._buf[start:start + length]).decode("utf-8", errors="replace"))
+
+    def ubytes(self, slot: int) -> bytes:
+        start, length = self._vector(slot, 1)
+        return bytes(self._buf[start:start + length])
 
     def table(self, slot: int) -> _Table | None:
-        o = self._offset(slot)
-        return _Table(self._t.Bytes, self._t.Indirect(o + self._t.Pos)) if o else None
+        at = self._field(slot)
+        return _Table(self._buf, self._indirect(at)) if at is not None else None
 
-    def tables(self, slot: int) -> list[_Table]:
-        o = self._offset(slot)
-        if not o:
-            return []
-        start = self._t.Vector(o)
-        return [_Table(self._t.Bytes, self._t.Indirect(start + 4 * i)) for i in range(self._t.VectorLen(o))]
+    def tables(self, slot: int) -> Iterator[_Table]:
+        """The tables of a vector field, one at a time (a hostile vector may list millions)."""
+        start, length = self._vector(slot, 4)
+        return (_Table(self._buf, self._indirect(start + 4 * i)) for i in range(length))
+
+    def table_at(self, slot: int, index: int) -> _Table | None:
+        """Item ``index`` of a vector of tables; None when the vector is shorter."""
+        start, length = self._vector(slot, 4)
+        return _Table(self._buf, self._indirect(start + 4 * index)) if 0 <= index < length else None
 
     def floats(self, slot: int) -> list[float]:
-        from flatbuffers import number_types
-
-        o = self._offset(slot)
-        return [float(v) for v in self._t.GetVectorAsNumpy(number_types.Float32Flags, o)] if o else []
+        start, length = self._vector(slot, 4)
+        if length > _MAX_FLOATS:
+            raise ValueError(f"a metadata vector of {length:,} numbers where a few (one per channel) belong; "
+                             f"the file is corrupt.")
+        return [float(v) for v in struct.unpack_from(f"<{length}f", self._buf, start)] if length else []
 
     def scalar(self, slot: int, kind: str, default: int = 0) -> int:
-        from flatbuffers import number_types
-
-        flags = {"int8": number_types.Int8Flags, "uint8": number_types.Uint8Flags}[kind]
-        o = self._offset(slot)
-        return self._t.Get(flags, o + self._t.Pos) if o else default
+        at = self._field(slot)
+        return self._get(_SCALARS[kind], at) if at is not None else default

@@ -6,17 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from ktoolkit.io import save_figure, write_json, write_text
+from tflite_export.untrusted import confined, sanitize_text
 
 REPORT_MD, REPORT_JSON, COMPARE_PNG = "export_report.md", "export_report.json", "export_compare.png"
 
 
 def write_report(folder, results, *, source_info: dict, settings: dict) -> dict:
-    """Writes the report files into ``folder``; returns their paths by kind ("md", "json", "png")."""
+    """Writes the report files into ``folder`` (and nowhere else); returns their paths by kind ("md",
+    "json", "png")."""
     folder = Path(folder)
-    paths = {"md": folder / REPORT_MD, "json": folder / REPORT_JSON}
+    paths = {"md": confined(folder, REPORT_MD), "json": confined(folder, REPORT_JSON)}
     write_json(paths["json"], {"source": source_info, "settings": settings, "exports": [r.to_dict() for r in results]})
     if len(results) > 1:
-        paths["png"] = folder / COMPARE_PNG
+        paths["png"] = confined(folder, COMPARE_PNG)
         plot_comparison(results, paths["png"])
     write_text(paths["md"], _markdown(results, source_info, settings, paths.get("png")))
     return paths
@@ -25,7 +27,7 @@ def write_report(folder, results, *, source_info: dict, settings: dict) -> dict:
 def _markdown(results, source_info, settings, png) -> str:
     ok = all(r.passed for r in results)
     lines = [
-        f"# Export of {source_info['name']}",
+        f"# Export of {sanitize_text(source_info['name'])}",
         "",
         (f"From `{source_info['origin']}`; verified on {source_info['images']} held-out images "
          f"(the `{source_info['split']}` split of `{source_info['data']}`). Accuracy budget: at most "
@@ -47,7 +49,7 @@ def _markdown(results, source_info, settings, png) -> str:
         gz = f"{_size(r.gzip_bytes)} ({source_info['keras_file_bytes'] / r.gzip_bytes:.1f}x)" if r.gzip_bytes else "-"
         lines.append(
             f"| {r.mode} | `{r.path.name}` | {_size(r.size_bytes)} | {gz} | {100 * v.accuracy:.2f}% | {v.accuracy_drop:+.2f} | "
-            f"{100 * v.agreement:.1f}% | {v.max_class_change:+.1f} ({v.max_class_change_class}) | "
+            f"{100 * v.agreement:.1f}% | {v.max_class_change:+.1f} ({sanitize_text(v.max_class_change_class)}) | "
             f"{r.latency_ms:.2f} ms | {'ok' if r.passed else 'FAILED'} |")
     if png:
         lines += ["", f"![size, accuracy and latency]({png.name})"]

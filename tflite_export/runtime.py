@@ -16,7 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
+from tflite_export.untrusted import (
+    MAX_LABELS_BYTES,
+    label_lines,
+    read_capped,
+    sanitize_text,
+)
+
 SUFFIXES = {".tflite": "tflite", ".onnx": "onnx"}
+# Larger than any phone or Jetson model (and than a flatbuffer or protobuf can hold without
+# external weights): a file over it is refused before it is read into memory.
+MAX_MODEL_BYTES = 2 * 1024**3
+MAX_IMAGE_SIDE = 4096  # input height and width: a 4096x4096x4 float32 image is 256 MB
 
 
 def open_model(model, *, threads: int | None = None):
@@ -27,29 +38,51 @@ def open_model(model, *, threads: int | None = None):
         threads: CPU threads (None: the runtime's default).
 
     Raises:
-        ValueError: not a .tflite, .onnx file or SavedModel folder.
+        ValueError: not a .tflite, .onnx file or SavedModel folder, a file that is not the model its
+            name says (random bytes, truncated), over :data:`MAX_MODEL_BYTES`, or with labels over
+            their cap; the message names the file.
         FileNotFoundError: the file does not exist.
     """
     if isinstance(model, tuple):
         content, kind = model
-        return {"tflite": TFLiteRunner, "onnx": OnnxRunner}[kind](content, threads=threads)
+        try:
+            return {"tflite": TFLiteRunner, "onnx": OnnxRunner}[kind](content, threads=threads)
+        except ValueError as err:
+            raise ValueError(_about(f"the {kind} model in memory", err)) from None
     path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"model file {str(path)!r} does not exist.")
     if path.is_dir() and (path / "saved_model.pb").exists():
         return SavedModelRunner(path)
     kind = SUFFIXES.get(path.suffix.lower())
-    if kind is None:
+    if kind is None or not path.is_file():
         raise ValueError(f"model={str(path)!r}: give a .tflite or .onnx file (or a SavedModel folder).")
-    runner = {"tflite": TFLiteRunner, "onnx": OnnxRunner}[kind](path.read_bytes(), threads=threads)
-    if runner.labels is None:
-        runner.labels = _labels_beside(path)
+    size = path.stat().st_size
+    if size > MAX_MODEL_BYTES:
+        raise ValueError(f"{path} is {size / 1024**3:.1f} GiB, over the {MAX_MODEL_BYTES / 1024**3:g} GiB a "
+                         f".tflite or .onnx model can be; it was not read. Is it the right file?")
+    try:
+        runner = {"tflite": TFLiteRunner, "onnx": OnnxRunner}[kind](path.read_bytes(), threads=threads)
+        if runner.labels is None:
+            runner.labels = _labels_beside(path)
+    except ValueError as err:  # the runners' messages say what is wrong; this names the file
+        raise ValueError(_about(str(path), err)) from None
     return runner
 
 
+def _about(name: str, err: ValueError) -> str:
+    """``err``'s message about the file ``name``: "x.tflite is not ..." or "x.tflite: the packed ..."."""
+    message = str(err)
+    return f"{name} {message}" if message.startswith(("is ", "has ", "its ")) else f"{name}: {message}"
+
+
 def _labels_beside(path: Path) -> list[str] | None:
+    """The class names in the labels.txt beside a model file (sanitized, size-capped), or None."""
     labels = path.parent / "labels.txt"
-    return [line for line in labels.read_text().splitlines() if line.strip()] if labels.exists() else None
+    if not labels.is_file():  # not a FIFO or a device that would block or never end
+        return None
+    with open(labels, "rb") as f:
+        return label_lines(read_capped(f, MAX_LABELS_BYTES, str(labels)), str(labels))
 
 
 class Runner:
@@ -81,10 +114,18 @@ class TFLiteRunner(Runner):
 
         from tflite_export.metadata import packed_labels
 
-        self.interpreter = Interpreter(model_content=content, num_threads=threads)
-        self._input = self.interpreter.get_input_details()[0]
-        self._output = self.interpreter.get_output_details()[0]
-        self.input_shape = tuple(int(d) for d in self._input["shape"][1:])
+        if len(content) < 8 or bytes(content[4:8]) != b"TFL3":
+            raise ValueError(f"is not a TFLite model (it has no TFL3 flatbuffer identifier: "
+                             f"{bytes(content[4:8])!r}); was it written completely?")
+        try:  # LiteRT verifies the flatbuffer before it reads anything from it
+            self.interpreter = Interpreter(model_content=content, num_threads=threads)
+        except ValueError as err:
+            raise ValueError(f"is not a valid TFLite model ({err}); was it written completely?") from None
+        inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        if not inputs or not outputs:
+            raise ValueError("is not an image classifier (it has no input or no output tensor).")
+        self._input, self._output = inputs[0], outputs[0]
+        self.input_shape = _image_shape(list(self._input["shape"]))
         self.input_dtype = np.dtype(self._input["dtype"])
         self._dynamic_batch = int(self._input["shape_signature"][0]) == -1
         self._batch = None
@@ -118,15 +159,105 @@ class OnnxRunner(Runner):
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(content, options, providers=["CPUExecutionProvider"])
+        if _onnx_has_external_data(content):
+            raise ValueError("has tensors stored in external files; onnxruntime would read them relative to the "
+                             "current folder, so ktoolkit runs only self-contained .onnx files (as it exports).")
+        try:
+            self.session = onnxruntime.InferenceSession(content, options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001  (onnxruntime's errors are pybind types, not ValueError)
+            raise ValueError(f"is not an ONNX model onnxruntime can load ({type(err).__name__}: "
+                             f"{str(err)[:200]}); was it written completely?") from None
         self._input = self.session.get_inputs()[0]
-        self.input_shape = tuple(int(d) for d in self._input.shape[1:])
+        self.input_shape = _image_shape(self._input.shape)
         self.input_dtype = np.dtype(np.float32)
-        labels = self.session.get_modelmeta().custom_metadata_map.get("labels")
-        self.labels = json.loads(labels) if labels else None
+        self.labels = _onnx_labels(self.session.get_modelmeta().custom_metadata_map.get("labels"))
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self._input.name: np.asarray(images, dtype=np.float32)})[0]
+
+
+def _image_shape(shape) -> tuple[int, int, int]:
+    """(height, width, channels) of an input shape (batch, H, W, C), checked: the probe image and the
+    benchmark's image are allocated from it, so a file cannot ask for gigabytes."""
+    dims = shape[1:] if len(shape) == 4 else ()
+    if not (len(dims) == 3 and all(isinstance(d, (int, np.integer)) for d in dims) and
+            0 < dims[0] <= MAX_IMAGE_SIDE and 0 < dims[1] <= MAX_IMAGE_SIDE and 0 < dims[2] <= 4):
+        raise ValueError(f"is not an image classifier ktoolkit can run: its input shape is {list(shape)}, not "
+                         f"(batch, height, width, channels) with sides up to {MAX_IMAGE_SIDE} and 1 to 4 channels.")
+    return tuple(int(d) for d in dims)
+
+
+def _onnx_labels(text: str | None) -> list[str] | None:
+    """The class names an .onnx file stores (a JSON list in its metadata), sanitized; None if none."""
+    if not text:
+        return None
+    if len(text) > MAX_LABELS_BYTES:
+        raise ValueError(f"its 'labels' metadata is {len(text):,} characters, over the {MAX_LABELS_BYTES:,} cap.")
+    try:
+        labels = json.loads(text)
+    except ValueError:
+        labels = None
+    if not isinstance(labels, list) or not all(isinstance(label, (str, int)) for label in labels):
+        raise ValueError("its 'labels' metadata is not a JSON list of class names.")
+    return [sanitize_text(label) or str(i) for i, label in enumerate(labels)]
+
+
+# ONNX protobuf field numbers where tensors live (onnx.proto3): a TensorProto stored outside the file
+# has external_data (13) or data_location EXTERNAL (14 = 1).
+_ONNX_MESSAGES = {
+    "model": {7: "graph", 25: "function"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "function": {7: "node"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+
+
+def _onnx_has_external_data(content: bytes, kind: str = "model", depth: int = 0) -> bool:
+    """True when a tensor anywhere in an ONNX protobuf refers to external data. Walks the wire format
+    (onnx itself need not be installed on the device); weights are skipped, not parsed.
+
+    Raises:
+        ValueError: the protobuf is malformed or nested deeper than a real model.
+    """
+    if depth > 64:
+        raise ValueError("is not a valid ONNX model (its graphs are nested more than 64 deep).")
+    view, at = memoryview(content), 0
+    while at < len(view):
+        key, at = _varint(view, at)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _varint(view, at)
+            if kind == "tensor" and field == 14 and value == 1:
+                return True
+        elif wire == 2:
+            length, at = _varint(view, at)
+            if at + length > len(view):
+                raise ValueError("is not a valid ONNX model (a field runs past the end; truncated?).")
+            if kind == "tensor" and field == 13:
+                return True
+            child = _ONNX_MESSAGES.get(kind, {}).get(field)
+            if child and _onnx_has_external_data(view[at:at + length], child, depth + 1):
+                return True
+            at += length
+        elif wire in (1, 5):
+            at += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"is not a valid ONNX model (protobuf wire type {wire}); was it written completely?")
+    return False
+
+
+def _varint(view, at: int) -> tuple[int, int]:
+    value = shift = 0
+    for _ in range(10):
+        if at >= len(view):
+            break
+        byte = view[at]
+        value, at, shift = value | (byte & 0x7F) << shift, at + 1, shift + 7
+        if not byte & 0x80:
+            return value, at
+    raise ValueError("is not a valid ONNX model (a malformed protobuf number; truncated?).")
 
 
 class SavedModelRunner(Runner):

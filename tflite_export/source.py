@@ -1,8 +1,8 @@
 """What is exported: the run's Keras model made ready for conversion, its classes, and its data.
 
 :func:`load_source` turns a run folder (or a .keras file plus data) into an :class:`ExportSource`:
-the model in float32 with one output, the class names, and the run's own train/val/test split
-(same data, fractions and seed as training), so calibration images come from "train" and
+the model in float32 with one output, the class names, and the run's own train/val/test split (as
+recorded in the run's splits.json, by content), so calibration images come from "train" and
 verification runs on the held-out "test" split that training never saw.
 """
 
@@ -76,17 +76,20 @@ def load_source(model, *, data: str | None = None, progress: bool = False) -> Ex
     Args:
         model: a run folder or a .keras file.
         data: the images to calibrate and verify on; default the run's own data, split exactly as in
-            training. Other data gets a stratified 80/10/10 split (seed 0); its classes must be the
-            model's.
+            training: the split recorded in the run's splits.json (calibration on its train split,
+            verification on its test split, else val), unchanged files only, with one warning that
+            counts the changed or missing ones. A run without splits.json gets its split recomputed,
+            with a warning. Other data gets a stratified 80/10/10 split (seed 0), its held-out splits
+            without this run's training images; its classes must be the model's.
         progress: progress bars while scanning the data.
 
     Raises:
         ValueError: no data (a bare .keras file without ``data``), classes that differ from the
-            model's, or a model that is not a classifier.
+            model's, a model that is not a classifier, or every recorded held-out image changed.
         FileNotFoundError: the model or the data does not exist.
     """
     import recipes
-    from ktoolkit.data import load_data
+    from ktoolkit.data.manifest import data_for_run
     from ktoolkit.runs import resolve_model_path
 
     path, run = resolve_model_path(model)
@@ -95,17 +98,17 @@ def load_source(model, *, data: str | None = None, progress: bool = False) -> Ex
     names = run.class_names() if run else [str(i) for i in range(n)]
     if len(names) != n:
         raise ValueError(f"{path} has {n} outputs but its classes.json lists {len(names)} classes.")
-    config = run.data_settings() if run else None
-    if data is None:
-        if config is None:
-            raise ValueError(f"{path} is not in a run folder, so there are no images to calibrate and verify on; "
-                             f"pass data=... (--data) with the classes {', '.join(names[:5])}...")
-        data = config.data
-    if config is not None and str(data) == str(config.data):
-        source = load_data(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
-                           seed=config.seed, data_dir=config.data_dir, progress=progress)
-    else:
-        source = load_data(data, progress=progress)
+    if data is None and run is None:
+        raise ValueError(f"{path} is not in a run folder, so there are no images to calibrate and verify on; "
+                         f"pass data=... (--data) with the classes {', '.join(names[:5])}...")
+    found = data_for_run(run, data, val_fraction=0.1, test_fraction=0.1, exclude=("val", "test"), progress=progress)
+    source = found.source
+    data = source.origin if data is None else data
+    if found.verification is not None:
+        counts = found.verification.counts
+        recorded = next((s for s in ("test", "val") if counts.get(s, {}).get("recorded")), None)
+        found.verification.check([recorded] if recorded else [], "verifying on")
+        found.verification.check(["train"], "calibrating and fine-tuning on")
     if list(source.class_names) != list(names):
         raise ValueError(f"data={str(data)!r} has the classes {', '.join(source.class_names)}, but the model was "
                          f"trained on {', '.join(names)}; export with the run's own data or data with the same classes.")

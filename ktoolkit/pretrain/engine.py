@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 
 from ktoolkit.io import save_figure, save_model, write_json
 from ktoolkit.pretrain.config import PretrainConfig
 from ktoolkit.runs import Run
+from ktoolkit.train.engine import run_command
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class PretrainResult:
     resumed_from_epoch: int = 0
 
 
+@run_command
 def pretrain(config: PretrainConfig | None = None, *, progress: bool = False, overwrite: bool = False,
              **overrides) -> PretrainResult:
     """Pretrains ``config.recipe`` with ``config.method`` on ``config.data`` and writes the run folder ``config.out``.
@@ -78,10 +79,10 @@ def pretrain(config: PretrainConfig | None = None, *, progress: bool = False, ov
     config = dataclasses.replace(config or PretrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
     config = config.resolved().validate()
     started = time.time()
-    run = Run(config.out)
-    from ktoolkit.train.engine import _optimizer, finish, fit, prepare_run_folder, write_run_header
+    from ktoolkit.train.engine import _optimizer, finish, fit, open_run, write_run_header
 
-    prepare_run_folder(run, config, overwrite)
+    # the folder checked, the strategy made (first: see ktoolkit.train.engine), the folder locked
+    run, strategy, description, chief = open_run(config, overwrite)
 
     import numpy as np
     import tf_keras
@@ -90,10 +91,7 @@ def pretrain(config: PretrainConfig | None = None, *, progress: bool = False, ov
     from ktoolkit.data import AugmentConfig, load_data, make_dataset
     from ktoolkit.pretrain import models
     from ktoolkit.train.callbacks import save_elsewhere
-    from ktoolkit.train.distribute import is_chief, make_strategy
 
-    strategy, description = make_strategy(config.distribute)  # first: see ktoolkit.train.engine
-    chief = is_chief(strategy)
     recipe = recipes.get(config.recipe)
     source = load_data(config.data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
                        seed=config.seed, strict=config.strict, data_dir=config.data_dir, progress=progress,
@@ -154,8 +152,7 @@ def pretrain(config: PretrainConfig | None = None, *, progress: bool = False, ov
         else:
             save_elsewhere(keras_model)  # saving is a collective op under MultiWorkerMirroredStrategy
     measurements = {}
-    if chief:
-        shutil.rmtree(run.backup, ignore_errors=True)
+    if chief:  # the checkpoint stays until finish() has marked the run complete
         shown = val_split if val_split is not None else train_split
 
         def pixels(split):

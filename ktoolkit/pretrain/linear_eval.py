@@ -167,6 +167,7 @@ def linear_eval(encoder, data, *, out=None, baseline: bool = True, val_fraction:
         import yaml
 
         settings = yaml.safe_load(run.config.read_text()) or {}
+    given = (val_fraction, test_fraction, seed)
     val_fraction = settings.get("val_fraction", 0.1) if val_fraction is None else val_fraction
     test_fraction = settings.get("test_fraction", 0.1) if test_fraction is None else test_fraction
     seed = settings.get("seed", 0) if seed is None else seed
@@ -178,8 +179,11 @@ def linear_eval(encoder, data, *, out=None, baseline: bool = True, val_fraction:
     from ktoolkit.transfer.features import FeatureCache, linear_classifier_model
 
     model = recipes.load_model(path)
-    source = load_data(data, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, strict=strict,
-                       data_dir=data_dir, progress=progress)
+    source = _run_split(run, data, given, progress)
+    if source is None:
+        source = load_data(data, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, strict=strict,
+                           data_dir=data_dir, progress=progress)
+        source = _without_pretraining_images(run, source, data)
     if source.num_classes < 2:
         raise ValueError(f"data={data!r} has {source.num_classes} class; linear evaluation needs labels: a folder with "
                          "one subfolder per class, a CSV of path,label, or an .npz with labels.")
@@ -207,3 +211,33 @@ def linear_eval(encoder, data, *, out=None, baseline: bool = True, val_fraction:
     if run is not None and (run.root / RESULT_FILE).exists() and folder.resolve() == (run.root / LINEAR_EVAL).resolve():
         write_report(run, extra_sections=report_sections(run))
     return result
+
+
+def _run_split(run, data, given, progress: bool):
+    """The pretraining run's recorded split of ``data`` (its splits.json), when ``data`` is the run's
+    own data and no split setting was given; else None. Unchanged files only, counted in a warning."""
+    from ktoolkit.data import manifest
+
+    if run is None or any(v is not None for v in given):
+        return None
+    doc = manifest.read(run)
+    if doc is None or not manifest.same_source(doc, data):
+        return None
+    source, verification = manifest.load_recorded(run, progress=progress, doc=doc)
+    verification.check([next((s for s in ("test", "val") if s in verification.counts), "train")], "measuring on")
+    return source
+
+
+def _without_pretraining_images(run, source, data):
+    """``source`` without the pretraining run's training images in its val and test splits, so the
+    accuracy is measured on images pretraining never saw."""
+    from ktoolkit.data import manifest
+
+    doc = manifest.read(run) if run is not None else None
+    if doc is None:
+        return source
+    source, left_out = manifest.leave_out_training(source, doc, splits=("val", "test"))
+    if left_out:
+        log.warning("%d held-out images of data=%s were training images of the pretraining run; left out", left_out,
+                    data)
+    return source

@@ -4,6 +4,9 @@ Order matters and is set by the engine: ``RunLog`` and ``BestModel`` write at th
 *before* Keras's ``BackupAndRestore`` saves the checkpoint. A kill between the two makes the resumed
 run repeat that epoch, and ``RunLog`` drops the history rows of epochs the checkpoint does not have,
 so history.csv always holds each completed epoch once.
+
+A NaN or infinite loss stops training at that batch: ``RunLog`` marks the run failed in state.json
+(the engine then raises), and ``BestModel`` never keeps the model of such an epoch.
 """
 
 from __future__ import annotations
@@ -53,20 +56,25 @@ def write_history(path, rows: list[dict]):
 
 
 class RunLog(tf_keras.callbacks.Callback):
-    """Keeps history.csv and state.json in step with the completed epochs."""
+    """Keeps history.csv and state.json in step with the completed epochs; stops training when the
+    loss is no longer finite (``failed`` then says how, e.g. "loss became nan at epoch 3")."""
 
     def __init__(self, run: Run, epochs: int, write: bool = True):
         super().__init__()
         self.run, self.epochs, self.write = run, epochs, write
         self._rows = None
         self._previous_end = None
+        self._epoch = 0
         self.started_at_epoch = 0
+        self.failed = None
+        self.failed_lr = None
 
     def on_epoch_begin(self, epoch, logs=None):
         # An epoch's seconds run from the end of the previous one, so they include the saving that
         # BestModel and BackupAndRestore do after it: the wall-clock cost of an epoch.
         if self._previous_end is None:
             self._previous_end = time.perf_counter()
+        self._epoch = epoch
         if self._rows is None:  # first epoch of this process: drop rows the checkpoint does not cover
             self.started_at_epoch = epoch
             self._rows = [row for row in read_history(self.run.history) if row["epoch"] < epoch]
@@ -74,7 +82,18 @@ class RunLog(tf_keras.callbacks.Callback):
                 log.info("resuming at epoch %d of %d (epochs 1-%d restored from %s)", epoch + 1, self.epochs, epoch,
                          self.run.backup)
 
+    def on_train_batch_end(self, batch, logs=None):
+        # Every worker sees the same (all-reduced) loss, so all of them stop at the same batch.
+        self._check_loss(logs)
+
     def on_epoch_end(self, epoch, logs=None):
+        self._check_loss(logs)
+        if self.failed:  # not a completed epoch: no history row, state.json says why
+            if self.write:
+                state = self.run.read_state()
+                state.update({"complete": False, "failed": self.failed})
+                write_json(self.run.state, state)
+            return
         now = time.perf_counter()
         row = {"epoch": epoch, "lr": current_learning_rate(self.model.optimizer),
                "seconds": round(now - self._previous_end, 3)}
@@ -86,6 +105,21 @@ class RunLog(tf_keras.callbacks.Callback):
             state = self.run.read_state()
             state.update({"epochs_completed": epoch + 1, "epochs": self.epochs, "complete": False})
             write_json(self.run.state, state)
+
+    def on_train_end(self, logs=None):
+        if self._rows is None:  # no epoch ran: the checkpoint was of the last one (killed before the report)
+            self._rows = [row for row in read_history(self.run.history) if row["epoch"] < self.epochs]
+            self.started_at_epoch = len(self._rows)
+            log.info("resuming at epoch %d of %d (epochs 1-%d restored from %s): nothing left to train",
+                     self.started_at_epoch + 1, self.epochs, self.started_at_epoch, self.run.backup)
+
+    def _check_loss(self, logs):
+        loss = (logs or {}).get("loss")
+        if self.failed or loss is None or _finite(loss):
+            return
+        self.failed = f"loss became {float(loss)} at epoch {self._epoch + 1}"
+        self.failed_lr = current_learning_rate(self.model.optimizer)
+        self.model.stop_training = True
 
     @property
     def rows(self) -> list[dict]:
@@ -115,8 +149,10 @@ class BestModel(tf_keras.callbacks.Callback):
         return value > self.best if self.mode == "max" else value < self.best
 
     def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is None or not _finite(value) or not self._better(float(value)):
+        logs = logs or {}
+        value = logs.get(self.monitor)
+        diverged = not _finite(logs.get("loss", 0.0))  # a model with NaN weights may still score chance accuracy
+        if value is None or not _finite(value) or diverged or not self._better(float(value)):
             return
         self.best, self.best_epoch = float(value), epoch
         if self.write:

@@ -3,25 +3,55 @@
 ``train(TrainConfig(...))`` loads and splits the data, picks the tf.distribute strategy, builds the
 recipe inside its scope, trains with crash recovery, evaluates the best model on the held-out split
 and leaves a run folder (see ``ktoolkit.runs``). Killed and started again with the same settings,
-it resumes from the last completed epoch.
+it resumes from the last completed epoch, even when it was killed after the last one.
+
+A run folder is written by one command at a time (``RunLock``); ``--overwrite`` removes only what
+ktoolkit wrote there, in folders that carry its marker (see ``ktoolkit.runs``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ktoolkit.io import save_model, write_json, write_text
-from ktoolkit.runs import Run
+from ktoolkit.runs import MARKER, Run, RunExistsError, RunLock, RunLockedError, busy_message, folder_error
 from ktoolkit.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-class RunExistsError(FileExistsError):
-    """The run folder holds a finished run or another run's files."""
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or infinite: training stopped and the run is marked failed."""
+
+
+# The locks prepare_run_folder took for the command now running (released by @run_command).
+_HELD: list[RunLock] = []
+
+
+def run_command(function):
+    """Decorates a command that writes a run folder (train, finetune, pretrain): when it ends, the
+    folder's lock is released; when it fails, a folder it created and left with nothing but its
+    marker is removed (the user sees no empty run folder after a mistake)."""
+
+    @functools.wraps(function)
+    def command(*args, **kwargs):
+        depth = len(_HELD)
+        failed = True
+        try:
+            result = function(*args, **kwargs)
+            failed = False
+            return result
+        finally:
+            while len(_HELD) > depth:
+                _HELD.pop().release(abandon=failed)
+
+    return command
 
 
 @dataclass
@@ -36,6 +66,7 @@ class TrainResult:
     resumed_from_epoch: int = 0
 
 
+@run_command
 def train(config: TrainConfig | None = None, *, progress: bool = False, overwrite: bool = False, **overrides) -> TrainResult:
     """Trains ``config.recipe`` on ``config.data`` and writes the run folder ``config.out``.
 
@@ -48,8 +79,11 @@ def train(config: TrainConfig | None = None, *, progress: bool = False, overwrit
         A :class:`TrainResult` with the test metrics.
 
     Raises:
-        ValueError: a bad setting (named), or an interrupted run with different settings in ``out``.
-        RunExistsError: ``out`` holds a finished run and ``overwrite`` is False.
+        ValueError: a bad setting (named), an interrupted run with different settings in ``out``, or
+            ``out`` unusable (a file, not writable, the data folder); NonFiniteLossError: the loss
+            became NaN or infinite.
+        RunExistsError: ``out`` holds a finished run and ``overwrite`` is False, or files that are not
+            a ktoolkit run; RunLockedError: another command is writing ``out``.
     """
     start = start_run(config or TrainConfig(), overrides, overwrite=overwrite, progress=progress)
     config, run, strategy, description, chief, source = (start.config, start.run, start.strategy, start.description,
@@ -156,22 +190,41 @@ def start_run(config, overrides: dict, *, overwrite: bool, progress: bool) -> Ru
     import dataclasses
 
     from ktoolkit.data import load_data
-    from ktoolkit.train.distribute import is_chief, make_strategy
 
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     config.validate()
     started = time.time()
-    run = Run(config.out)
-    prepare_run_folder(run, config, overwrite)
-    # First, before TensorFlow runs any op: MultiWorkerMirroredStrategy configures the collective ops
-    # at program start-up (and loading the data decodes images with TensorFlow).
-    strategy, description = make_strategy(config.distribute)
+    run, strategy, description, chief = open_run(config, overwrite)
     source = load_data(config.data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
                        seed=config.seed, strict=config.strict, data_dir=config.data_dir, progress=progress)
     if source.num_classes < 2:
         raise ValueError(f"data={config.data!r} has {source.num_classes} class(es) with images; "
                          "a classifier needs at least 2.")
-    return RunStart(config, run, strategy, description, is_chief(strategy), source, started)
+    return RunStart(config, run, strategy, description, chief, source, started)
+
+
+def open_run(config, overwrite: bool):
+    """Checks ``config.out`` (before TensorFlow is imported: a mistake is reported at once), makes the
+    tf.distribute strategy, then, on the chief, prepares and locks the run folder. Call it from a
+    @run_command function. Returns (run, strategy, description, chief)."""
+    from ktoolkit.train.distribute import is_chief, make_strategy
+
+    run = Run(config.out)
+    # Only the chief writes and locks, and which worker is the chief is known once the strategy exists;
+    # the other workers share the folder (and must not trip over the chief's lock).
+    check_run_folder(run, config, overwrite, test_lock=config.distribute != "multiworker")
+    # First, before TensorFlow runs any op: MultiWorkerMirroredStrategy configures the collective ops
+    # at program start-up (and loading the data decodes images with TensorFlow).
+    strategy, description = make_strategy(config.distribute)
+    chief = is_chief(strategy)
+    if chief:
+        prepare_run_folder(run, config, overwrite)
+    else:
+        try:
+            run.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise folder_error(run.root, err) from err
+    return run, strategy, description, chief
 
 
 def fit(run: Run, model, inference, train_ds, val_ds, *, epochs: int, steps: int, callbacks=(), early_stopping: int = 0,
@@ -179,7 +232,11 @@ def fit(run: Run, model, inference, train_ds, val_ds, *, epochs: int, steps: int
     """``model.fit`` with the run folder's crash recovery: history.csv, best.keras, the checkpoint.
 
     Call it inside the strategy scope. Returns (history rows, epoch resumed from, the BestModel callback,
-    or None when ``inference`` is None).
+    or None when ``inference`` is None). The checkpoint is kept until ``finish`` has marked the run
+    complete, so a run killed after its last epoch resumes there (with nothing left to train).
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite; state.json says so ("failed").
     """
     import tf_keras
 
@@ -195,7 +252,7 @@ def fit(run: Run, model, inference, train_ds, val_ds, *, epochs: int, steps: int
         run_log,
         *([best_model] if best_model else []),
         # the same folder on every worker: Keras sends the non-chief workers' writes to temporary folders
-        tf_keras.callbacks.BackupAndRestore(str(run.backup), save_freq="epoch", delete_checkpoint=True),
+        tf_keras.callbacks.BackupAndRestore(str(run.backup), save_freq="epoch", delete_checkpoint=False),
         *callbacks,
     ]
     if early_stopping:
@@ -205,11 +262,19 @@ def fit(run: Run, model, inference, train_ds, val_ds, *, epochs: int, steps: int
         all_callbacks.append(tf_keras.callbacks.TensorBoard(str(run.tensorboard), write_graph=False, profile_batch=0))
     model.fit(train_ds, validation_data=val_ds, epochs=epochs, steps_per_epoch=steps, callbacks=all_callbacks,
               verbose=(1 if progress else 0))
+    if run_log.failed:
+        if chief:  # a checkpoint of NaN weights is nothing to resume from
+            shutil.rmtree(run.backup, ignore_errors=True)
+        raise NonFiniteLossError(
+            f"out={str(run.root)!r}: training stopped: the {run_log.failed}; the run is marked failed in state.json. "
+            f"Lower the learning rate (--lr, the rate was {run_log.failed_lr:g}) or check the data, then start again "
+            "with --overwrite or a new --out.")
     return run_log.rows, run_log.started_at_epoch, best_model
 
 
 def save_final(run: Run, inference, best_model, chief: bool = True):
-    """last.keras (and best.keras if no epoch was ever the best); removes the checkpoint folder."""
+    """last.keras (and best.keras if no epoch was ever the best). The checkpoint stays: ``finish``
+    removes it once the run is marked complete."""
     from ktoolkit.train.callbacks import save_elsewhere
 
     # Every worker saves (saving is a collective op under MultiWorkerMirroredStrategy); only the chief keeps files.
@@ -219,14 +284,14 @@ def save_final(run: Run, inference, best_model, chief: bool = True):
             save_model(inference, path)
         else:
             save_elsewhere(inference)
-    if chief:
-        shutil.rmtree(run.backup, ignore_errors=True)  # Keras empties it after a finished fit; the folder goes too
 
 
 def finish(run: Run, class_names, eval_split: str, eval_ds, history, *, title: str, started: float,
            progress: bool = False, extra_sections=None, evaluation=None) -> dict:
     """Evaluates best.keras on ``eval_ds`` (or saves ``evaluation``, made by the caller), draws the curves,
-    marks the run complete, writes the report."""
+    marks the run complete, writes the report, and only then removes the checkpoint: killed before,
+    the same command resumes after the last epoch and finishes (a complete run without report.md
+    counts as interrupted)."""
     import recipes
     from ktoolkit.evaluate import evaluate_model, save_evaluation
     from ktoolkit.report import plot_curves, write_report
@@ -242,43 +307,146 @@ def finish(run: Run, class_names, eval_split: str, eval_ds, history, *, title: s
     state.update({"complete": True, "seconds": round(time.time() - started, 1)})
     write_json(run.state, state)
     write_report(run, extra_sections)
+    shutil.rmtree(run.backup, ignore_errors=True)
     return metrics
 
 
-def prepare_run_folder(run: Run, config, overwrite: bool):
-    """Makes the run folder; refuses a finished run (unless ``overwrite``) or an interrupted one with other
-    settings. ``config`` is a TrainConfig (or subclass): the folder's config.yaml is read with its class."""
+def prepare_run_folder(run: Run, config, overwrite: bool) -> RunLock:
+    """Makes or reuses the run folder and locks it for the command now running (a @run_command function
+    releases the lock). What is refused is ``check_run_folder``'s; ``overwrite`` removes only the files
+    ktoolkit wrote (unknown files stay, named in a log line). A new run's marker is written first.
+
+    ``config`` is a TrainConfig (or subclass): the folder's config.yaml is read with its class.
+    """
+    check_run_folder(run, config, overwrite, test_lock=False)  # nothing is written into a folder that is not ours
+    lock = run.lock()
+    try:
+        lock.created = _make_folders(run.root)
+        lock.acquire()
+        # Again, under the lock: another command may have changed the folder since the first look.
+        decision = check_run_folder(run, config, overwrite, test_lock=False)
+        if decision == "overwrite":
+            kept = run.remove_own_files()
+            log.info("out=%r: the previous run's files were removed", str(run.root))
+            if kept:
+                log.warning("out=%r: kept %d file(s) ktoolkit did not write: %s", str(run.root), len(kept),
+                            ", ".join(kept[:20]) + (", ..." if len(kept) > 20 else ""))
+        if decision != "resume":
+            lock.marker = run.mark()
+    except BaseException as err:
+        lock.release(abandon=True)
+        if isinstance(err, OSError) and not isinstance(err, RunExistsError):  # read-only, a file in the way
+            raise folder_error(run.root, err) from err
+        raise
+    _HELD.append(lock)
+    return lock
+
+
+def check_run_folder(run: Run, config, overwrite: bool, *, test_lock: bool = True) -> str:
+    """What preparing ``run`` would do, "new", "resume" or "overwrite", found without writing anything
+    (nor importing TensorFlow).
+
+    Raises:
+        ValueError: ``out`` is a file, cannot be written, is the home or root folder, or is or holds
+            the data (or base) folder; an interrupted run with other settings.
+        RunExistsError: files that are not a ktoolkit run (with or without ``overwrite``); a finished or
+            failed run (without ``overwrite``). RunLockedError: another command is writing it.
+    """
     root = run.root
-    if root.exists() and any(root.iterdir()):
-        state = run.read_state()
-        if not run.config.exists():
-            raise RunExistsError(f"out={str(root)!r} is a folder with other files, not a ktoolkit run; choose a new --out.")
-        if overwrite:
-            shutil.rmtree(root)
-        elif state.get("complete"):
-            raise RunExistsError(
-                f"out={str(root)!r} holds a finished run; choose a new --out, or pass --overwrite to replace it."
+    _check_place(root, config)
+    if not run.entries():
+        return "new"
+    if test_lock and (holder := RunLock.holder(run)) is not None:
+        raise RunLockedError(busy_message(root, holder))
+    state = run.read_state()
+    if not isinstance(state.get(MARKER), str):
+        raise RunExistsError(
+            f"out={str(root)!r} has files and is not a ktoolkit run (no state.json with ktoolkit's {MARKER} marker; "
+            "the run folders of older ktoolkit versions are treated the same), so ktoolkit will not write there, with "
+            "or without --overwrite; nothing was changed: choose a new --out.")
+    if overwrite:
+        return "overwrite"
+    if state.get("failed"):
+        raise RunExistsError(f"out={str(root)!r} holds a run that failed ({state['failed']}); choose a new --out, or "
+                             "pass --overwrite to start it again.")
+    if state.get("complete") and run.report_md.exists():
+        raise RunExistsError(
+            f"out={str(root)!r} holds a finished run; choose a new --out, or pass --overwrite to replace it.")
+    if run.config.exists():
+        previous = type(config).from_yaml(run.config).to_dict()
+        current = config.to_dict()
+        changed = [k for k in current if k not in config.RESUMABLE and previous.get(k) != current[k]]
+        if changed:
+            diffs = ", ".join(f"{k}: {previous.get(k)!r} there, {current[k]!r} now" for k in changed)
+            raise ValueError(
+                f"out={str(root)!r} holds an interrupted run with other settings ({diffs}); run the same "
+                "command to resume it, choose a new --out, or pass --overwrite."
             )
-        else:
-            previous = type(config).from_yaml(run.config).to_dict()
-            current = config.to_dict()
-            changed = [k for k in current if k not in config.RESUMABLE and previous.get(k) != current[k]]
-            if changed:
-                diffs = ", ".join(f"{k}: {previous.get(k)!r} there, {current[k]!r} now" for k in changed)
-                raise ValueError(
-                    f"out={str(root)!r} holds an interrupted run with other settings ({diffs}); run the same "
-                    "command to resume it, choose a new --out, or pass --overwrite."
-                )
-    root.mkdir(parents=True, exist_ok=True)
+    return "resume"
+
+
+def _check_place(root: Path, config) -> None:
+    """Refuses an ``out`` that is a file, cannot be written, or where a run would mix with the user's own
+    files: the home or root folder, the data (or base) itself, a folder above it or inside a data folder."""
+    name = f"out={str(root)!r}"
+    path = root.expanduser()
+    resolved = path.resolve()
+    try:
+        home = Path.home().resolve()
+    except (KeyError, RuntimeError):  # no home folder known
+        home = None
+    if resolved in (Path(resolved.anchor), home):
+        raise ValueError(f"{name} is {'the root' if resolved == Path(resolved.anchor) else 'your home'} folder; a run "
+                         "fills --out with its own files: choose a folder for this run, e.g. runs/NAME.")
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "" if existing == path else f" {existing}"
+        raise ValueError(f"{name}:{where} is a file; choose a folder (a new one, or a ktoolkit run folder).")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: cannot write in {existing} (permission denied); choose a folder you can write to, "
+                         "or fix its permissions.")
+    for setting in ("data", "data_dir", "base", "weights"):
+        value = getattr(config, setting, None)
+        if not isinstance(value, str) or not value or value.startswith("tfds:"):
+            continue
+        if not Path(value).expanduser().exists():  # a name (a recipe, "imagenet"), or missing: said elsewhere
+            continue
+        given = Path(value).expanduser().resolve()
+        flag = "--" + setting.replace("_", "-")
+        if resolved == given or resolved in given.parents:
+            raise ValueError(f"{name} is {'the' if resolved == given else 'a folder above the'} {flag} {value!r}: the "
+                             "run would write its files among yours; choose an --out outside it, e.g. runs/NAME.")
+        if setting == "data" and given.is_dir() and given in resolved.parents:
+            raise ValueError(f"{name} is inside the {flag} folder {value!r}: its images (curves.png, ...) would be "
+                             "read as a class of your data next time; choose an --out outside it, e.g. runs/NAME.")
+
+
+def _make_folders(root: Path) -> list[Path]:
+    """Makes ``root`` and its missing parents; returns the folders it made, deepest first."""
+    missing = []
+    path = root
+    while not path.exists() and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+    return missing
 
 
 def write_run_header(run: Run, config, source, image_size, channels):
-    """config.yaml, classes.json, labels.txt and data.json: what a run folder says before training."""
+    """config.yaml, classes.json, labels.txt, data.json and splits.json: what a run folder says before
+    training. splits.json records every example of every split by content, so evaluation and export
+    later use exactly the held-out images (not a split recomputed from whatever files exist then)."""
+    from ktoolkit.data import manifest
+
     class_names = list(source.class_names)
     write_text(run.config, config.to_yaml())
     write_json(run.classes, class_names)
     write_text(run.labels, "\n".join(class_names) + "\n")
     write_json(run.data, _data_summary(source, image_size, channels))
+    manifest.write(run.splits, manifest.record(source))
 
 
 def _build(recipe, config: TrainConfig, num_classes, image_size, channels):

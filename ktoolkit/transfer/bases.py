@@ -113,6 +113,38 @@ def load_base(name: str, *, weights: str | None = None, image_size=None) -> Base
     return _from_recipe(recipe, weights or "none", image_size)
 
 
+def check_base(name: str, weights: str | None = None):
+    """What :func:`load_base` would refuse about ``name`` and ``weights`` by name alone, without
+    TensorFlow (the CLI calls it before the seconds TensorFlow takes to load).
+
+    Raises:
+        ValueError: a name that is no keras.applications base, recipe, run folder or file (with the
+            closest names).
+        FileNotFoundError: a path-like base or a weights file that does not exist.
+    """
+    import recipes
+
+    path = Path(os.path.expanduser(str(name)))
+    key = str(name).lower().replace("-", "_")
+    if not path.exists() and key not in APPLICATIONS:
+        if str(name).endswith((".keras", ".h5")) or os.sep in str(name):
+            raise FileNotFoundError(f"--base {name}: no such run folder; give a run folder (runs/NAME), an "
+                                    f"application ({', '.join(APPLICATIONS)}) or a recipe name.")
+        try:
+            recipes.get(key)
+        except recipes.UnknownRecipeError:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(dict.fromkeys([*APPLICATIONS, *recipes.names()])), 4, 0.6)
+            raise ValueError(f"--base {name!r} is not a keras.applications base ({', '.join(APPLICATIONS)}), a "
+                             "recipe (`ktool recipes`) or a run folder"
+                             + (f"; did you mean {', '.join(close)}?" if close else ".")) from None
+    if weights is not None and str(weights).lower() not in ("imagenet", "none", "run") \
+            and not Path(os.path.expanduser(str(weights))).is_file():
+        raise FileNotFoundError(f"--weights {weights}: no such file; give imagenet, none, or the path of a .h5 or "
+                                ".keras weights file.")
+
+
 def _size(image_size, default: int, minimum: int, name: str) -> tuple:
     size = tuple(image_size) if image_size else (default, default)
     if min(size) < minimum:
@@ -174,23 +206,23 @@ def _download(key: str, build):
 
 
 def _load_weights_file(model, weights, name: str):
+    """Loads ``--weights FILE`` strictly: every layer of the base with weights must get weights of its shapes.
+
+    Official files load layer by layer in order; a file with the classifier top (more layers than the
+    headless base) by layer name; a ``.keras`` model by layer name after its config was checked.
+    """
+    from recipes.blocks import WeightsMismatchError, load_weights_file
+
     path = Path(os.path.expanduser(str(weights)))
     if not path.is_file():
         raise FileNotFoundError(f"--weights {weights}: no such file; give imagenet, none, or the path of a .h5 or "
                                 f".keras weights file for {name}.")
-    if path.suffix == ".keras":
-        from recipes.blocks import load_weights
-
-        load_weights(model, str(path))
-        return
     try:
-        model.load_weights(str(path))  # official files: layer by layer in order
-    except (ValueError, KeyError):
-        try:
-            model.load_weights(str(path), by_name=True)  # e.g. a file with the classifier top: matched by name
-        except (ValueError, KeyError) as err:
-            raise ValueError(f"--weights {path}: the file does not fit {name} ({err}); give the no-top (or full) "
-                             f"weights file of {name}.") from None
+        how = load_weights_file(model, str(path), label=f"--weights {path}")
+    except WeightsMismatchError as err:
+        raise ValueError(f"--weights {path}: the file does not fit {name} ({err}); give the no-top (or full) "
+                         f"weights file of {name}.") from None
+    log.info("--weights %s: loaded into %s %s", path, name, how)
 
 
 def _from_recipe(recipe, weights: str, image_size) -> Base:

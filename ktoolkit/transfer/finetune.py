@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
 from ktoolkit.io import copy_file, save_model, write_json
 from ktoolkit.train.config import RunConfig, TrainConfig
-from ktoolkit.train.engine import TrainResult
+from ktoolkit.train.engine import TrainResult, run_command
 
 log = logging.getLogger(__name__)
 
 STRATEGY_CHOICES = ("auto", "linear", "linear-early", "finetune", "full")
+# What a Keras layer name is made of (scopes add "/"): anything else in --cut is a typo.
+_LAYER_NAME = re.compile(r"[\w.\-/]{1,256}")
 
 
 @dataclass
@@ -112,6 +115,14 @@ class FinetuneConfig(RunConfig):
                 bad(name, "must be >= 0.")
         if self.early_stopping < 0:
             bad("early_stopping", "is a patience in epochs; 0 turns it off.")
+        if self.cut is not None and not _LAYER_NAME.fullmatch(self.cut):
+            bad("cut", "is not a layer name (letters, digits and _ . / -); give a layer of the base, e.g. "
+                       "block_13_expand_relu, or leave it out for the best held-out probe.")
+        from ktoolkit.data.augment import AugmentConfig
+        from ktoolkit.transfer.bases import check_base
+
+        AugmentConfig.parse(self.augment)  # a ValueError names a bad option
+        check_base(self.base, self.weights)  # by name, before TensorFlow loads
         return self
 
 
@@ -124,6 +135,7 @@ class FinetuneResult(TrainResult):
     plan: dict = field(default_factory=dict)
 
 
+@run_command  # releases the run folder's lock when it ends
 def finetune(config: FinetuneConfig | None = None, *, progress: bool = False, overwrite: bool = False,
              **overrides) -> FinetuneResult:
     """Runs transfer learning as ``config`` says; see the module docstring. Raises like ``train``."""
