@@ -246,3 +246,37 @@ def test_killed_after_the_last_epoch_the_same_command_only_reports(pngs, tmp_pat
     assert Run(out).read_state()["complete"] is True
     assert (out / "report.md").exists() and (out / "metrics.json").exists()
     assert not (out / "backup").exists()
+
+
+def test_a_resumed_run_keeps_the_split_it_started_with(tmp_path):
+    """Images added to the data between a kill and the resume are not used (the recorded split is);
+    an image of the split that changed since is an error, since the epochs already trained saw it."""
+    import shutil
+
+    data = tmp_path / "images"
+    rng = np.random.default_rng(1)
+    for label in range(3):
+        (data / f"class_{label}").mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(data / f"class_{label}" / f"{i}.png")
+    out = tmp_path / "run"
+    train(data=str(data), out=str(out), **TINY)
+    run = Run(out)
+    recorded, summary = run.splits.read_bytes(), json.loads(run.data.read_text())["splits"]
+    # As if killed after the last epoch, before the report: the state says not complete, no report.
+    state = json.loads(run.state.read_text())
+    write_text(run.state, json.dumps({**state, "complete": False}))
+    run.report_md.unlink()
+    # Added since: a copy of a class-0 image under class 1, which a new split would refuse (two labels).
+    shutil.copy(data / "class_0" / "0.png", data / "class_1" / "new.png")
+    train(data=str(data), out=str(out), **TINY)
+    assert run.splits.read_bytes() == recorded
+    assert json.loads(run.data.read_text())["splits"] == summary  # the same examples, not what is there now
+    assert json.loads(run.state.read_text())["complete"] is True
+
+    write_text(run.state, json.dumps({**json.loads(run.state.read_text()), "complete": False}))
+    run.report_md.unlink()
+    first = sorted((data / "class_2").iterdir())[0]
+    first.write_bytes(first.read_bytes()[:-8] + b"changed!")
+    with pytest.raises(ValueError, match=r"interrupted run whose images changed since it started \(.*1 changed"):
+        train(data=str(data), out=str(out), **TINY)

@@ -79,7 +79,7 @@ def pretrain(config: PretrainConfig | None = None, *, progress: bool = False, ov
     config = dataclasses.replace(config or PretrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
     config = config.resolved().validate()
     started = time.time()
-    from ktoolkit.train.engine import _optimizer, finish, fit, open_run, write_run_header
+    from ktoolkit.train.engine import _optimizer, finish, fit, open_run, resumed_source, write_run_header
 
     # the folder checked, the strategy made (first: see ktoolkit.train.engine), the folder locked
     run, strategy, description, chief = open_run(config, overwrite)
@@ -93,9 +93,9 @@ def pretrain(config: PretrainConfig | None = None, *, progress: bool = False, ov
     from ktoolkit.train.callbacks import save_elsewhere
 
     recipe = recipes.get(config.recipe)
-    source = load_data(config.data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
-                       seed=config.seed, strict=config.strict, data_dir=config.data_dir, progress=progress,
-                       allow_unlabeled=True)
+    source = resumed_source(run, progress) or load_data(
+        config.data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed,
+        strict=config.strict, data_dir=config.data_dir, progress=progress, allow_unlabeled=True)
     image_size = tuple(config.image_size or recipe.input_shape[:2])
     channels = config.channels or recipe.input_shape[2]
     global_batch = config.batch_size * strategy.num_replicas_in_sync

@@ -221,8 +221,8 @@ def _run_split(run, data, given, progress: bool):
     if run is None or any(v is not None for v in given):
         return None
     doc = manifest.read(run)
-    if doc is None or not manifest.same_source(doc, data):
-        return None
+    if doc is None or not manifest.same_source(doc, data) or len(doc["class_names"]) < 2:
+        return None  # not recorded, other data, or pretrained without labels: load_data says what is wrong
     source, verification = manifest.load_recorded(run, progress=progress, doc=doc)
     verification.check([next((s for s in ("test", "val") if s in verification.counts), "train")], "measuring on")
     return source

@@ -195,12 +195,35 @@ def start_run(config, overrides: dict, *, overwrite: bool, progress: bool) -> Ru
     config.validate()
     started = time.time()
     run, strategy, description, chief = open_run(config, overwrite)
-    source = load_data(config.data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
-                       seed=config.seed, strict=config.strict, data_dir=config.data_dir, progress=progress)
+    source = resumed_source(run, progress) or load_data(
+        config.data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed,
+        strict=config.strict, data_dir=config.data_dir, progress=progress)
     if source.num_classes < 2:
         raise ValueError(f"data={config.data!r} has {source.num_classes} class(es) with images; "
                          "a classifier needs at least 2.")
     return RunStart(config, run, strategy, description, chief, source, started)
+
+
+def resumed_source(run: Run, progress: bool = False):
+    """An interrupted run's data, exactly as it started: the split in its splits.json, or None for a new
+    run (or one whose split could not be recorded). Files added to the data since are not used;
+    a recorded file that changed or vanished is an error, since the epochs already trained saw it."""
+    from ktoolkit.data import manifest
+
+    doc = manifest.read(run) if run.splits.exists() else None
+    if doc is None or doc.get("kind") == "none":
+        return None
+    source, verification = manifest.load_recorded(run, progress=progress, doc=doc)
+    changed = {name: c for name, c in verification.counts.items() if c["unchanged"] != c["recorded"]}
+    if changed:
+        counts = ", ".join(f"{name}: {c['changed']} changed, {c['missing']} missing of {c['recorded']}"
+                           for name, c in changed.items())
+        raise ValueError(f"out={str(run.root)!r} holds an interrupted run whose images changed since it started "
+                         f"({counts}, under {verification.root}); restore them to resume, or pass --overwrite to "
+                         f"start over on the images there now.")
+    log.info("resuming on the split recorded in %s (%d images); images added since are not used", run.splits,
+             sum(len(split) for split in source.splits.values()))
+    return source
 
 
 def open_run(config, overwrite: bool):
@@ -446,7 +469,8 @@ def write_run_header(run: Run, config, source, image_size, channels):
     write_json(run.classes, class_names)
     write_text(run.labels, "\n".join(class_names) + "\n")
     write_json(run.data, _data_summary(source, image_size, channels))
-    manifest.write(run.splits, manifest.record(source))
+    if not run.splits.exists():  # a resumed run keeps the split it started with (see resumed_source)
+        manifest.write(run.splits, manifest.record(source))
 
 
 def _build(recipe, config: TrainConfig, num_classes, image_size, channels):
@@ -455,7 +479,11 @@ def _build(recipe, config: TrainConfig, num_classes, image_size, channels):
     aux_weight = recipe.options.get("aux_loss_weight")
     if aux_weight and options.get("aux_heads", True):
         options["aux_heads"] = True
-    model = recipe.build(input_shape=(*image_size, channels), num_classes=num_classes, **options)
+    try:
+        model = recipe.build(input_shape=(*image_size, channels), num_classes=num_classes, **options)
+    except TypeError as err:  # an option the builder does not take (builders with **options check late)
+        raise ValueError(f"recipe_options={dict(config.recipe_options)!r}: {recipe.name} does not take them "
+                         f"({err}); see `ktool recipes show {recipe.name}` and the builder's docstring.") from None
     weights = {name: (1.0 if name == "predictions" else float(aux_weight or 0.0)) for name in model.output_names}
     return model, weights
 

@@ -344,7 +344,10 @@ def _trainable_model(base, strategy, config, num_classes, probe, steps):
 
 def _as_train_config(config) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in dataclasses.asdict(config).items() if k in names and k != "data"}, data=config.data)
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k in names and k != "data"}
+    if values.get("lr") is None:  # finetune's own default (set per strategy by the caller)
+        values.pop("lr", None)
+    return TrainConfig(**values, data=config.data)
 
 
 def _plot_probes(probes, path, title: str = ""):
