@@ -6,4 +6,4 @@ import os
 # tensorflow-model-optimization and keras-cv only work with it. See README, "Why tf_keras".
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place: pyproject.toml reads it

@@ -404,10 +404,20 @@ def _as_flag(err) -> ValueError:
 def train_cmd(config_file, overwrite, verbose, **values):
     """Train a recipe on your data; leaves a run folder with models, curves and a report."""
     config = _train_config(config_file, **values)
+    _check_run_folder(config, overwrite)
     _setup_logging(verbose)
     from ktoolkit.train import train
 
     _print_result(train(config, progress=_interactive(), overwrite=overwrite))
+
+
+def _check_run_folder(config, overwrite: bool):
+    """The run folder's checks (not a ktoolkit run, the data's folder, locked, finished), before TensorFlow
+    loads; the run checks again when it takes the folder."""
+    from ktoolkit.runs import Run
+    from ktoolkit.train.engine import check_run_folder
+
+    check_run_folder(Run(config.out), config, overwrite, test_lock=config.distribute != "multiworker")
 
 
 def _print_result(result):
@@ -457,6 +467,7 @@ def pretrain_cmd(config_file, overwrite, verbose, **values):
     from ktoolkit.pretrain.config import PretrainConfig
 
     config = _train_config(config_file, PretrainConfig, **values)
+    _check_run_folder(config, overwrite)
     _setup_logging(verbose)
     from ktoolkit.pretrain import pretrain
 
@@ -540,6 +551,7 @@ def finetune_cmd(config_file, overwrite, verbose, **values):
     from ktoolkit.transfer.finetune import FinetuneConfig
 
     config = _train_config(config_file, config_class=FinetuneConfig, **values)
+    _check_run_folder(config, overwrite)
     _setup_logging(verbose)
     from ktoolkit.transfer.finetune import finetune
 

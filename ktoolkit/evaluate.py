@@ -3,6 +3,7 @@ the most confused pairs; written into a run folder as metrics.json, per_class.cs
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from dataclasses import dataclass, field
@@ -158,5 +159,8 @@ def evaluate_run(model, *, data=None, split=None, out=None, batch_size: int = 32
     dataset = dataset.map(lambda x, y: (x, tf.gather(mapping, tf.cast(y, tf.int64))))
     evaluation = evaluate_model(keras_model, dataset, names, progress=progress)
     folder = Path(out) if out else ((run.root / "eval") if run else Path(f"eval-{Path(path).stem}"))
-    metrics = save_evaluation(evaluation, Run(folder), split=split)
+    # Into a run folder: one command at a time, as training and export (a second one fails at once).
+    inside = run is not None and folder.resolve().is_relative_to(run.root.resolve())
+    with run.lock() if inside else contextlib.nullcontext():
+        metrics = save_evaluation(evaluation, Run(folder), split=split)
     return metrics, folder

@@ -280,3 +280,19 @@ def test_a_resumed_run_keeps_the_split_it_started_with(tmp_path):
     first.write_bytes(first.read_bytes()[:-8] + b"changed!")
     with pytest.raises(ValueError, match=r"interrupted run whose images changed since it started \(.*1 changed"):
         train(data=str(data), out=str(out), **TINY)
+
+
+def test_evaluate_and_export_into_a_locked_run_fail_at_once(pngs, tmp_path):
+    from ktoolkit.evaluate import evaluate_run
+    from tflite_export import export
+
+    out = tmp_path / "run"
+    train(data=str(pngs), out=str(out), **TINY)
+    with Run(out).lock("ktool train (another one)"):
+        with pytest.raises(RunLockedError, match=rf"pid {os.getpid()}: ktool train \(another one\)"):
+            export(str(out), mode="float32")
+        with pytest.raises(RunLockedError, match="is being written by another ktoolkit command"):
+            evaluate_run(str(out))
+    assert not (out / "export").exists() and not (out / "eval").exists()
+    metrics, folder = evaluate_run(str(out))  # once the lock is free
+    assert folder == out / "eval" and metrics["images"] > 0 and not (out / ".lock").exists()

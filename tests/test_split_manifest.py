@@ -189,6 +189,10 @@ def test_identical_files_under_two_names_are_kept_once_and_two_labels_are_an_err
     with pytest.raises(ValueError, match=r"ant/000\.png \(label 'ant'\) and .*cow/same\.png \(label 'cow'\) are the "
                                          r"same image"):
         load_data(data)
+    report = scan_folder(data)  # `ktool data check` says so before training does
+    group = [os.path.join(data, *p) for p in (("ant", "000.png"), ("ant", "copy0.png"), ("cow", "same.png"))]
+    assert not report.ok and report.conflicts == [group]
+    assert len(report.duplicates) == 5 and "Same image under two classes (1;" in report.format()
 
 
 def test_a_label_typo_is_an_error_that_names_it_without_allocating_classes(tmp_path):
@@ -292,3 +296,14 @@ def test_evaluate_and_export_use_the_recorded_split(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ktoolkit"):
         metrics, _ = evaluate_run(run.root)
     assert "no splits.json" in caplog.text and "cannot be verified" in caplog.text
+
+
+def test_an_image_too_large_to_decode_safely_is_a_bad_file(tmp_path):
+    """A decompression bomb: a small PNG whose header says 9,500 x 9,500 pixels (90 million; 270 MB as RGB)."""
+    data = make_folder(tmp_path / "data", per_class=3)
+    bomb = os.path.join(data, "ant", "bomb.png")
+    Image.new("1", (9500, 9500)).save(bomb)
+    assert os.path.getsize(bomb) < 100_000
+    report = scan_folder(data)
+    assert [(b.path, b.reason) for b in report.bad_files] == [
+        (bomb, "too large: 9500x9500 pixels, over 89,478,485; downsize it")]

@@ -9,6 +9,7 @@ what the GPU delegate and NNAPI would not take. Then one report for all of them.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import shutil
@@ -123,13 +124,23 @@ def export(model, *, mode: str = "float32", compare=None, format: str = "tflite"
                 **_tunables(modes, format, given)}
     _check_settings(settings)
 
-    from ktoolkit.io import write_text
     from ktoolkit.runs import resolve_model_path
-    from tflite_export.source import load_source
-    from tflite_export.verify import run_over
 
     path, run = resolve_model_path(model)
     folder = Path(out) if out else ((run.root if run else path.parent) / "export")
+    # Into a run folder (its export/): one command at a time, as training (a second one fails at once).
+    inside = run is not None and folder.resolve().is_relative_to(run.root.resolve())
+    with run.lock() if inside else contextlib.nullcontext():
+        return _export_all(model, modes, folder, data, settings, progress)
+
+
+def _export_all(model, modes, folder: Path, data, settings: dict, progress: bool) -> ExportResult:
+    """Loads the model and its data, exports and verifies every mode into ``folder``, writes the report."""
+    from ktoolkit.io import write_text
+    from tflite_export.source import load_source
+    from tflite_export.verify import run_over
+
+    batch_size = settings["batch_size"]
     source = load_source(model, data=data, progress=progress)
     heldout = source.dataset(source.heldout, batch_size=batch_size)
     log.info("%s: the Keras model on %d held-out images", sanitize_text(source.name),
@@ -140,7 +151,8 @@ def export(model, *, mode: str = "float32", compare=None, format: str = "tflite"
 
     files = []
     for m in modes:
-        files.append(_export_mode(m, format, source, folder, heldout, keras_probs, labels, settings, progress))
+        files.append(_export_mode(m, settings["format"], source, folder, heldout, keras_probs, labels, settings,
+                                  progress))
         f = files[-1]
         log.info("%s: %s, accuracy %.2f%% (Keras %.2f%%), top-1 agreement %.1f%%, %.2f ms%s", m.name, f.path.name,
                  100 * f.verification.accuracy, 100 * f.verification.keras_accuracy, 100 * f.verification.agreement,

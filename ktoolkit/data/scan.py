@@ -214,6 +214,10 @@ def _check(paths, stats, verdicts, progress):
             verdicts[path] = Verdict(_why_undecodable(path), header.format, header.mode, header.size)
 
 
+# Pillow's own decompression-bomb threshold: larger images are refused before anything decodes them.
+MAX_PIXELS = 89_478_485
+
+
 def _read_header(path: str, size: int) -> Verdict:
     from PIL import Image, UnidentifiedImageError
 
@@ -228,6 +232,8 @@ def _read_header(path: str, size: int) -> Verdict:
         return Verdict(_describe(err))
     if fmt not in FORMATS:
         return Verdict(f"unsupported format: {fmt} (TensorFlow decodes {', '.join(FORMATS)})", fmt, mode, dims)
+    if dims[0] * dims[1] > MAX_PIXELS:  # decoding it would take gigabytes (a decompression bomb, or a scan)
+        return Verdict(f"too large: {dims[0]}x{dims[1]} pixels, over {MAX_PIXELS:,}; downsize it", fmt, mode, dims)
     return Verdict(None, fmt, mode, dims)
 
 
@@ -453,8 +459,25 @@ class ScanReport:
 
     @property
     def ok(self) -> bool:
-        """No bad file and no empty class folder."""
-        return not self.bad_files and not self.empty_folders
+        """No bad file, no empty class folder and no image under two classes."""
+        return not self.bad_files and not self.empty_folders and not self.conflicts
+
+    @property
+    def duplicates(self) -> list[list[str]]:
+        """Groups of good images with identical bytes (each group sorted, two or more paths)."""
+        groups: dict[str, list[str]] = {}
+        for by_class in self.images.values():
+            for paths in by_class.values():
+                for path in paths:
+                    if path in self.hashes:
+                        groups.setdefault(self.hashes[path], []).append(path)
+        return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+    @property
+    def conflicts(self) -> list[list[str]]:
+        """Duplicate groups whose copies sit in different class folders: one image with two labels
+        (training refuses them)."""
+        return [g for g in self.duplicates if len({os.path.basename(os.path.dirname(p)) for p in g}) > 1]
 
     def format(self, max_bad: int = 50) -> str:
         """A human-readable report (several lines) for a terminal.
@@ -496,6 +519,14 @@ class ScanReport:
             lines.append(f"Ignored {_plural(len(self.ignored), 'file')} outside the class folders: "
                          + ", ".join(os.path.relpath(p, self.root) for p in self.ignored[:5])
                          + (", ..." if len(self.ignored) > 5 else ""))
+        if self.duplicates:
+            same = len(self.duplicates) - len(self.conflicts)
+            lines.append(f"Duplicates: {_plural(len(self.duplicates), 'image')} stored more than once"
+                         + (f" ({same:,} within one class: kept once when a split is made)" if same else ""))
+        if self.conflicts:
+            lines.append(f"Same image under two classes ({len(self.conflicts):,}; training refuses them, delete the "
+                         "wrong copy):")
+            lines.extend("  " + " = ".join(os.path.relpath(p, self.root) for p in g) for g in self.conflicts[:max_bad])
         if self.bad_files:
             lines.append(f"Bad files ({len(self.bad_files):,}, skipped by load_data; fix or delete them):")
             lines.extend(f"  {b}" for b in self.bad_files[:max_bad])
@@ -518,6 +549,8 @@ class ScanReport:
             "empty_folders": self.empty_folders,
             "bad_files": [{"path": b.path, "reason": b.reason} for b in self.bad_files],
             "ignored": list(self.ignored),
+            "duplicates": self.duplicates,
+            "conflicting_duplicates": self.conflicts,
             "formats": dict(self.formats),
             "modes": dict(self.modes),
             "min_size": list(self.min_size) if self.min_size else None,
