@@ -56,8 +56,12 @@ def main():
     results["digits"] = digits_accuracy(digits, work)
     results["compression"] = compression(digits, work)
     if not args.skip_flowers:
-        results["flowers"] = flowers(need(Path(args.flowers), "flowers5"),
-                                     need(Path(args.weights) / MOBILENET_NO_TOP, "MobileNetV2 weights"), work, args.size)
+        results["flowers"] = flowers(
+            need(Path(args.flowers), "flowers5"),
+            need(Path(args.weights) / MOBILENET_NO_TOP, "MobileNetV2 weights"),
+            work,
+            args.size,
+        )
     files = speed_files(work, Path(args.flowers), Path(args.weights))
     if "flowers" in results:
         files["mobilenet_v2_flowers_128"] = results["flowers"]["files"]
@@ -84,9 +88,22 @@ def train_digits(digits, work, name, recipe, options, epochs=30):
 
     out = work / name
     if not (out / "state.json").exists() or not json.loads((out / "state.json").read_text()).get("complete"):
-        train(TrainConfig(recipe=recipe, data=digits, out=str(out), epochs=epochs, lr=2e-3, schedule="cosine",
-                          augment="none", test_fraction=0.2, channels=1, image_size=(32, 32), recipe_options=options),
-              overwrite=True)
+        train(
+            TrainConfig(
+                recipe=recipe,
+                data=digits,
+                out=str(out),
+                epochs=epochs,
+                lr=2e-3,
+                schedule="cosine",
+                augment="none",
+                test_fraction=0.2,
+                channels=1,
+                image_size=(32, 32),
+                recipe_options=options,
+            ),
+            overwrite=True,
+        )
     return out
 
 
@@ -94,9 +111,17 @@ def summarize(result):
     rows = {}
     for f in result.files:
         v = f.verification
-        rows[f.mode] = {"file": str(f.path), "bytes": f.size_bytes, "gzip_bytes": f.gzip_bytes,
-                        "accuracy": v.accuracy, "keras_accuracy": v.keras_accuracy, "drop_points": v.accuracy_drop,
-                        "agreement": v.agreement, "passed": f.passed, "seconds": round(f.seconds, 1)}
+        rows[f.mode] = {
+            "file": str(f.path),
+            "bytes": f.size_bytes,
+            "gzip_bytes": f.gzip_bytes,
+            "accuracy": v.accuracy,
+            "keras_accuracy": v.keras_accuracy,
+            "drop_points": v.accuracy_drop,
+            "agreement": v.agreement,
+            "passed": f.passed,
+            "seconds": round(f.seconds, 1),
+        }
     return rows
 
 
@@ -104,7 +129,9 @@ def digits_accuracy(digits, work):
     from tflite_export import export
 
     run = train_digits(digits, work, "lenet5_digits", "lenet5", {"activation": "relu", "subsampling": "max"})
-    result = export(run, mode="float32", compare="int8,qat", epochs=2, max_accuracy_drop=100, out=work / "lenet5_export")
+    result = export(
+        run, mode="float32", compare="int8,qat", epochs=2, max_accuracy_drop=100, out=work / "lenet5_export"
+    )
     return summarize(result)
 
 
@@ -118,17 +145,32 @@ def compression(digits, work):
         ("lenet_300_100", "mlp", {"hidden_units": [300, 100]}, 0.9, 4, 16),
     ):
         run = train_digits(digits, work, f"{name}_digits", recipe, options)
-        result = export(run, mode="float32", compare="prune-cluster-int8", sparsity=sparsity, clusters=clusters,
-                        epochs=epochs, max_accuracy_drop=100, out=work / f"{name}_compressed")
+        result = export(
+            run,
+            mode="float32",
+            compare="prune-cluster-int8",
+            sparsity=sparsity,
+            clusters=clusters,
+            epochs=epochs,
+            max_accuracy_drop=100,
+            out=work / f"{name}_compressed",
+        )
         report = json.loads(result.report["json"].read_text())
         keras_bytes = report["source"]["keras_file_bytes"]
         files = summarize(result)
         compressed = files["prune-cluster-int8"]
-        rows[name] = {"keras_bytes": keras_bytes, "sparsity": sparsity, "clusters": clusters, "epochs": epochs,
-                      "gzip_bytes": compressed["gzip_bytes"], "ratio": keras_bytes / compressed["gzip_bytes"],
-                      "drop_points": compressed["drop_points"], "accuracy": compressed["accuracy"],
-                      "keras_accuracy": compressed["keras_accuracy"],
-                      "notes": [n for e in report["exports"] for n in e["notes"] if e["mode"] == "prune-cluster-int8"]}
+        rows[name] = {
+            "keras_bytes": keras_bytes,
+            "sparsity": sparsity,
+            "clusters": clusters,
+            "epochs": epochs,
+            "gzip_bytes": compressed["gzip_bytes"],
+            "ratio": keras_bytes / compressed["gzip_bytes"],
+            "drop_points": compressed["drop_points"],
+            "accuracy": compressed["accuracy"],
+            "keras_accuracy": compressed["keras_accuracy"],
+            "notes": [n for e in report["exports"] for n in e["notes"] if e["mode"] == "prune-cluster-int8"],
+        }
     return rows
 
 
@@ -149,31 +191,62 @@ def flowers(folder, weights, work, size):
         source = load_data(str(folder), val_fraction=0.1, test_fraction=0.1, seed=0)
         inputs = tf_keras.Input((size, size, 3), name="input")
         x = custom_layers("tf_keras").ImagePreprocessing("tf", name="preprocessing")(inputs)
-        base = tf_keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(size, size, 3),
-                                                 pooling="avg")
+        base = tf_keras.applications.MobileNetV2(
+            include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg"
+        )
         base.load_weights(str(weights))
         features = tf_keras.Model(inputs, base(x))
 
         def embed(split):
-            ds = make_dataset(source.splits[split], num_classes=source.num_classes, image_size=(size, size),
-                              batch_size=64, one_hot=True)
+            ds = make_dataset(
+                source.splits[split],
+                num_classes=source.num_classes,
+                image_size=(size, size),
+                batch_size=64,
+                one_hot=True,
+            )
             return features.predict(ds, verbose=0), np.concatenate([y for _, y in ds.as_numpy_iterator()])
 
         (xtr, ytr), (xva, yva) = embed("train"), embed("val")
         head = tf_keras.layers.Dense(source.num_classes, activation="softmax", name="predictions")
         probe = tf_keras.Sequential([tf_keras.Input((xtr.shape[1],)), head])
         probe.compile(tf_keras.optimizers.Adam(1e-3), "categorical_crossentropy", ["accuracy"])
-        probe.fit(xtr, ytr, validation_data=(xva, yva), epochs=30, batch_size=64, verbose=0,
-                  callbacks=[tf_keras.callbacks.EarlyStopping(patience=5, restore_best_weights=True)])
+        probe.fit(
+            xtr,
+            ytr,
+            validation_data=(xva, yva),
+            epochs=30,
+            batch_size=64,
+            verbose=0,
+            callbacks=[tf_keras.callbacks.EarlyStopping(patience=5, restore_best_weights=True)],
+        )
         model = tf_keras.Model(inputs, head(features.output), name="mobilenet_v2")
         save_model(model, run / "best.keras")
         write_json(run / "classes.json", list(source.class_names))
         write_text(run / "labels.txt", "\n".join(source.class_names) + "\n")
-        write_text(run / "config.yaml", yaml.safe_dump({"recipe": "mobilenet_v2 (ImageNet) + linear head",
-                                                        "data": str(folder), "val_fraction": 0.1,
-                                                        "test_fraction": 0.1, "seed": 0, "image_size": [size, size]}))
-    result = export(run, mode="float32", compare="int8,qat", epochs=1, steps_per_epoch=60, lr=1e-5,
-                    max_accuracy_drop=100, out=work / "mobilenet_v2_export")
+        write_text(
+            run / "config.yaml",
+            yaml.safe_dump(
+                {
+                    "recipe": "mobilenet_v2 (ImageNet) + linear head",
+                    "data": str(folder),
+                    "val_fraction": 0.1,
+                    "test_fraction": 0.1,
+                    "seed": 0,
+                    "image_size": [size, size],
+                }
+            ),
+        )
+    result = export(
+        run,
+        mode="float32",
+        compare="int8,qat",
+        epochs=1,
+        steps_per_epoch=60,
+        lr=1e-5,
+        max_accuracy_drop=100,
+        out=work / "mobilenet_v2_export",
+    )
     rows = summarize(result)
     return {"files": {m: r["file"] for m, r in rows.items()}, **rows}
 
@@ -190,8 +263,11 @@ def speed_files(work, flowers_folder, weights_folder):
     from tflite_export.convert import to_tflite
 
     photos = sorted(flowers_folder.rglob("*.jpg"))[::80][:50] if flowers_folder.exists() else []
-    images = (np.stack([np.asarray(Image.open(p).convert("RGB").resize((224, 224)), dtype=np.float32) for p in photos])
-              if photos else np.random.default_rng(0).uniform(0, 255, (50, 224, 224, 3)).astype(np.float32))
+    images = (
+        np.stack([np.asarray(Image.open(p).convert("RGB").resize((224, 224)), dtype=np.float32) for p in photos])
+        if photos
+        else np.random.default_rng(0).uniform(0, 255, (50, 224, 224, 3)).astype(np.float32)
+    )
 
     def mobilenet():
         from recipes.layers import custom_layers
@@ -226,17 +302,36 @@ def latency_ratio(files, rounds):
             p50[mode].append(benchmark(files[mode], threads=(2,), runs=30, warmup=5)[0]["p50_ms"])
     sizes = {mode: Path(files[mode]).stat().st_size for mode in ("float32", "int8")}
     f32, i8 = statistics.median(p50["float32"]), statistics.median(p50["int8"])
-    return {"float32_ms": f32, "int8_ms": i8, "latency_ratio": i8 / f32, "float32_bytes": sizes["float32"],
-            "int8_bytes": sizes["int8"], "size_ratio": sizes["int8"] / sizes["float32"], "rounds": p50}
+    return {
+        "float32_ms": f32,
+        "int8_ms": i8,
+        "latency_ratio": i8 / f32,
+        "float32_bytes": sizes["float32"],
+        "int8_bytes": sizes["int8"],
+        "size_ratio": sizes["int8"] / sizes["float32"],
+        "rounds": p50,
+    }
 
 
 def print_summary(results):
     rows = []
     for model, s in results["speed"].items():
-        rows.append((f"{model} size int8/float32", f"{s['size_ratio']:.3f}", "<= 0.27",
-                     f"{s['int8_bytes'] / 2**20:.2f} / {s['float32_bytes'] / 2**20:.2f} MB"))
-        rows.append((f"{model} latency int8/float32 (2 threads)", f"{s['latency_ratio']:.2f}", "<= 0.6",
-                     f"{s['int8_ms']:.1f} / {s['float32_ms']:.1f} ms (median p50 of {len(s['rounds']['int8'])} rounds)"))
+        rows.append(
+            (
+                f"{model} size int8/float32",
+                f"{s['size_ratio']:.3f}",
+                "<= 0.27",
+                f"{s['int8_bytes'] / 2**20:.2f} / {s['float32_bytes'] / 2**20:.2f} MB",
+            )
+        )
+        rows.append(
+            (
+                f"{model} latency int8/float32 (2 threads)",
+                f"{s['latency_ratio']:.2f}",
+                "<= 0.6",
+                f"{s['int8_ms']:.1f} / {s['float32_ms']:.1f} ms (median p50 of {len(s['rounds']['int8'])} rounds)",
+            )
+        )
     for name in ("digits", "flowers"):
         if name not in results:
             continue
@@ -244,14 +339,23 @@ def print_summary(results):
         base = r["float32"]["accuracy"]
         for mode, target in (("int8", 1.0), ("qat", 0.5)):
             drop = 100 * (base - r[mode]["accuracy"])
-            rows.append((f"{name} {mode} drop vs float32 file (points)", f"{drop:+.2f}", f"<= {target}",
-                         f"{100 * r[mode]['accuracy']:.2f}% vs {100 * base:.2f}%"))
+            rows.append(
+                (
+                    f"{name} {mode} drop vs float32 file (points)",
+                    f"{drop:+.2f}",
+                    f"<= {target}",
+                    f"{100 * r[mode]['accuracy']:.2f}% vs {100 * base:.2f}%",
+                )
+            )
     for name, c in results["compression"].items():
-        detail = (f"{c['gzip_bytes'] / 1024:.1f} KB vs {c['keras_bytes'] / 1024:.0f} KB; accuracy "
-                  f"{100 * c['accuracy']:.2f}% vs {100 * c['keras_accuracy']:.2f}% (sparsity {c['sparsity']}, "
-                  f"{c['clusters']} clusters, {c['epochs']} epochs/step)")
-        rows.append((f"{name} prune+cluster+int8, gzip vs float32 .keras", f"{c['ratio']:.1f}x", "aim 35x, <= 1 point",
-                     detail))
+        detail = (
+            f"{c['gzip_bytes'] / 1024:.1f} KB vs {c['keras_bytes'] / 1024:.0f} KB; accuracy "
+            f"{100 * c['accuracy']:.2f}% vs {100 * c['keras_accuracy']:.2f}% (sparsity {c['sparsity']}, "
+            f"{c['clusters']} clusters, {c['epochs']} epochs/step)"
+        )
+        rows.append(
+            (f"{name} prune+cluster+int8, gzip vs float32 .keras", f"{c['ratio']:.1f}x", "aim 35x, <= 1 point", detail)
+        )
     print(table(rows, ("measure", "value", "target", "detail")))
     print(f"total {results['seconds']} s")
 

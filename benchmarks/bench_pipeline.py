@@ -43,12 +43,22 @@ def main():
             image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
             return tf.image.resize(image, size)
 
-        return (tf.data.Dataset.from_tensor_slices(paths).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-                .batch(args.batch_size).prefetch(tf.data.AUTOTUNE))
+        return (
+            tf.data.Dataset.from_tensor_slices(paths)
+            .map(load, num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(args.batch_size)
+            .prefetch(tf.data.AUTOTUNE)
+        )
 
     def ours():
-        return make_dataset(split, num_classes=len(source.class_names), image_size=size, batch_size=args.batch_size,
-                            training=False, cache=None)
+        return make_dataset(
+            split,
+            num_classes=len(source.class_names),
+            image_size=size,
+            batch_size=args.batch_size,
+            training=False,
+            cache=None,
+        )
 
     def rate(make):
         start = time.perf_counter()
@@ -65,8 +75,10 @@ def main():
         rates["ktoolkit make_dataset"].append(rate(ours)[0])
     raw_rate = median(rates["raw tf.data decode+resize"])
     rows = [(name, f"{median(v):.0f}", f"{median(v) / raw_rate:.2f}") for name, v in rates.items()]
-    print(f"{len(paths)} images from {args.data} at {args.size}x{args.size}, batch {args.batch_size}, "
-          f"median of {args.rounds} alternating rounds")
+    print(
+        f"{len(paths)} images from {args.data} at {args.size}x{args.size}, batch {args.batch_size}, "
+        f"median of {args.rounds} alternating rounds"
+    )
     print(table(rows, ("pipeline", "images/s", "ratio to raw")))
     print(f"scan: first {first_scan:.2f} s ({len(paths) / first_scan:.0f} files/s), cached rescan {second_scan:.2f} s")
     ratio = median(rates["ktoolkit make_dataset"]) / raw_rate

@@ -28,8 +28,11 @@ METHODS = ("autoencoder", "denoising", "contrastive")
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(FLOWERS))
-    parser.add_argument("--weights", default=str(WEIGHTS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
-                        help="keras.applications MobileNetV2 no-top ImageNet weights")
+    parser.add_argument(
+        "--weights",
+        default=str(WEIGHTS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
+        help="keras.applications MobileNetV2 no-top ImageNet weights",
+    )
     parser.add_argument("--size", type=int, default=64, help="image size for pretraining and evaluation")
     parser.add_argument("--mobilenet-sizes", default="64,128", help="sizes MobileNetV2's features are taken at")
     parser.add_argument("--epochs", default="4,4,4", help="epochs of autoencoder, denoising, contrastive")
@@ -57,20 +60,40 @@ def main():
             os.symlink(os.path.abspath(path), link)
     settings = {  # the recipes' defaults, a deeper autoencoder (64x64 -> 8x8x128) and masking noise
         "autoencoder": {"recipe_options": {"filters": [32, 64, 128]}, "batch_size": 64},
-        "denoising": {"recipe_options": {"filters": [32, 64, 128]}, "batch_size": 64, "noise": "masking",
-                      "noise_strength": 0.25},
+        "denoising": {
+            "recipe_options": {"filters": [32, 64, 128]},
+            "batch_size": 64,
+            "noise": "masking",
+            "noise_strength": 0.25,
+        },
         "contrastive": {"recipe": "cifar_resnet20", "batch_size": 128, "augment": "flip,crop=0.2,color=40"},
     }
     rows = []
     for method in args.methods.split(","):
         started = time.time()
-        run = pretrain(method=method, data=str(unlabelled), out=str(out / method), image_size=size, epochs=epochs[method],
-                       val_fraction=0.1, test_fraction=0.0, overwrite=True, **settings[method]).run
+        run = pretrain(
+            method=method,
+            data=str(unlabelled),
+            out=str(out / method),
+            image_size=size,
+            epochs=epochs[method],
+            val_fraction=0.1,
+            test_fraction=0.0,
+            overwrite=True,
+            **settings[method],
+        ).run
         seconds = time.time() - started
         result = linear_eval(run.root, str(data), val_fraction=0.1, test_fraction=0.1, seed=0)
-        rows.append((method, f"{result.accuracy:.1%}", f"{result.random_accuracy:.1%}",
-                     f"{100 * result.difference:+.1f}", f"{result.pretrained.dimensions}",
-                     f"{epochs[method]} epochs, {seconds / 60:.1f} min"))
+        rows.append(
+            (
+                method,
+                f"{result.accuracy:.1%}",
+                f"{result.random_accuracy:.1%}",
+                f"{100 * result.difference:+.1f}",
+                f"{result.pretrained.dimensions}",
+                f"{epochs[method]} epochs, {seconds / 60:.1f} min",
+            )
+        )
         print(table(rows[-1:], ("encoder", "linear eval", "random init", "points", "dims", "pretraining")), flush=True)
 
     from ktoolkit.transfer.bases import load_base
@@ -79,11 +102,21 @@ def main():
     for mobile_size in (int(s) for s in args.mobilenet_sizes.split(",")):
         base = load_base("mobilenet_v2", weights=str(weights), image_size=(mobile_size, mobile_size))
         probe = linear_probe(base.model, source, cache=FeatureCache())
-        rows.append((f"MobileNetV2, ImageNet (supervised), {mobile_size}x{mobile_size}", f"{probe.accuracy:.1%}",
-                     "", "", f"{probe.dimensions}", "none (ImageNet weights)"))
-    print(f"\n{data}: {len(source.class_names)} classes; linear evaluation on the test split "
-          f"({len(source.splits['test'])} images), pretraining at {args.size}x{args.size} on the "
-          f"{len(source.splits['train'])} training images without labels\n")
+        rows.append(
+            (
+                f"MobileNetV2, ImageNet (supervised), {mobile_size}x{mobile_size}",
+                f"{probe.accuracy:.1%}",
+                "",
+                "",
+                f"{probe.dimensions}",
+                "none (ImageNet weights)",
+            )
+        )
+    print(
+        f"\n{data}: {len(source.class_names)} classes; linear evaluation on the test split "
+        f"({len(source.splits['test'])} images), pretraining at {args.size}x{args.size} on the "
+        f"{len(source.splits['train'])} training images without labels\n"
+    )
     print(table(rows, ("encoder", "linear eval", "random init", "points", "dims", "pretraining")))
     print(f"\nruns in {out}")
 

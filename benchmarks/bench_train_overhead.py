@@ -37,9 +37,18 @@ def main():
     from ktoolkit.data import load_data
     from ktoolkit.train import TrainConfig, train
 
-    config = TrainConfig(recipe=args.recipe, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
-                         image_size=(args.size, args.size), augment="none", lr=1e-3)
-    source = load_data(args.data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
+    config = TrainConfig(
+        recipe=args.recipe,
+        data=args.data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        image_size=(args.size, args.size),
+        augment="none",
+        lr=1e-3,
+    )
+    source = load_data(
+        args.data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
+    )
     n = len(source.class_names)
     size = (args.size, args.size)
 
@@ -68,11 +77,19 @@ def main():
         tf_keras.backend.clear_session()
         tf_keras.utils.set_random_seed(0)
         model = recipes.build(args.recipe, input_shape=(*size, 3), num_classes=n)
-        model.compile(tf_keras.optimizers.Adam(1e-3), tf_keras.losses.CategoricalCrossentropy(),
-                      metrics=["accuracy", tf_keras.metrics.TopKCategoricalAccuracy(5, name="top5")][: 1 + (n > 5)])
+        model.compile(
+            tf_keras.optimizers.Adam(1e-3),
+            tf_keras.losses.CategoricalCrossentropy(),
+            metrics=["accuracy", tf_keras.metrics.TopKCategoricalAccuracy(5, name="top5")][: 1 + (n > 5)],
+        )
         timer = EpochTimer()
-        model.fit(hand_dataset(source.splits["train"], True), validation_data=hand_dataset(source.splits["val"], False),
-                  epochs=args.epochs, callbacks=[timer], verbose=0)
+        model.fit(
+            hand_dataset(source.splits["train"], True),
+            validation_data=hand_dataset(source.splits["val"], False),
+            epochs=args.epochs,
+            callbacks=[timer],
+            verbose=0,
+        )
         return timer.seconds[1:]
 
     def ktoolkit_train():
@@ -86,16 +103,22 @@ def main():
         times["hand-written tf_keras fit"] += hand_written()
         times["ktool train"] += ktoolkit_train()
     base, base_min = median(times["hand-written tf_keras fit"]), min(times["hand-written tf_keras fit"])
-    rows = [(name, f"{median(v):.2f}", f"{median(v) / base:.3f}", f"{min(v):.2f}", f"{min(v) / base_min:.3f}")
-            for name, v in times.items()]
-    print(f"{args.recipe} at {args.size}x{args.size}, batch {args.batch_size}, {len(source.splits['train'])} training "
-          f"images, {args.epochs} epochs x {args.rounds} rounds (epoch 1 excluded)")
+    rows = [
+        (name, f"{median(v):.2f}", f"{median(v) / base:.3f}", f"{min(v):.2f}", f"{min(v) / base_min:.3f}")
+        for name, v in times.items()
+    ]
+    print(
+        f"{args.recipe} at {args.size}x{args.size}, batch {args.batch_size}, {len(source.splits['train'])} training "
+        f"images, {args.epochs} epochs x {args.rounds} rounds (epoch 1 excluded)"
+    )
     print(table(rows, ("training", "s/epoch median", "ratio", "s/epoch min", "ratio of mins")))
     spread = max(times["hand-written tf_keras fit"]) / base_min
     print(f"noise: the hand-written epochs alone range over x{spread:.2f}; the minimum is the least disturbed epoch")
     ratio = min(times["ktool train"]) / base_min
-    print(f"target <= 1.05 (ratio of minimum epoch times): {'met' if ratio <= 1.05 else 'NOT met'} ({ratio:.3f}); "
-          f"ratio of medians {median(times['ktool train']) / base:.3f}")
+    print(
+        f"target <= 1.05 (ratio of minimum epoch times): {'met' if ratio <= 1.05 else 'NOT met'} ({ratio:.3f}); "
+        f"ratio of medians {median(times['ktool train']) / base:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,12 @@ def digits_npz(folder: Path) -> str:
 
     d = load_digits()
     path = folder / "digits.npz"
-    np.savez(path, x=(d.images * 255 / 16).round().astype("uint8")[..., None], y=d.target,
-             class_names=np.array([str(i) for i in range(10)]))
+    np.savez(
+        path,
+        x=(d.images * 255 / 16).round().astype("uint8")[..., None],
+        y=d.target,
+        class_names=np.array([str(i) for i in range(10)]),
+    )
     return str(path)
 
 
@@ -63,13 +67,22 @@ def keras_recipe(data: str, weights: str, size: int, epochs: int = 10):
     inputs = tf_keras.Input((size, size, 3))
     x = tf_keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
     x = base(x, training=False)
-    outputs = tf_keras.layers.Dense(source.num_classes, activation="softmax")(tf_keras.layers.GlobalAveragePooling2D()(x))
+    outputs = tf_keras.layers.Dense(source.num_classes, activation="softmax")(
+        tf_keras.layers.GlobalAveragePooling2D()(x)
+    )
     model = tf_keras.Model(inputs, outputs)
     model.compile(tf_keras.optimizers.Adam(1e-3), "categorical_crossentropy", metrics=["accuracy"])
 
     def ds(split, training):
-        return make_dataset(source.splits[split], num_classes=source.num_classes, image_size=(size, size), channels=3,
-                            batch_size=32, training=training, cache="memory")
+        return make_dataset(
+            source.splits[split],
+            num_classes=source.num_classes,
+            image_size=(size, size),
+            channels=3,
+            batch_size=32,
+            training=training,
+            cache="memory",
+        )
 
     model.fit(ds("train", True), validation_data=ds("val", False), epochs=epochs, verbose=0)
     seconds = time.perf_counter() - started
@@ -82,7 +95,9 @@ def main():
     parser.add_argument("--datasets", default="flowers5,digits,fashion")
     parser.add_argument("--size", type=int, default=128, help="image size (square)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of the finetune and full strategies")
-    parser.add_argument("--weights", default=str(WEIGHTS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"))
+    parser.add_argument(
+        "--weights", default=str(WEIGHTS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
+    )
     args = parser.parse_args()
     need(Path(args.weights), "MobileNetV2 ImageNet weights")
     work = Path(tempfile.mkdtemp(prefix="bench-transfer-"))
@@ -105,18 +120,34 @@ def main():
             continue
         rows, decision = [], None
         baseline_acc, baseline_s = keras_recipe(data, args.weights, args.size)
-        rows.append(["keras recipe: frozen base + head, fit 10 epochs", f"{baseline_acc:.1%}", f"{baseline_s:.1f}", "1.00"])
-        runs = [("linear", "linear (cold cache)"), ("linear", "linear (warm cache)"), ("linear-early", "linear-early"),
-                ("finetune", f"finetune ({args.epochs} epochs)"), ("full", f"full ({args.epochs} epochs)")]
+        rows.append(
+            ["keras recipe: frozen base + head, fit 10 epochs", f"{baseline_acc:.1%}", f"{baseline_s:.1f}", "1.00"]
+        )
+        runs = [
+            ("linear", "linear (cold cache)"),
+            ("linear", "linear (warm cache)"),
+            ("linear-early", "linear-early"),
+            ("finetune", f"finetune ({args.epochs} epochs)"),
+            ("full", f"full ({args.epochs} epochs)"),
+        ]
         for i, (strategy, label) in enumerate(runs):
-            config = FinetuneConfig(base="mobilenet_v2", weights=args.weights, data=data, out=str(work / f"{name}_{i}"),
-                                    strategy=strategy, image_size=(args.size, args.size), epochs=args.epochs)
+            config = FinetuneConfig(
+                base="mobilenet_v2",
+                weights=args.weights,
+                data=data,
+                out=str(work / f"{name}_{i}"),
+                strategy=strategy,
+                image_size=(args.size, args.size),
+                epochs=args.epochs,
+            )
             started = time.perf_counter()
             result = finetune(config)
             seconds = time.perf_counter() - started
             decision = result.advice
             extra = f" @ {result.plan['features']}" if strategy == "linear-early" else ""
-            rows.append([label + extra, f"{result.metrics['accuracy']:.1%}", f"{seconds:.1f}", f"{baseline_s / seconds:.2f}"])
+            rows.append(
+                [label + extra, f"{result.metrics['accuracy']:.1%}", f"{seconds:.1f}", f"{baseline_s / seconds:.2f}"]
+            )
         print(f"\n## {name} ({args.size}x{args.size}, MobileNetV2 ImageNet)\n")
         print("\n".join(decision.lines()))
         print()

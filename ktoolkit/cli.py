@@ -50,12 +50,12 @@ def _one_line(text: str, keep: int = 8) -> str:
     """A message as one line: its first line, then the others (listed files) joined with "; "."""
     lines = [line.strip() for line in _printable(text).splitlines() if line.strip()]
     if len(lines) > keep + 1:
-        lines = [*lines[:keep + 1], f"... and {len(lines) - keep - 1} more"]
+        lines = [*lines[: keep + 1], f"... and {len(lines) - keep - 1} more"]
     return " ".join(lines[:1] + ["; ".join(lines[1:])]).strip()
 
 
 def _os_message(err: OSError) -> str | None:
-    """"PATH: what happened; what to do" for an OSError of the user's situation; None for others."""
+    """ "PATH: what happened; what to do" for an OSError of the user's situation; None for others."""
     if err.errno is None:  # ktoolkit's own FileNotFoundError("... does not exist; give ...")
         return str(err)
     fix = _OS_FIXES.get(err.errno)
@@ -64,7 +64,9 @@ def _os_message(err: OSError) -> str | None:
     paths = [os.fsdecode(p) for p in (err.filename, err.filename2) if p is not None]
     if not paths:  # e.g. a zip archive's close() when the disk is full: name the folder being written
         ctx = click.get_current_context(silent=True)
-        paths = [" ".join(ctx.meta["ktoolkit.out"])] if ctx and "ktoolkit.out" in ctx.meta else [err.strerror or "error"]
+        paths = (
+            [" ".join(ctx.meta["ktoolkit.out"])] if ctx and "ktoolkit.out" in ctx.meta else [err.strerror or "error"]
+        )
     return f"{' -> '.join(paths)}: {fix}."
 
 
@@ -74,8 +76,10 @@ def _unicode_message(err: UnicodeEncodeError) -> str:
     start = max(text.rfind("\n", 0, err.start) + 1, err.start - 60)
     end = text.find("\n", err.end)
     end = min(len(text) if end < 0 else end, err.end + 20)
-    return (f"a name that is not valid UTF-8 cannot be written as text (in {text[start:end]!r}); rename that file "
-            "or folder.")
+    return (
+        f"a name that is not valid UTF-8 cannot be written as text (in {text[start:end]!r}); rename that file "
+        "or folder."
+    )
 
 
 def _user_errors(command):
@@ -145,8 +149,10 @@ def _check_out(value, flag: str = "--out"):
     if not existing.is_dir():
         raise ValueError(f"{flag} {value}: {existing} is a file, not a folder; choose another {flag}.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {value}: {existing} is not writable (a read-only file system or no permission); "
-                         f"choose a writable {flag}.")
+        raise ValueError(
+            f"{flag} {value}: {existing} is not writable (a read-only file system or no permission); "
+            f"choose a writable {flag}."
+        )
 
 
 def _check_exists(value, flag: str, what: str):
@@ -231,14 +237,15 @@ def recipes_cmd(ctx, task, family, markdown):
     """List the architecture recipes (name, family, parameters, input size, paper)."""
     if ctx.invoked_subcommand is not None:
         return
-    rows = [r for r in recipes.all_recipes() if (task is None or r.task == task) and (family is None or r.family == family)]
+    rows = [
+        r for r in recipes.all_recipes() if (task is None or r.task == task) and (family is None or r.family == family)
+    ]
     if not rows:
         families = sorted({r.family for r in recipes.all_recipes()})
         raise click.ClickException(f"no recipes match; families are {', '.join(families)}.")
     header = ("name", "family", "params", "input", "paper")
     table = [
-        (r.name, r.family, _format_count(r.params), "x".join(str(d) for d in r.input_shape), r.paper)
-        for r in rows
+        (r.name, r.family, _format_count(r.params), "x".join(str(d) for d in r.input_shape), r.paper) for r in rows
     ]
     if markdown:
         click.echo("| " + " | ".join(header) + " |")
@@ -255,8 +262,13 @@ def recipes_cmd(ctx, task, family, markdown):
 @click.argument("name")
 @click.option("--input-shape", help="Build at HEIGHT,WIDTH,CHANNELS instead of the paper's size.")
 @click.option("--num-classes", type=int, help="Number of classes (default: the paper's).")
-@click.option("--api", type=click.Choice(["tf_keras", "keras3"]), default="tf_keras", show_default=True,
-              help="Which Keras to build with.")
+@click.option(
+    "--api",
+    type=click.Choice(["tf_keras", "keras3"]),
+    default="tf_keras",
+    show_default=True,
+    help="Which Keras to build with.",
+)
 @_user_errors
 def recipes_show(name, input_shape, num_classes, api):
     """Show a recipe's metadata and layer summary."""
@@ -265,8 +277,13 @@ def recipes_show(name, input_shape, num_classes, api):
     click.echo(f"  family        {recipe.family}")
     click.echo(f"  paper         {recipe.paper}")
     click.echo(f"  task          {recipe.task}")
-    click.echo(f"  input         {'x'.join(str(d) for d in recipe.input_shape)} (at least {recipe.min_size}x{recipe.min_size})")
-    click.echo(f"  parameters    {recipe.params:,}" + (f" (paper: {_format_count(int(recipe.paper_params))})" if recipe.paper_params else ""))
+    click.echo(
+        f"  input         {'x'.join(str(d) for d in recipe.input_shape)} (at least {recipe.min_size}x{recipe.min_size})"
+    )
+    click.echo(
+        f"  parameters    {recipe.params:,}"
+        + (f" (paper: {_format_count(int(recipe.paper_params))})" if recipe.paper_params else "")
+    )
     click.echo(f"  preprocessing {recipe.preprocessing}")
     click.echo(f"  layer groups  {', '.join(f'{g} (to {layer})' for g, layer in recipe.layer_groups)}")
     click.echo(f"  head starts   {recipe.head_start}")
@@ -317,14 +334,19 @@ def _train_flags() -> dict:
     from ktoolkit.train.config import DISTRIBUTES, OPTIMIZERS, SCHEDULES
 
     return {
-        "config_file": click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-                                    help="YAML file with these settings (e.g. a run's config.yaml); flags win."),
+        "config_file": click.option(
+            "--config",
+            "config_file",
+            type=click.Path(exists=True, dir_okay=False),
+            help="YAML file with these settings (e.g. a run's config.yaml); flags win.",
+        ),
         "recipe": click.option("--recipe", help="Architecture (see `ktool recipes`)."),
         "data": click.option("--data", help="Class-per-folder directory, CSV (path,label), .npz, or tfds:NAME."),
         "out": click.option("--out", help="Run folder (default runs/train). An interrupted run there is resumed."),
         "epochs": click.option("--epochs", type=int),
-        "batch_size": click.option("--batch-size", type=int,
-                                   help="Per replica; the global batch is this times the replicas."),
+        "batch_size": click.option(
+            "--batch-size", type=int, help="Per replica; the global batch is this times the replicas."
+        ),
         "optimizer": click.option("--optimizer", type=click.Choice(OPTIMIZERS)),
         "lr": click.option("--lr", type=float, help="Learning rate."),
         "momentum": click.option("--momentum", type=float),
@@ -341,10 +363,12 @@ def _train_flags() -> dict:
         "seed": click.option("--seed", type=int),
         "augment": click.option("--augment", help="e.g. flip,crop or flip,crop,color=20,mixup=0.2; 'none' for none."),
         "cache": click.option("--cache", help="memory, none, or a folder for tf.data's cache files."),
-        "early_stopping": click.option("--early-stopping", type=int,
-                                       help="Patience in epochs on the validation loss (0: off)."),
-        "strict": click.option("--strict/--no-strict", default=None,
-                               help="Fail on unreadable images instead of skipping."),
+        "early_stopping": click.option(
+            "--early-stopping", type=int, help="Patience in epochs on the validation loss (0: off)."
+        ),
+        "strict": click.option(
+            "--strict/--no-strict", default=None, help="Fail on unreadable images instead of skipping."
+        ),
         "deterministic": click.option("--deterministic/--no-deterministic", default=None),
         "data_dir": click.option("--data-dir", help="tensorflow-datasets folder for tfds: sources."),
         "steps_per_epoch": click.option("--steps-per-epoch", type=int, help="Cap the steps per epoch (quick trials)."),
@@ -387,8 +411,10 @@ def _train_config(config_file, config_class=None, **values):
             raise (_as_flag(err) if err.field in given else err) from None
         raise err.located(f"config file {config_file}") from None
     for name, check in (("data", _check_data), ("out", _check_out)):
-        check(getattr(config, name), f"--{name}" if name in given or not config_file else f"config file "
-              f"{config_file}: {name}")
+        check(
+            getattr(config, name),
+            f"--{name}" if name in given or not config_file else f"config file {config_file}: {name}",
+        )
     return config
 
 
@@ -434,24 +460,67 @@ def _pretrain_options(f):
     from ktoolkit.pretrain.config import DEFAULT_VIEWS, METHODS, NOISES
 
     flags = _train_flags()
-    flags.update({
-        "method": click.option("--method", type=click.Choice(METHODS), help="How to learn (default contrastive)."),
-        "recipe": click.option("--recipe", help="Autoencoders: conv_autoencoder, denoising_autoencoder; contrastive: "
-                                                "contrastive_encoder, or a classification recipe as its backbone."),
-        "data": click.option("--data", help="Images: a folder (class subfolders optional), CSV, .npz or tfds:NAME; "
-                                            "labels are never used for training."),
-        "out": click.option("--out", help="Run folder (default runs/pretrain). An interrupted run there is resumed."),
-        "temperature": click.option("--temperature", type=float, help="NT-Xent temperature (contrastive; 0.5)."),
-        "noise": click.option("--noise", type=click.Choice(NOISES), help="Corruption (denoising; gaussian)."),
-        "noise_strength": click.option("--noise-strength", type=float,
-                                       help="Gaussian stddev, or masking/salt-and-pepper rate, on 0..1 images (0.1)."),
-        "augment": click.option("--augment", help=f"Contrastive: the random views (default {DEFAULT_VIEWS}; no flip "
-                                                  "for digits or text). Autoencoders: input augmentation (none)."),
-    })
-    order = ("config_file", "method", "recipe", "data", "out", "epochs", "batch_size", "optimizer", "lr", "momentum",
-             "schedule", "weight_decay", "temperature", "noise", "noise_strength", "augment", "distribute",
-             "image_size", "channels", "val_fraction", "test_fraction", "seed", "cache", "strict", "deterministic",
-             "data_dir", "steps_per_epoch", "overwrite", "verbose")
+    flags.update(
+        {
+            "method": click.option("--method", type=click.Choice(METHODS), help="How to learn (default contrastive)."),
+            "recipe": click.option(
+                "--recipe",
+                help="Autoencoders: conv_autoencoder, denoising_autoencoder; contrastive: "
+                "contrastive_encoder, or a classification recipe as its backbone.",
+            ),
+            "data": click.option(
+                "--data",
+                help="Images: a folder (class subfolders optional), CSV, .npz or tfds:NAME; "
+                "labels are never used for training.",
+            ),
+            "out": click.option(
+                "--out", help="Run folder (default runs/pretrain). An interrupted run there is resumed."
+            ),
+            "temperature": click.option("--temperature", type=float, help="NT-Xent temperature (contrastive; 0.5)."),
+            "noise": click.option("--noise", type=click.Choice(NOISES), help="Corruption (denoising; gaussian)."),
+            "noise_strength": click.option(
+                "--noise-strength",
+                type=float,
+                help="Gaussian stddev, or masking/salt-and-pepper rate, on 0..1 images (0.1).",
+            ),
+            "augment": click.option(
+                "--augment",
+                help=f"Contrastive: the random views (default {DEFAULT_VIEWS}; no flip "
+                "for digits or text). Autoencoders: input augmentation (none).",
+            ),
+        }
+    )
+    order = (
+        "config_file",
+        "method",
+        "recipe",
+        "data",
+        "out",
+        "epochs",
+        "batch_size",
+        "optimizer",
+        "lr",
+        "momentum",
+        "schedule",
+        "weight_decay",
+        "temperature",
+        "noise",
+        "noise_strength",
+        "augment",
+        "distribute",
+        "image_size",
+        "channels",
+        "val_fraction",
+        "test_fraction",
+        "seed",
+        "cache",
+        "strict",
+        "deterministic",
+        "data_dir",
+        "steps_per_epoch",
+        "overwrite",
+        "verbose",
+    )
     return _with_options(f, (flags[name] for name in order))
 
 
@@ -481,8 +550,12 @@ def pretrain_cmd(config_file, overwrite, verbose, **values):
 @click.option("--encoder", required=True, help="A `ktool pretrain` run folder, or an encoder .keras file.")
 @click.option("--data", required=True, help="Labelled images: class-per-folder directory, CSV, .npz or tfds:NAME.")
 @click.option("--out", help="Folder for the results (default: RUN/linear_eval).")
-@click.option("--baseline/--no-baseline", default=True, show_default=True,
-              help="Also evaluate the same architecture at random initialization.")
+@click.option(
+    "--baseline/--no-baseline",
+    default=True,
+    show_default=True,
+    help="Also evaluate the same architecture at random initialization.",
+)
 @click.option("--val-fraction", type=float, help="The split; default the pretraining run's (else 0.1, 0.1, 0).")
 @click.option("--test-fraction", type=float)
 @click.option("--seed", type=int)
@@ -491,8 +564,9 @@ def pretrain_cmd(config_file, overwrite, verbose, **values):
 @click.option("--data-dir", help="tensorflow-datasets folder for tfds: sources.")
 @click.option("--cache/--no-cache", default=True, show_default=True, help="Keep the features in the feature cache.")
 @_user_errors
-def linear_eval_cmd(encoder, data, out, baseline, val_fraction, test_fraction, seed, batch_size, strict, data_dir,
-                    cache):
+def linear_eval_cmd(
+    encoder, data, out, baseline, val_fraction, test_fraction, seed, batch_size, strict, data_dir, cache
+):
     """Freeze the encoder, train a linear classifier on its features, report the accuracy (linear evaluation)."""
     _check_exists(encoder, "--encoder", "a `ktool pretrain` run folder or an encoder .keras file")
     _check_data(data)
@@ -500,28 +574,49 @@ def linear_eval_cmd(encoder, data, out, baseline, val_fraction, test_fraction, s
     _setup_logging()
     from ktoolkit.pretrain import linear_eval
 
-    result = linear_eval(encoder, data, out=out, baseline=baseline, val_fraction=val_fraction,
-                         test_fraction=test_fraction, seed=seed, batch_size=batch_size, strict=strict,
-                         data_dir=data_dir, cache=cache, progress=_interactive())
+    result = linear_eval(
+        encoder,
+        data,
+        out=out,
+        baseline=baseline,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        batch_size=batch_size,
+        strict=strict,
+        data_dir=data_dir,
+        cache=cache,
+        progress=_interactive(),
+    )
     p = result.pretrained
     click.echo(f"linear evaluation, {p.split} split ({p.images} images): pretrained encoder {p.accuracy:.1%}")
     if result.random is not None:
-        click.echo(f"  same architecture at random initialization {result.random.accuracy:.1%}, difference "
-                   f"{100 * result.difference:+.1f} points")
+        click.echo(
+            f"  same architecture at random initialization {result.random.accuracy:.1%}, difference "
+            f"{100 * result.difference:+.1f} points"
+        )
     click.echo(f"written to {result.folder}")
 
 
 # --------------------------------------------------------------------------------- finetune / advise
 def _base_flags() -> dict:
     return {
-        "base": click.option("--base", help="keras.applications base (vgg16, resnet50, mobilenet_v2, efficientnet_b0, ...), "
-                                            "a recipe, or a run folder (runs/NAME). Default mobilenet_v2."),
-        "weights": click.option("--weights", help="imagenet (Keras download or cache), a .h5/.keras file, or none. "
-                                                  "Default: imagenet for keras.applications bases."),
-        "small_threshold": click.option("--small-threshold", type=float,
-                                        help="Fewer training images per class than this is 'small' (default 1000)."),
-        "similarity_threshold": click.option("--similarity-threshold", type=float,
-                                             help="A similarity at or above this is 'similar' (default 0.88)."),
+        "base": click.option(
+            "--base",
+            help="keras.applications base (vgg16, resnet50, mobilenet_v2, efficientnet_b0, ...), "
+            "a recipe, or a run folder (runs/NAME). Default mobilenet_v2.",
+        ),
+        "weights": click.option(
+            "--weights",
+            help="imagenet (Keras download or cache), a .h5/.keras file, or none. "
+            "Default: imagenet for keras.applications bases.",
+        ),
+        "small_threshold": click.option(
+            "--small-threshold", type=float, help="Fewer training images per class than this is 'small' (default 1000)."
+        ),
+        "similarity_threshold": click.option(
+            "--similarity-threshold", type=float, help="A similarity at or above this is 'similar' (default 0.88)."
+        ),
     }
 
 
@@ -529,18 +624,47 @@ def _finetune_options(f):
     from ktoolkit.transfer.finetune import STRATEGY_CHOICES
 
     train = _train_flags()
-    shared = ["config_file", "data", "out", "epochs", "batch_size", "optimizer", "lr", "momentum", "schedule",
-              "weight_decay", "label_smoothing", "distribute", "image_size", "val_fraction", "test_fraction", "seed",
-              "augment", "cache", "early_stopping", "strict", "deterministic", "data_dir", "steps_per_epoch"]
+    shared = [
+        "config_file",
+        "data",
+        "out",
+        "epochs",
+        "batch_size",
+        "optimizer",
+        "lr",
+        "momentum",
+        "schedule",
+        "weight_decay",
+        "label_smoothing",
+        "distribute",
+        "image_size",
+        "val_fraction",
+        "test_fraction",
+        "seed",
+        "augment",
+        "cache",
+        "early_stopping",
+        "strict",
+        "deterministic",
+        "data_dir",
+        "steps_per_epoch",
+    ]
     own = [
-        click.option("--strategy", type=click.Choice(STRATEGY_CHOICES),
-                     help="auto (default: decided from the data), linear, linear-early, finetune or full."),
+        click.option(
+            "--strategy",
+            type=click.Choice(STRATEGY_CHOICES),
+            help="auto (default: decided from the data), linear, linear-early, finetune or full.",
+        ),
         click.option("--cut", help="Layer for linear-early (default: the best held-out probe)."),
         click.option("--unfreeze", type=int, help="finetune: top groups of the base to train (default 2)."),
-        click.option("--lr-decay", type=float, help="finetune: each deeper group's learning rate factor (default 0.3)."),
+        click.option(
+            "--lr-decay", type=float, help="finetune: each deeper group's learning rate factor (default 0.3)."
+        ),
         click.option("--dropout", type=float, help="Dropout before the new classifier (default 0.2)."),
     ]
-    return _with_options(f, [*_base_flags().values(), *own, *(train[k] for k in shared), train["overwrite"], train["verbose"]])
+    return _with_options(
+        f, [*_base_flags().values(), *own, *(train[k] for k in shared), train["overwrite"], train["verbose"]]
+    )
 
 
 @main.command("finetune")
@@ -563,24 +687,41 @@ def finetune_cmd(config_file, overwrite, verbose, **values):
 
 
 def _advise_options(f):
-    return _with_options(f, [
-        *_base_flags().values(),
-        click.option("--data", required=True, help="Class-per-folder directory, CSV (path,label), .npz, or tfds:NAME."),
-        click.option("--image-size", help="HEIGHT,WIDTH (default: the base's own size)."),
-        click.option("--val-fraction", type=float, default=0.1, show_default=True),
-        click.option("--test-fraction", type=float, default=0.1, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--data-dir", help="tensorflow-datasets folder for tfds: sources."),
-        click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON."),
-        click.option("-v", "--verbose", is_flag=True),
-    ])
+    return _with_options(
+        f,
+        [
+            *_base_flags().values(),
+            click.option(
+                "--data", required=True, help="Class-per-folder directory, CSV (path,label), .npz, or tfds:NAME."
+            ),
+            click.option("--image-size", help="HEIGHT,WIDTH (default: the base's own size)."),
+            click.option("--val-fraction", type=float, default=0.1, show_default=True),
+            click.option("--test-fraction", type=float, default=0.1, show_default=True),
+            click.option("--seed", type=int, default=0, show_default=True),
+            click.option("--data-dir", help="tensorflow-datasets folder for tfds: sources."),
+            click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON."),
+            click.option("-v", "--verbose", is_flag=True),
+        ],
+    )
 
 
 @main.command("advise")
 @_advise_options
 @_user_errors
-def advise_cmd(base, weights, small_threshold, similarity_threshold, data, image_size, val_fraction, test_fraction,
-               seed, data_dir, as_json, verbose):
+def advise_cmd(
+    base,
+    weights,
+    small_threshold,
+    similarity_threshold,
+    data,
+    image_size,
+    val_fraction,
+    test_fraction,
+    seed,
+    data_dir,
+    as_json,
+    verbose,
+):
     """Which transfer-learning strategy fits this data and base, and the numbers behind it."""
     from ktoolkit.transfer.bases import check_base
 
@@ -595,11 +736,23 @@ def advise_cmd(base, weights, small_threshold, similarity_threshold, data, image
     from ktoolkit.transfer.bases import load_base
     from ktoolkit.transfer.features import FeatureCache
 
-    source = load_data(data, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, data_dir=data_dir,
-                       progress=_interactive())
-    result = advise(load_base(base or "mobilenet_v2", weights=weights, image_size=size), source,
-                    small_threshold=small_threshold, similarity_threshold=similarity_threshold, seed=seed,
-                    cache=FeatureCache(), progress=_interactive())
+    source = load_data(
+        data,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        data_dir=data_dir,
+        progress=_interactive(),
+    )
+    result = advise(
+        load_base(base or "mobilenet_v2", weights=weights, image_size=size),
+        source,
+        small_threshold=small_threshold,
+        similarity_threshold=similarity_threshold,
+        seed=seed,
+        cache=FeatureCache(),
+        progress=_interactive(),
+    )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=float))
         return
@@ -612,8 +765,12 @@ def advise_cmd(base, weights, small_threshold, similarity_threshold, data, image
 @main.command("evaluate")
 @click.option("--model", required=True, help="A run folder or a .keras file.")
 @click.option("--data", help="Data to evaluate on (default: the run's own data, its test split).")
-@click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default=None,
-              help="Which split (default: test for the run's data, all of other data).")
+@click.option(
+    "--split",
+    type=click.Choice(["test", "val", "train", "all"]),
+    default=None,
+    help="Which split (default: test for the run's data, all of other data).",
+)
 @click.option("--out", help="Folder for metrics.json and confusion_matrix.png (default: the run folder's eval/).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @_user_errors
@@ -625,14 +782,19 @@ def evaluate_cmd(model, data, split, out, batch_size):
     _setup_logging()
     from ktoolkit.evaluate import evaluate_run
 
-    metrics, folder = evaluate_run(model, data=data, split=split, out=out, batch_size=batch_size,
-                                   progress=_interactive())
+    metrics, folder = evaluate_run(
+        model, data=data, split=split, out=out, batch_size=batch_size, progress=_interactive()
+    )
     top5 = f", top-5 {metrics['top5']:.1%}" if metrics.get("top5") is not None else ""
-    click.echo(f"{metrics['split']}: accuracy {metrics['accuracy']:.1%}{top5} on {metrics['images']} images, "
-               f"macro F1 {metrics['macro_f1']:.3f}")
+    click.echo(
+        f"{metrics['split']}: accuracy {metrics['accuracy']:.1%}{top5} on {metrics['images']} images, "
+        f"macro F1 {metrics['macro_f1']:.3f}"
+    )
     for c in metrics["per_class"]:
-        click.echo(f"  {_printable(c['class']):<20} precision {c['precision']:.3f}  recall {c['recall']:.3f}  "
-                   f"F1 {c['f1']:.3f}  ({c['support']} images)")
+        click.echo(
+            f"  {_printable(c['class']):<20} precision {c['precision']:.3f}  recall {c['recall']:.3f}  "
+            f"F1 {c['f1']:.3f}  ({c['support']} images)"
+        )
     if metrics["most_confused"]:
         click.echo("most confused (true -> predicted):")
         for m in metrics["most_confused"][:5]:
@@ -676,20 +838,35 @@ def _export_modes_help() -> str:
 @click.option("--model", required=True, help="A run folder (or a .keras file with --data).")
 @click.option("--mode", default="float32", show_default=True, help="The export mode (listed below).")
 @click.option("--compare", help="More modes to export and compare side by side, e.g. float16,int8,qat.")
-@click.option("--format", "format", type=click.Choice(["tflite", "onnx", "saved_model"]), default="tflite",
-              show_default=True)
+@click.option(
+    "--format", "format", type=click.Choice(["tflite", "onnx", "saved_model"]), default="tflite", show_default=True
+)
 @click.option("--out", help="Folder for the files and the report (default: the run folder's export/).")
 @click.option("--data", help="Images to calibrate and verify on (default: the run's data, split as in training).")
 # The mode-specific tunables default to None (the mode's default, named in the help): export() refuses
 # one that was given to modes that ignore it, which it can only tell when "not given" is None.
-@click.option("--calib-samples", type=int, default=None,
-              help="Training images that int8 calibration sees.  [default: 200]")
-@click.option("--int8-io", is_flag=True, default=None,
-              help="Full-integer modes take and give uint8 (camera bytes) instead of float32.")
-@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
-              help="Budget in accuracy points; a file over it is kept as *.FAILED.* and the command exits with 1.")
-@click.option("--epochs", type=int, default=None,
-              help="Fine-tuning epochs per step of qat, prune and cluster modes.  [default: 2]")
+@click.option(
+    "--calib-samples", type=int, default=None, help="Training images that int8 calibration sees.  [default: 200]"
+)
+@click.option(
+    "--int8-io",
+    is_flag=True,
+    default=None,
+    help="Full-integer modes take and give uint8 (camera bytes) instead of float32.",
+)
+@click.option(
+    "--max-accuracy-drop",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Budget in accuracy points; a file over it is kept as *.FAILED.* and the command exits with 1.",
+)
+@click.option(
+    "--epochs",
+    type=int,
+    default=None,
+    help="Fine-tuning epochs per step of qat, prune and cluster modes.  [default: 2]",
+)
 @click.option("--steps-per-epoch", type=int, help="Cap on fine-tuning batches per epoch.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=None, help="Fine-tuning learning rate (Adam).  [default: 0.001]")
@@ -717,25 +894,47 @@ def export_cmd(verbose, **options):
     for f in result.files:
         v = f.verification
         size = f"{f.size_bytes / 2**20:.2f} MB" if f.size_bytes >= 2**20 else f"{f.size_bytes / 2**10:.1f} KB"
-        rows.append((f.mode, f.path.name, size, f"{v.accuracy:.2%}", f"{v.accuracy_drop:+.2f}", f"{v.agreement:.1%}",
-                     f"{f.latency_ms:.2f} ms", "ok" if f.passed else "OVER BUDGET"))
+        rows.append(
+            (
+                f.mode,
+                f.path.name,
+                size,
+                f"{v.accuracy:.2%}",
+                f"{v.accuracy_drop:+.2f}",
+                f"{v.agreement:.1%}",
+                f"{f.latency_ms:.2f} ms",
+                "ok" if f.passed else "OVER BUDGET",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    click.echo(_printable(f"Keras model: {result.files[0].verification.keras_accuracy:.2%} on "
-                          f"{result.files[0].verification.images} held-out images; report: {result.report['md']}"))
+    click.echo(
+        _printable(
+            f"Keras model: {result.files[0].verification.keras_accuracy:.2%} on "
+            f"{result.files[0].verification.images} held-out images; report: {result.report['md']}"
+        )
+    )
     if not result.ok:
         over = ", ".join(f.mode for f in result.files if not f.passed)
-        click.echo(f"Error: {over} lost more than {options['max_accuracy_drop']:g} accuracy point(s); the files are "
-                   f"kept, named *.FAILED.*, for inspection.", err=True)
+        click.echo(
+            f"Error: {over} lost more than {options['max_accuracy_drop']:g} accuracy point(s); the files are "
+            f"kept, named *.FAILED.*, for inspection.",
+            err=True,
+        )
         sys.exit(1)
 
 
 @main.command("benchmark")
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--threads", default="1,2,4", show_default=True, help="Thread counts to measure, comma-separated.")
-@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Timed single-image runs per thread count.")
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Timed single-image runs per thread count.",
+)
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
 @_user_errors
 def benchmark_cmd(model, threads, runs, warmup):
@@ -763,10 +962,20 @@ def benchmark_cmd(model, threads, runs, warmup):
 @click.option("--out", default="runs/demo", show_default=True, help="Folder for the demo's data, runs and DEMO.md.")
 @click.option("--base", help="Transfer from this base instead of training one (e.g. mobilenet_v2, a run folder).")
 @click.option("--weights", help="Weights for --base: imagenet, a .h5/.keras file, or none.")
-@click.option("--base-epochs", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Epochs of the demo's base (cifar_resnet20 on the digits 0-4).")
-@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Epochs of fine-tuning strategies and of quantization-aware training, if needed.")
+@click.option(
+    "--base-epochs",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Epochs of the demo's base (cifar_resnet20 on the digits 0-4).",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Epochs of fine-tuning strategies and of quantization-aware training, if needed.",
+)
 @click.option("--overwrite", is_flag=True, help="Start over instead of reusing finished steps.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, TensorFlow's included.")
 @_user_errors
@@ -784,8 +993,16 @@ def demo_cmd(out, base, weights, base_epochs, epochs, overwrite, verbose):
     _setup_logging(verbose)
     from ktoolkit.demo import demo
 
-    result = demo(out, base=base, weights=weights, base_epochs=base_epochs, epochs=epochs, overwrite=overwrite,
-                  progress=_interactive(), echo=click.echo)
+    result = demo(
+        out,
+        base=base,
+        weights=weights,
+        base_epochs=base_epochs,
+        epochs=epochs,
+        overwrite=overwrite,
+        progress=_interactive(),
+        echo=click.echo,
+    )
     if not result.ok:
         sys.exit(1)
 

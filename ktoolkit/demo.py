@@ -73,8 +73,17 @@ def write_digits(root: Path) -> dict[str, Path]:
     return folders
 
 
-def demo(out="runs/demo", *, base: str | None = None, weights: str | None = None, base_epochs: int = 8,
-         epochs: int = 2, overwrite: bool = False, progress: bool = False, echo=log.info) -> DemoResult:
+def demo(
+    out="runs/demo",
+    *,
+    base: str | None = None,
+    weights: str | None = None,
+    base_epochs: int = 8,
+    epochs: int = 2,
+    overwrite: bool = False,
+    progress: bool = False,
+    echo=log.info,
+) -> DemoResult:
     """Runs the demo into ``out``; see the module docstring. ``echo`` receives the progress lines.
 
     Args:
@@ -104,11 +113,23 @@ def demo(out="runs/demo", *, base: str | None = None, weights: str | None = None
 
     base_accuracy = None
     if base is None:
-        say(f"base: cifar_resnet20 trained on the digits 0-4 for {base_epochs} epochs, the demo's stand-in for a network "
-            "pretrained on ImageNet")
+        say(
+            f"base: cifar_resnet20 trained on the digits 0-4 for {base_epochs} epochs, the demo's stand-in for a network "
+            "pretrained on ImageNet"
+        )
         base_run = root / "base"
-        config = TrainConfig(recipe="cifar_resnet20", data=str(folders["0-4"]), out=str(base_run), epochs=base_epochs,
-                             image_size=(32, 32), channels=3, batch_size=16, lr=3e-3, schedule="cosine", cache="memory")
+        config = TrainConfig(
+            recipe="cifar_resnet20",
+            data=str(folders["0-4"]),
+            out=str(base_run),
+            epochs=base_epochs,
+            image_size=(32, 32),
+            channels=3,
+            batch_size=16,
+            lr=3e-3,
+            schedule="cosine",
+            cache="memory",
+        )
         result = _reuse_or_run(base_run, lambda: train(config, progress=progress, overwrite=overwrite), echo, overwrite)
         base_accuracy = result.metrics.get("accuracy") if result else _accuracy(base_run)
         echo(f"      base: test accuracy {base_accuracy:.1%} on the digits 0-4  ->  {base_run}")
@@ -116,28 +137,41 @@ def demo(out="runs/demo", *, base: str | None = None, weights: str | None = None
 
     say(f"transfer: `ktool finetune --base {base} --data {folders['5-9']}`: measure, decide, train")
     tuned_run = root / "finetune"
-    config = FinetuneConfig(base=base, weights=weights, data=str(folders["5-9"]), out=str(tuned_run), epochs=epochs,
-                            test_fraction=0.2, seed=0)
+    config = FinetuneConfig(
+        base=base,
+        weights=weights,
+        data=str(folders["5-9"]),
+        out=str(tuned_run),
+        epochs=epochs,
+        test_fraction=0.2,
+        seed=0,
+    )
     tuned = _reuse_or_run(tuned_run, lambda: finetune(config, progress=progress, overwrite=overwrite), echo, overwrite)
     if tuned is not None:
         for line in tuned.advice.lines():
             echo(f"      {line}")
-        echo(f"      strategy: {tuned.strategy}; test accuracy {tuned.metrics['accuracy']:.1%} on "
-             f"{tuned.metrics['images']} images  ->  {tuned_run}")
+        echo(
+            f"      strategy: {tuned.strategy}; test accuracy {tuned.metrics['accuracy']:.1%} on "
+            f"{tuned.metrics['images']} images  ->  {tuned_run}"
+        )
 
     say("export: int8 TFLite (uint8 camera bytes in and out), run on the test split and compared with the Keras model")
     exported = export(str(tuned_run), mode="int8", int8_io=True, progress=progress)
     if not exported.ok:
-        echo(f"      int8 lost more than 1 point ({_verdict(exported.files[0])}); trying quantization-aware training "
-             f"({epochs} epochs)")
+        echo(
+            f"      int8 lost more than 1 point ({_verdict(exported.files[0])}); trying quantization-aware training "
+            f"({epochs} epochs)"
+        )
         # a small learning rate: QAT starts from a trained model and only has to adapt it to int8 (at
         # export's default 1e-3 a pretrained MobileNetV2 falls to chance within two epochs)
         exported = export(str(tuned_run), mode="qat", int8_io=True, epochs=epochs, lr=1e-5, progress=progress)
     tflite = exported.files[0]
     echo(f"      {tflite.path.name}: {tflite.size_bytes / 1024:.0f} KB; {_verdict(tflite)}")
     if not tflite.passed:
-        echo(f"      int8 did not keep this model's accuracy (docs/troubleshooting.md, Export); float16 halves the file "
-             f"without integer arithmetic, verified the same way: `ktool export --model {tuned_run} --mode float16`")
+        echo(
+            f"      int8 did not keep this model's accuracy (docs/troubleshooting.md, Export); float16 halves the file "
+            f"without integer arithmetic, verified the same way: `ktool export --model {tuned_run} --mode float16`"
+        )
 
     say("benchmark: latency of the .tflite file with LiteRT (XNNPACK), 1 and 2 threads")
     latency = benchmark(str(tflite.path), threads=(1, 2), runs=50, warmup=5)
@@ -146,7 +180,9 @@ def demo(out="runs/demo", *, base: str | None = None, weights: str | None = None
 
     result = DemoResult(root, root / "DEMO.md", base_accuracy, tuned, exported, latency, time.time() - started)
     _write_page(result, folders, base, tflite)
-    echo(f"done in {result.seconds:.0f} s: {'the int8 file is within the accuracy budget' if result.ok else 'OVER THE ACCURACY BUDGET'}")
+    echo(
+        f"done in {result.seconds:.0f} s: {'the int8 file is within the accuracy budget' if result.ok else 'OVER THE ACCURACY BUDGET'}"
+    )
     echo(f"report: {result.report}")
     return result
 
@@ -171,8 +207,10 @@ def _accuracy(folder: Path) -> float:
 
 def _verdict(f) -> str:
     v = f.verification
-    return (f"accuracy {v.accuracy:.2%} against {v.keras_accuracy:.2%} for the Keras model on {v.images} test images, "
-            f"top-1 agreement {v.agreement:.1%}, {'within' if f.passed else 'OVER'} the 1-point budget")
+    return (
+        f"accuracy {v.accuracy:.2%} against {v.keras_accuracy:.2%} for the Keras model on {v.images} test images, "
+        f"top-1 agreement {v.agreement:.1%}, {'within' if f.passed else 'OVER'} the 1-point budget"
+    )
 
 
 def _write_page(result: DemoResult, folders, base, tflite):
@@ -194,8 +232,10 @@ def _write_page(result: DemoResult, folders, base, tflite):
         f"1. **Data**: `{folders['0-4']}` and `{folders['5-9']}`, scikit-learn's handwritten digits as class folders.",
     ]
     if result.base_accuracy is not None:
-        lines.append(f"2. **Base**: cifar_resnet20 trained on the digits 0-4, test accuracy {result.base_accuracy:.1%} "
-                     f"([report](base/report.md)).")
+        lines.append(
+            f"2. **Base**: cifar_resnet20 trained on the digits 0-4, test accuracy {result.base_accuracy:.1%} "
+            f"([report](base/report.md))."
+        )
     else:
         lines.append(f"2. **Base**: `{base}`.")
     advice = decision["advice"]
@@ -208,8 +248,9 @@ def _write_page(result: DemoResult, folders, base, tflite):
         f"({tflite.description}); on the test split {v.accuracy:.2%} against {v.keras_accuracy:.2%} for the Keras "
         f"model, top-1 agreement {v.agreement:.1%}: **{'within' if tflite.passed else 'OVER'} the 1-point budget** "
         "([export report](finetune/export/export_report.md)).",
-        "5. **Latency** on this machine (LiteRT, XNNPACK): " + ", ".join(
-            f"{r['threads']} thread(s) p50 {r['p50_ms']:.3f} ms" for r in result.latency) + ".",
+        "5. **Latency** on this machine (LiteRT, XNNPACK): "
+        + ", ".join(f"{r['threads']} thread(s) p50 {r['p50_ms']:.3f} ms" for r in result.latency)
+        + ".",
         "",
         "Next: the same commands on your own folder of images (README: *Transfer learning*), the .tflite file on",
         "Android (docs/android.md) or a Jetson (docs/jetson.md).",

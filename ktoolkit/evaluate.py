@@ -85,8 +85,15 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, class_names) -> 
         {"true": class_names[i], "predicted": class_names[j], "count": c, "share": c / max(1, int(cm[i].sum()))}
         for c, i, j in sorted(off, reverse=True)[:10]
     ]
-    return Evaluation(list(class_names), float(np.mean(predicted == labels)) if len(labels) else 0.0, top5, cm,
-                      per_class, most, int(len(labels)))
+    return Evaluation(
+        list(class_names),
+        float(np.mean(predicted == labels)) if len(labels) else 0.0,
+        top5,
+        cm,
+        per_class,
+        most,
+        int(len(labels)),
+    )
 
 
 def evaluate_model(model, dataset, class_names, *, progress: bool = False) -> Evaluation:
@@ -105,8 +112,12 @@ def save_evaluation(evaluation: Evaluation, run, split: str = "test") -> dict:
     writer.writeheader()
     writer.writerows(evaluation.per_class)
     write_text(run.per_class, out.getvalue())
-    plot_confusion_matrix(evaluation.confusion, evaluation.class_names, run.confusion,
-                          title=f"{split} split: accuracy {evaluation.accuracy:.1%} on {evaluation.images} images")
+    plot_confusion_matrix(
+        evaluation.confusion,
+        evaluation.class_names,
+        run.confusion,
+        title=f"{split} split: accuracy {evaluation.accuracy:.1%} on {evaluation.images} images",
+    )
     return metrics
 
 
@@ -142,19 +153,30 @@ def evaluate_run(model, *, data=None, split=None, out=None, batch_size: int = 32
     data = source.origin if data is None else data
     unknown = [c for c in source.class_names if c not in names]
     if unknown:
-        raise ValueError(f"data={data!r} has classes the model does not know: {', '.join(unknown)}; "
-                         f"the model's classes are {', '.join(names)}.")
+        raise ValueError(
+            f"data={data!r} has classes the model does not know: {', '.join(unknown)}; "
+            f"the model's classes are {', '.join(names)}."
+        )
     mapping = tf.constant([names.index(c) for c in source.class_names], dtype=tf.int64)
     wanted = [s for s in source.splits if split == "all" or s == split]
     wanted = [s for s in wanted if len(source.splits[s])]
     if not wanted:
-        raise ValueError(f"data={data!r} has no {split!r} split with images; its splits are "
-                         f"{', '.join(s for s in source.splits if len(source.splits[s])) or 'none'}.")
+        raise ValueError(
+            f"data={data!r} has no {split!r} split with images; its splits are "
+            f"{', '.join(s for s in source.splits if len(source.splits[s])) or 'none'}."
+        )
     height, width, channels = keras_model.input_shape[1:]
     dataset = None
     for s in wanted:
-        part = make_dataset(source.splits[s], num_classes=len(source.class_names), image_size=(height, width),
-                            channels=channels, batch_size=batch_size, training=False, one_hot=False)
+        part = make_dataset(
+            source.splits[s],
+            num_classes=len(source.class_names),
+            image_size=(height, width),
+            channels=channels,
+            batch_size=batch_size,
+            training=False,
+            one_hot=False,
+        )
         dataset = part if dataset is None else dataset.concatenate(part)
     dataset = dataset.map(lambda x, y: (x, tf.gather(mapping, tf.cast(y, tf.int64))))
     evaluation = evaluate_model(keras_model, dataset, names, progress=progress)

@@ -28,16 +28,27 @@ def plot_curves(history: list[dict], path, title: str = "") -> None:
     """
     plt = _pyplot()
     columns = set(history[0]) if history else set()
-    panels = [(key, label) for key, label in (("loss", "loss"), ("accuracy", "accuracy"), ("lr", "learning rate"))
-              if key != "accuracy" or any(c == key or c.endswith(f"_{key}") for c in columns)]
+    panels = [
+        (key, label)
+        for key, label in (("loss", "loss"), ("accuracy", "accuracy"), ("lr", "learning rate"))
+        if key != "accuracy" or any(c == key or c.endswith(f"_{key}") for c in columns)
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(13 * len(panels) / 3, 3.6))
     epochs = [row["epoch"] + 1 for row in history]
     for ax, (key, label) in zip(axes, panels):
         for prefix, style in (("", "-"), ("val_", "--")):
-            names = [k for k in (history[0] if history else {}) if k == prefix + key or k == f"{prefix}predictions_{key}"]
+            names = [
+                k for k in (history[0] if history else {}) if k == prefix + key or k == f"{prefix}predictions_{key}"
+            ]
             if names:
-                ax.plot(epochs, [row.get(names[0], np.nan) for row in history], style, marker="o", markersize=3,
-                        label="validation" if prefix else "training")
+                ax.plot(
+                    epochs,
+                    [row.get(names[0], np.nan) for row in history],
+                    style,
+                    marker="o",
+                    markersize=3,
+                    label="validation" if prefix else "training",
+                )
         ax.set_xlabel("epoch")
         ax.set_title(label)
         if key == "lr":
@@ -69,8 +80,15 @@ def plot_confusion_matrix(cm: np.ndarray, class_names, path, title: str = "") ->
         for i in range(n):
             for j in range(n):
                 if cm[i, j]:
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
-                            color="white" if share[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if share[i, j] > 0.5 else "black",
+                    )
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -93,33 +111,58 @@ def write_report(run: Run, extra_sections: list[tuple[str, str]] | None = None) 
     model = config.get("base") or config.get("recipe", "?")
     lines = [f"# Run report: {model} on {config.get('data', '?')}", ""]
     if state:
-        lines += [f"Epochs completed: {state.get('epochs_completed', '?')} of {state.get('epochs', '?')}; "
-                  f"{'finished' if state.get('complete') else 'not finished'}"
-                  + (f" in {state['seconds']:.0f} s." if state.get("seconds") else "."), ""]
+        lines += [
+            f"Epochs completed: {state.get('epochs_completed', '?')} of {state.get('epochs', '?')}; "
+            f"{'finished' if state.get('complete') else 'not finished'}"
+            + (f" in {state['seconds']:.0f} s." if state.get("seconds") else "."),
+            "",
+        ]
     if metrics:
-        lines += ["## Results", "", f"On the held-out **{metrics.get('split')}** split ({metrics['images']} images):", "",
-                  "| metric | value |", "|---|---|", f"| accuracy | {metrics['accuracy']:.2%} |"]
+        lines += [
+            "## Results",
+            "",
+            f"On the held-out **{metrics.get('split')}** split ({metrics['images']} images):",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            f"| accuracy | {metrics['accuracy']:.2%} |",
+        ]
         if metrics.get("top5") is not None:
             lines.append(f"| top-5 accuracy | {metrics['top5']:.2%} |")
         if metrics.get("macro_f1") is not None:
             lines.append(f"| macro F1 | {metrics['macro_f1']:.3f} |")
-        lines += ["", "![confusion matrix](confusion_matrix.png)", "", "| class | precision | recall | F1 | images |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
-                  for c in metrics.get("per_class", [])]
+        lines += [
+            "",
+            "![confusion matrix](confusion_matrix.png)",
+            "",
+            "| class | precision | recall | F1 | images |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
+            for c in metrics.get("per_class", [])
+        ]
         if metrics.get("most_confused"):
             lines += ["", "Most confused (true → predicted):", ""]
-            lines += [f"- {m['true']} → {m['predicted']}: {m['count']} ({m['share']:.0%} of {m['true']})"
-                      for m in metrics["most_confused"][:5]]
+            lines += [
+                f"- {m['true']} → {m['predicted']}: {m['count']} ({m['share']:.0%} of {m['true']})"
+                for m in metrics["most_confused"][:5]
+            ]
         lines.append("")
     for heading, body in extra_sections or []:
         lines += [f"## {heading}", "", body.rstrip(), ""]
     if run.curves.exists():
         lines += ["## Training", "", "![training curves](curves.png)", ""]
     if data:
-        lines += ["## Data", "", f"Source: `{data.get('source')}`; {len(data.get('classes', []))} classes; "
-                  f"images resized to {'x'.join(map(str, data.get('image_size', [])))}x{data.get('channels')}.", "",
-                  "| split | images |", "|---|---|"]
+        lines += [
+            "## Data",
+            "",
+            f"Source: `{data.get('source')}`; {len(data.get('classes', []))} classes; "
+            f"images resized to {'x'.join(map(str, data.get('image_size', [])))}x{data.get('channels')}.",
+            "",
+            "| split | images |",
+            "|---|---|",
+        ]
         lines += [f"| {name} | {split['images']} |" for name, split in data.get("splits", {}).items()]
         skipped = data.get("skipped_files", [])
         if skipped:
@@ -147,9 +190,16 @@ def _markdown_to_html(markdown: str, title: str) -> str:
         if table:
             rows = [r for r in table if not set(r.replace("|", "").strip()) <= {"-"}]
             cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
-            out.append("<table>" + "".join(
-                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{inline(c)}</{'th' if i == 0 else 'td'}>" for c in row) + "</tr>"
-                for i, row in enumerate(cells)) + "</table>")
+            out.append(
+                "<table>"
+                + "".join(
+                    "<tr>"
+                    + "".join(f"<{'th' if i == 0 else 'td'}>{inline(c)}</{'th' if i == 0 else 'td'}>" for c in row)
+                    + "</tr>"
+                    for i, row in enumerate(cells)
+                )
+                + "</table>"
+            )
             table.clear()
 
     for line in markdown.splitlines():
@@ -172,7 +222,11 @@ def _markdown_to_html(markdown: str, title: str) -> str:
         elif line.strip():
             out.append(f"<p>{inline(line)}</p>")
     flush_table()
-    style = "body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}" \
-            "td,th{border:1px solid #ccc;padding:3px 8px}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>" \
-           f"<style>{style}</style></head><body>{''.join(out)}</body></html>\n"
+    style = (
+        "body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(out)}</body></html>\n"
+    )

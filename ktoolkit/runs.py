@@ -53,12 +53,33 @@ log = logging.getLogger(__name__)
 MARKER = "ktoolkit_run"  # the key in state.json that makes a folder ktoolkit's
 LOCK_FILE = ".lock"
 # Everything ktoolkit writes at the top of a run folder (train, finetune, pretrain, evaluate into the run).
-OWN_FILES = frozenset({
-    "config.yaml", "classes.json", "labels.txt", "data.json", "splits.json", "history.csv", "curves.png",
-    "best.keras", "best.json", "last.keras", "metrics.json", "confusion_matrix.png", "per_class.csv", "report.md",
-    "report.html", "state.json", "encoder.keras", "decision.json", "probes.png", "pretrain.json",
-    "reconstructions.png", "embeddings.png", LOCK_FILE,
-})
+OWN_FILES = frozenset(
+    {
+        "config.yaml",
+        "classes.json",
+        "labels.txt",
+        "data.json",
+        "splits.json",
+        "history.csv",
+        "curves.png",
+        "best.keras",
+        "best.json",
+        "last.keras",
+        "metrics.json",
+        "confusion_matrix.png",
+        "per_class.csv",
+        "report.md",
+        "report.html",
+        "state.json",
+        "encoder.keras",
+        "decision.json",
+        "probes.png",
+        "pretrain.json",
+        "reconstructions.png",
+        "embeddings.png",
+        LOCK_FILE,
+    }
+)
 # Folders only ktoolkit writes into: removed whole by --overwrite.
 OWN_FOLDERS = frozenset({"backup", "tensorboard", "export", "eval", "linear_eval"})
 _STATE_LIMIT = 1 << 20  # a state.json over 1 MiB is not one ktoolkit wrote
@@ -180,8 +201,10 @@ def _own_temporary(name: str) -> bool:
 def folder_error(root, err: OSError) -> ValueError:
     """The one-line error of a run folder that cannot be written (read-only, a file in the way)."""
     where = err.filename or root
-    return ValueError(f"out={str(root)!r}: cannot write there ({err.strerror or err}: {where}); choose a folder you "
-                      "can write to, or fix its permissions.")
+    return ValueError(
+        f"out={str(root)!r}: cannot write there ({err.strerror or err}: {where}); choose a folder you "
+        "can write to, or fix its permissions."
+    )
 
 
 class RunLock:
@@ -251,8 +274,11 @@ class RunLock:
 
     def _only_the_marker(self) -> bool:
         state = self.run.read_state()
-        return ([p.name for p in self.run.entries()] == [self.run.state.name] and state.get(MARKER) == self.marker
-                and "epochs_completed" not in state)
+        return (
+            [p.name for p in self.run.entries()] == [self.run.state.name]
+            and state.get(MARKER) == self.marker
+            and "epochs_completed" not in state
+        )
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -284,8 +310,10 @@ def busy_message(root, holder: dict) -> str:
     pid = holder.get("pid") if isinstance(holder.get("pid"), int) else "unknown"
     command = "".join(c for c in str(holder.get("command") or "") if c.isprintable())[:200]
     holder_text = f"pid {pid}: {command}" if command else f"pid {pid}"
-    return (f"out={str(root)!r} is being written by another ktoolkit command ({holder_text}); "
-            "wait for it to end or stop it, or choose another --out.")
+    return (
+        f"out={str(root)!r} is being written by another ktoolkit command ({holder_text}); "
+        "wait for it to end or stop it, or choose another --out."
+    )
 
 
 def _holder(fd) -> dict:

@@ -35,7 +35,9 @@ def get_keras(api: str | None = None):
     import keras
 
     if not keras.__version__.startswith("3."):
-        raise ImportError(f"api='keras3' needs Keras 3, but keras {keras.__version__} is installed; pip install 'keras>=3'.")
+        raise ImportError(
+            f"api='keras3' needs Keras 3, but keras {keras.__version__} is installed; pip install 'keras>=3'."
+        )
     return keras
 
 

@@ -34,7 +34,8 @@ Conv = namedtuple("Conv", "filters kernel strides padding groups after")
 
 CONFIGS = {
     "alexnet": {
-        "input_shape": (227, 227, 3), "min_size": 67,
+        "input_shape": (227, 227, 3),
+        "min_size": 67,
         "convs": (
             Conv(96, 11, 4, "valid", 1, ("lrn", "pool")),
             Conv(256, 5, 1, "same", 1, ("lrn", "pool")),
@@ -44,7 +45,8 @@ CONFIGS = {
         ),
     },
     "alexnet_grouped": {
-        "input_shape": (227, 227, 3), "min_size": 67,
+        "input_shape": (227, 227, 3),
+        "min_size": 67,
         "convs": (
             Conv(96, 11, 4, "valid", 1, ("lrn", "pool")),
             Conv(256, 5, 1, "same", 2, ("lrn", "pool")),
@@ -56,7 +58,8 @@ CONFIGS = {
     # Fig. 3: 224 -> 110 (7x7/2 after 1-pixel padding) -> 55 (pool) -> 26 (5x5/2) -> 13 (pool) -> 13
     # -> 13 -> 13 -> 6 (pool). The "contrast normalization" follows the pooling in layers 1 and 2.
     "zfnet": {
-        "input_shape": (224, 224, 3), "min_size": 53,
+        "input_shape": (224, 224, 3),
+        "min_size": 53,
         "convs": (
             Conv(96, 7, 2, 1, 1, ("pool_same", "lrn")),
             Conv(256, 5, 2, "valid", 1, ("pool_same", "lrn")),
@@ -66,16 +69,38 @@ CONFIGS = {
         ),
     },
 }
-_ALEXNET_PAPER = ("Krizhevsky, Sutskever and Hinton 2012, ImageNet Classification with Deep Convolutional "
-                  "Neural Networks")
+_ALEXNET_PAPER = (
+    "Krizhevsky, Sutskever and Hinton 2012, ImageNet Classification with Deep Convolutional Neural Networks"
+)
 _ZFNET_PAPER = "Zeiler and Fergus 2013, Visualizing and Understanding Convolutional Networks"
-_GROUPS = (("conv1", "pool1"), ("conv2", "pool2"), ("conv3", "conv3"), ("conv4", "conv4"), ("conv5", "pool5"),
-           ("fc6", "fc6"), ("fc7", "fc7"))
+_GROUPS = (
+    ("conv1", "pool1"),
+    ("conv2", "pool2"),
+    ("conv3", "conv3"),
+    ("conv4", "conv4"),
+    ("conv5", "pool5"),
+    ("fc6", "fc6"),
+    ("fc7", "fc7"),
+)
 
 
-def alexnet_family(config, input_shape=None, num_classes=1000, include_top=True, pooling=None, weights=None,
-                   name=None, *, api="tf_keras", include_preprocessing=True, classifier_activation="softmax",
-                   dropout=0.5, lrn=True, weight_decay=0.0, kernel_initializer="glorot_uniform"):
+def alexnet_family(
+    config,
+    input_shape=None,
+    num_classes=1000,
+    include_top=True,
+    pooling=None,
+    weights=None,
+    name=None,
+    *,
+    api="tf_keras",
+    include_preprocessing=True,
+    classifier_activation="softmax",
+    dropout=0.5,
+    lrn=True,
+    weight_decay=0.0,
+    kernel_initializer="glorot_uniform",
+):
     """Builds AlexNet or ZFNet (``config`` is a key of :data:`CONFIGS`).
 
     Layers are named ``conv1`` ... ``conv5``, ``lrn1``, ``lrn2``, ``pool1``, ``pool2``, ``pool5``,
@@ -109,47 +134,83 @@ def alexnet_family(config, input_shape=None, num_classes=1000, include_top=True,
         raise ValueError(f"{config}: dropout={dropout!r} must be in [0, 1).")
     spec = CONFIGS[config]
     kit = Kit(api, weight_decay, kernel_initializer)
-    inputs, x = image_input(kit, input_shape, spec["input_shape"], spec["min_size"], "caffe", include_preprocessing,
-                            config)
+    inputs, x = image_input(
+        kit, input_shape, spec["input_shape"], spec["min_size"], "caffe", include_preprocessing, config
+    )
     for i, conv in enumerate(spec["convs"], start=1):
         padding = conv.padding
         if isinstance(padding, int):
             x = kit.layers.ZeroPadding2D(padding, name=f"conv{i}_pad")(x)
             padding = "valid"
-        x = kit.conv(x, conv.filters, conv.kernel, strides=conv.strides, padding=padding, groups=conv.groups,
-                     activation="relu", name=f"conv{i}")
+        x = kit.conv(
+            x,
+            conv.filters,
+            conv.kernel,
+            strides=conv.strides,
+            padding=padding,
+            groups=conv.groups,
+            activation="relu",
+            name=f"conv{i}",
+        )
         for step in conv.after:
             if step == "lrn":
                 if lrn:
                     x = kit.lrn(x, name=f"lrn{i}")
             else:
-                x = kit.layers.MaxPooling2D(3, strides=2, padding="same" if step == "pool_same" else "valid",
-                                            name=f"pool{i}")(x)
-    x = dense_classifier(kit, x, include_top, pooling, num_classes, classifier_activation,
-                         hidden=(("fc6", 4096), ("fc7", 4096)), dropout=dropout)
+                x = kit.layers.MaxPooling2D(
+                    3, strides=2, padding="same" if step == "pool_same" else "valid", name=f"pool{i}"
+                )(x)
+    x = dense_classifier(
+        kit,
+        x,
+        include_top,
+        pooling,
+        num_classes,
+        classifier_activation,
+        hidden=(("fc6", 4096), ("fc7", 4096)),
+        dropout=dropout,
+    )
     return finish(kit, inputs, x, name or config, weights)
 
 
 def _variant(config, paper, params, paper_params, description):
     spec = CONFIGS[config]
 
-    @register(config, family="alexnet", paper=paper, input_shape=spec["input_shape"], params=params,
-              paper_params=paper_params, preprocessing="caffe", layer_groups=_GROUPS, head_start="flatten",
-              min_size=spec["min_size"], description=description,
-              options={"paper_weight_decay": 5e-4, "dropout": 0.5})
-    def builder(input_shape=None, num_classes=1000, include_top=True, pooling=None, weights=None, name=None,
-                **options):
+    @register(
+        config,
+        family="alexnet",
+        paper=paper,
+        input_shape=spec["input_shape"],
+        params=params,
+        paper_params=paper_params,
+        preprocessing="caffe",
+        layer_groups=_GROUPS,
+        head_start="flatten",
+        min_size=spec["min_size"],
+        description=description,
+        options={"paper_weight_decay": 5e-4, "dropout": 0.5},
+    )
+    def builder(input_shape=None, num_classes=1000, include_top=True, pooling=None, weights=None, name=None, **options):
         return alexnet_family(config, input_shape, num_classes, include_top, pooling, weights, name, **options)
 
     builder.__name__ = builder.__qualname__ = config
-    builder.__doc__ = (f"{description} ({paper}). Options as :func:`recipes.alexnet.alexnet_family` "
-                       "(dropout, lrn, weight_decay, kernel_initializer, ...).")
+    builder.__doc__ = (
+        f"{description} ({paper}). Options as :func:`recipes.alexnet.alexnet_family` "
+        "(dropout, lrn, weight_decay, kernel_initializer, ...)."
+    )
     return builder
 
 
-alexnet = _variant("alexnet", _ALEXNET_PAPER, 62_378_344, 60e6,
-                   "AlexNet, one tower: 5 conv + 3 FC, LRN, overlapping pooling")
-alexnet_grouped = _variant("alexnet_grouped", _ALEXNET_PAPER, 60_965_224, 60e6,
-                           "AlexNet as in the paper: conv2, conv4, conv5 split in two GPU groups")
-zfnet = _variant("zfnet", _ZFNET_PAPER, 62_357_608, None,
-                 "ZFNet: AlexNet with a 7x7/2 first layer and a 5x5/2 second layer (Fig. 3)")
+alexnet = _variant(
+    "alexnet", _ALEXNET_PAPER, 62_378_344, 60e6, "AlexNet, one tower: 5 conv + 3 FC, LRN, overlapping pooling"
+)
+alexnet_grouped = _variant(
+    "alexnet_grouped",
+    _ALEXNET_PAPER,
+    60_965_224,
+    60e6,
+    "AlexNet as in the paper: conv2, conv4, conv5 split in two GPU groups",
+)
+zfnet = _variant(
+    "zfnet", _ZFNET_PAPER, 62_357_608, None, "ZFNet: AlexNet with a 7x7/2 first layer and a 5x5/2 second layer (Fig. 3)"
+)

@@ -47,10 +47,27 @@ def encoder_of(model, name=None):
     return K.Model(model.input, embedding.output, name=name or f"{model.name}_encoder")
 
 
-def autoencoder(input_shape=None, num_classes=None, include_top=True, pooling=None, weights=None, name=None, *,
-                api="tf_keras", include_preprocessing=True, filters=(32, 64), latent_dim=None, batch_norm=True,
-                activation="relu", output_activation="sigmoid", noise=None, noise_strength=0.1,
-                weight_decay=0.0, kernel_initializer="glorot_uniform", recipe="conv_autoencoder"):
+def autoencoder(
+    input_shape=None,
+    num_classes=None,
+    include_top=True,
+    pooling=None,
+    weights=None,
+    name=None,
+    *,
+    api="tf_keras",
+    include_preprocessing=True,
+    filters=(32, 64),
+    latent_dim=None,
+    batch_norm=True,
+    activation="relu",
+    output_activation="sigmoid",
+    noise=None,
+    noise_strength=0.1,
+    weight_decay=0.0,
+    kernel_initializer="glorot_uniform",
+    recipe="conv_autoencoder",
+):
     """Builds a convolutional autoencoder, denoising when ``noise`` is set.
 
     Layer names: ``noise`` (denoising only), ``encoder_block{i}_conv/_bn/_{activation}``, then
@@ -88,10 +105,12 @@ def autoencoder(input_shape=None, num_classes=None, include_top=True, pooling=No
     stages = tuple(filters)
     if not stages or any(not isinstance(f, int) or f < 1 for f in stages):
         raise ValueError(
-            f"{recipe}: filters={filters!r} must be a non-empty sequence of positive integers, e.g. (32, 64).")
+            f"{recipe}: filters={filters!r} must be a non-empty sequence of positive integers, e.g. (32, 64)."
+        )
     if latent_dim is not None and (not isinstance(latent_dim, int) or latent_dim < 1):
         raise ValueError(
-            f"{recipe}: latent_dim={latent_dim!r} must be None (convolutional bottleneck) or a positive integer.")
+            f"{recipe}: latent_dim={latent_dim!r} must be None (convolutional bottleneck) or a positive integer."
+        )
     if noise is not None and noise not in NOISES:
         raise ValueError(f"{recipe}: noise={noise!r} must be None or one of {', '.join(NOISES)}.")
     if noise is not None and not (noise_strength >= 0 and (noise == "gaussian" or noise_strength < 1)):
@@ -108,7 +127,8 @@ def autoencoder(input_shape=None, num_classes=None, include_top=True, pooling=No
     if latent_dim is not None and (height is None or width is None):
         raise ValueError(
             f"{recipe}: input_shape={tuple(inputs.shape[1:])} needs a fixed height and width with "
-            f"latent_dim={latent_dim}.")
+            f"latent_dim={latent_dim}."
+        )
     if channels is None:
         raise ValueError(f"{recipe}: input_shape={tuple(inputs.shape[1:])} needs a known number of channels.")
 
@@ -144,25 +164,55 @@ def autoencoder(input_shape=None, num_classes=None, include_top=True, pooling=No
 
 def _stage(kit, x, conv_class, filters, name, batch_norm, activation):
     """A 3x3 stride-2 (transposed) convolution, batch norm and the activation."""
-    x = conv_class(filters, 3, strides=2, padding="same", use_bias=not batch_norm,
-                   kernel_initializer=kit.kernel_initializer, kernel_regularizer=kit.regularizer(),
-                   name=f"{name}_conv")(x)
+    x = conv_class(
+        filters,
+        3,
+        strides=2,
+        padding="same",
+        use_bias=not batch_norm,
+        kernel_initializer=kit.kernel_initializer,
+        kernel_regularizer=kit.regularizer(),
+        name=f"{name}_conv",
+    )(x)
     if batch_norm:
         x = kit.bn(x, name=f"{name}_bn")
     return kit.act(x, activation, name=f"{name}_{activation}") if activation else x
 
 
 @register(
-    "conv_autoencoder", family="autoencoder", paper=_MASCI, input_shape=(32, 32, 3), num_classes=None,
-    params=76_227, paper_params=None, preprocessing="none", layer_groups=_GROUPS,
-    head_start="decoder_block1_conv", min_size=4, task="autoencoder",
+    "conv_autoencoder",
+    family="autoencoder",
+    paper=_MASCI,
+    input_shape=(32, 32, 3),
+    num_classes=None,
+    params=76_227,
+    paper_params=None,
+    preprocessing="none",
+    layer_groups=_GROUPS,
+    head_start="decoder_block1_conv",
+    min_size=4,
+    task="autoencoder",
     description="conv encoder (32, 64; stride 2) to a conv embedding, mirrored transposed-conv decoder",
     options={"loss": "mse", "input_scale": "0..1"},
 )
-def conv_autoencoder(input_shape=None, num_classes=None, include_top=True, pooling=None, weights=None, name=None, *,
-                     api="tf_keras", include_preprocessing=True, filters=(32, 64), latent_dim=None, batch_norm=True,
-                     activation="relu", output_activation="sigmoid", weight_decay=0.0,
-                     kernel_initializer="glorot_uniform"):
+def conv_autoencoder(
+    input_shape=None,
+    num_classes=None,
+    include_top=True,
+    pooling=None,
+    weights=None,
+    name=None,
+    *,
+    api="tf_keras",
+    include_preprocessing=True,
+    filters=(32, 64),
+    latent_dim=None,
+    batch_norm=True,
+    activation="relu",
+    output_activation="sigmoid",
+    weight_decay=0.0,
+    kernel_initializer="glorot_uniform",
+):
     """Builds a convolutional autoencoder (inputs on the 0..1 scale; train with ``fit(x, x)``).
 
     ``head_start`` in the registry is the first decoder layer of the default configuration
@@ -170,23 +220,62 @@ def conv_autoencoder(input_shape=None, num_classes=None, include_top=True, pooli
     ``include_top=False`` or :func:`encoder_of`, leaves the encoder. Options as
     :func:`recipes.autoencoder.autoencoder`.
     """
-    return autoencoder(input_shape, num_classes, include_top, pooling, weights, name, api=api,
-                       include_preprocessing=include_preprocessing, filters=filters, latent_dim=latent_dim,
-                       batch_norm=batch_norm, activation=activation, output_activation=output_activation,
-                       weight_decay=weight_decay, kernel_initializer=kernel_initializer, recipe="conv_autoencoder")
+    return autoencoder(
+        input_shape,
+        num_classes,
+        include_top,
+        pooling,
+        weights,
+        name,
+        api=api,
+        include_preprocessing=include_preprocessing,
+        filters=filters,
+        latent_dim=latent_dim,
+        batch_norm=batch_norm,
+        activation=activation,
+        output_activation=output_activation,
+        weight_decay=weight_decay,
+        kernel_initializer=kernel_initializer,
+        recipe="conv_autoencoder",
+    )
 
 
 @register(
-    "denoising_autoencoder", family="autoencoder", paper=_VINCENT, input_shape=(32, 32, 3), num_classes=None,
-    params=76_227, paper_params=None, preprocessing="none", layer_groups=_GROUPS,
-    head_start="decoder_block1_conv", min_size=4, task="autoencoder",
+    "denoising_autoencoder",
+    family="autoencoder",
+    paper=_VINCENT,
+    input_shape=(32, 32, 3),
+    num_classes=None,
+    params=76_227,
+    paper_params=None,
+    preprocessing="none",
+    layer_groups=_GROUPS,
+    head_start="decoder_block1_conv",
+    min_size=4,
+    task="autoencoder",
     description="conv_autoencoder with input corruption in training (gaussian, masking, salt and pepper)",
     options={"loss": "mse", "input_scale": "0..1", "noise": NOISES},
 )
-def denoising_autoencoder(input_shape=None, num_classes=None, include_top=True, pooling=None, weights=None,
-                          name=None, *, api="tf_keras", include_preprocessing=True, noise="gaussian",
-                          noise_strength=0.1, filters=(32, 64), latent_dim=None, batch_norm=True, activation="relu",
-                          output_activation="sigmoid", weight_decay=0.0, kernel_initializer="glorot_uniform"):
+def denoising_autoencoder(
+    input_shape=None,
+    num_classes=None,
+    include_top=True,
+    pooling=None,
+    weights=None,
+    name=None,
+    *,
+    api="tf_keras",
+    include_preprocessing=True,
+    noise="gaussian",
+    noise_strength=0.1,
+    filters=(32, 64),
+    latent_dim=None,
+    batch_norm=True,
+    activation="relu",
+    output_activation="sigmoid",
+    weight_decay=0.0,
+    kernel_initializer="glorot_uniform",
+):
     """Builds a denoising autoencoder: :func:`conv_autoencoder` with a ``noise`` layer right after
     the input that corrupts it in training only, so ``fit(x, x)`` learns to restore clean inputs.
 
@@ -199,11 +288,26 @@ def denoising_autoencoder(input_shape=None, num_classes=None, include_top=True, 
     """
     if noise is None:
         raise ValueError(f"denoising_autoencoder: noise=None; use one of {', '.join(NOISES)} (or conv_autoencoder).")
-    return autoencoder(input_shape, num_classes, include_top, pooling, weights, name, api=api,
-                       include_preprocessing=include_preprocessing, filters=filters, latent_dim=latent_dim,
-                       batch_norm=batch_norm, activation=activation, output_activation=output_activation,
-                       noise=noise, noise_strength=noise_strength, weight_decay=weight_decay,
-                       kernel_initializer=kernel_initializer, recipe="denoising_autoencoder")
+    return autoencoder(
+        input_shape,
+        num_classes,
+        include_top,
+        pooling,
+        weights,
+        name,
+        api=api,
+        include_preprocessing=include_preprocessing,
+        filters=filters,
+        latent_dim=latent_dim,
+        batch_norm=batch_norm,
+        activation=activation,
+        output_activation=output_activation,
+        noise=noise,
+        noise_strength=noise_strength,
+        weight_decay=weight_decay,
+        kernel_initializer=kernel_initializer,
+        recipe="denoising_autoencoder",
+    )
 
 
 def linear_autoencoder(input_dim, latent_dim, *, api="tf_keras", name=None, kernel_initializer="glorot_uniform"):
@@ -215,7 +319,8 @@ def linear_autoencoder(input_dim, latent_dim, *, api="tf_keras", name=None, kern
         raise ValueError(f"linear_autoencoder: input_dim={input_dim!r} must be a positive integer.")
     if not isinstance(latent_dim, int) or not 1 <= latent_dim <= input_dim:
         raise ValueError(
-            f"linear_autoencoder: latent_dim={latent_dim!r} must be an integer in 1..input_dim ({input_dim}).")
+            f"linear_autoencoder: latent_dim={latent_dim!r} must be an integer in 1..input_dim ({input_dim})."
+        )
     kit = Kit(api, 0.0, kernel_initializer)
     inputs = kit.layers.Input(shape=(input_dim,), name="input")
     x = kit.dense(inputs, latent_dim, name="embedding")

@@ -35,18 +35,42 @@ class Kit:
     def regularizer(self):
         return self.K.regularizers.L2(self.weight_decay) if self.weight_decay else None
 
-    def conv(self, x, filters, kernel_size, strides=1, padding="same", name=None, activation=None,
-             use_bias=True, groups=1, dilation_rate=1):
+    def conv(
+        self,
+        x,
+        filters,
+        kernel_size,
+        strides=1,
+        padding="same",
+        name=None,
+        activation=None,
+        use_bias=True,
+        groups=1,
+        dilation_rate=1,
+    ):
         return self.layers.Conv2D(
-            filters, kernel_size, strides=strides, padding=padding, activation=activation,
-            use_bias=use_bias, groups=groups, dilation_rate=dilation_rate,
-            kernel_initializer=self.kernel_initializer, kernel_regularizer=self.regularizer(), name=name,
+            filters,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            activation=activation,
+            use_bias=use_bias,
+            groups=groups,
+            dilation_rate=dilation_rate,
+            kernel_initializer=self.kernel_initializer,
+            kernel_regularizer=self.regularizer(),
+            name=name,
         )(x)
 
     def dense(self, x, units, name=None, activation=None, use_bias=True, dtype=None):
         return self.layers.Dense(
-            units, activation=activation, use_bias=use_bias, kernel_initializer=self.kernel_initializer,
-            kernel_regularizer=self.regularizer(), name=name, dtype=dtype,
+            units,
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=self.kernel_initializer,
+            kernel_regularizer=self.regularizer(),
+            name=name,
+            dtype=dtype,
         )(x)
 
     def bn(self, x, name=None, epsilon=1e-3, momentum=0.99, scale=True):
@@ -55,8 +79,19 @@ class Kit:
     def act(self, x, activation="relu", name=None):
         return self.layers.Activation(activation, name=name)(x)
 
-    def conv_bn_act(self, x, filters, kernel_size, strides=1, padding="same", name="conv", activation="relu",
-                    use_bias=False, bn_epsilon=1e-3, bn_scale=True):
+    def conv_bn_act(
+        self,
+        x,
+        filters,
+        kernel_size,
+        strides=1,
+        padding="same",
+        name="conv",
+        activation="relu",
+        use_bias=False,
+        bn_epsilon=1e-3,
+        bn_scale=True,
+    ):
         """Conv, batch norm, activation, named ``{name}_conv``, ``{name}_bn``, ``{name}_{activation}``."""
         x = self.conv(x, filters, kernel_size, strides=strides, padding=padding, use_bias=use_bias, name=f"{name}_conv")
         x = self.bn(x, name=f"{name}_bn", epsilon=bn_epsilon, scale=bn_scale)
@@ -66,15 +101,18 @@ class Kit:
         return self.custom.LocalResponseNormalization(depth_radius, bias, alpha, beta, name=name)(x)
 
 
-def image_input(kit: Kit, input_shape, default_shape, min_size: int, preprocessing: str,
-                include_preprocessing: bool, recipe: str):
+def image_input(
+    kit: Kit, input_shape, default_shape, min_size: int, preprocessing: str, include_preprocessing: bool, recipe: str
+):
     """Creates the model input and, optionally, the in-model preprocessing layer.
 
     Returns ``(inputs, x)``. Raises a ValueError naming the recipe when the shape is too small.
     """
     shape = tuple(default_shape if input_shape is None else input_shape)
     if len(shape) != 3 or any(d is not None and int(d) <= 0 for d in shape):
-        raise ValueError(f"{recipe}: input_shape={input_shape!r} must be (height, width, channels), e.g. {tuple(default_shape)}.")
+        raise ValueError(
+            f"{recipe}: input_shape={input_shape!r} must be (height, width, channels), e.g. {tuple(default_shape)}."
+        )
     h, w = shape[0], shape[1]
     if (h is not None and h < min_size) or (w is not None and w < min_size):
         raise ValueError(
@@ -113,8 +151,9 @@ def predictions(kit: Kit, x, num_classes: int, classifier_activation, name="pred
     return kit.dense(x, num_classes, activation=classifier_activation, name=name, dtype="float32")
 
 
-def dense_classifier(kit: Kit, x, include_top, pooling, num_classes, classifier_activation, hidden=(),
-                     activation="relu", dropout=0.0):
+def dense_classifier(
+    kit: Kit, x, include_top, pooling, num_classes, classifier_activation, hidden=(), activation="relu", dropout=0.0
+):
     """The head of the flatten-and-fully-connected networks (LeNet, AlexNet, VGG): Flatten, then a
     Dense layer per ``(name, units)`` in ``hidden``, each followed by ``{name}_dropout`` when
     ``dropout``, then ``predictions``; without the top, ``pooling`` decides the output."""
@@ -128,8 +167,17 @@ def dense_classifier(kit: Kit, x, include_top, pooling, num_classes, classifier_
     return predictions(kit, x, num_classes, classifier_activation)
 
 
-def pooled_classifier(kit: Kit, x, include_top, pooling, num_classes, classifier_activation, dropout=0.0,
-                      pool_name="avg_pool", dropout_name="head_dropout"):
+def pooled_classifier(
+    kit: Kit,
+    x,
+    include_top,
+    pooling,
+    num_classes,
+    classifier_activation,
+    dropout=0.0,
+    pool_name="avg_pool",
+    dropout_name="head_dropout",
+):
     """The head of the global-pooling networks (GoogLeNet, Inception, ResNet): average pool,
     optional dropout, then ``predictions``; without the top, ``pooling`` decides the output."""
     if not include_top:
@@ -180,7 +228,9 @@ def load_weights(model, weights):
         )
     path = os.path.expanduser(os.fspath(weights))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path!r} does not exist; pass the path of a .h5, .weights.h5 or .keras file.")
+        raise FileNotFoundError(
+            f"weights file {path!r} does not exist; pass the path of a .h5, .weights.h5 or .keras file."
+        )
     try:
         load_weights_file(model, path, label=f"weights file {path!r}")
     except WeightsMismatchError as err:
@@ -258,14 +308,20 @@ def _mismatch_in_order(model, layers) -> str | None:
     saved = [(name, shapes) for name, shapes in layers if shapes]
     for (name, shapes), (file_name, file_shapes) in zip(targets, saved):
         if shapes != file_shapes:
-            return (f"layer {name!r} expects weights of shapes {shapes}, the file's layer in its place "
-                    f"({file_name!r}) has {file_shapes}")
+            return (
+                f"layer {name!r} expects weights of shapes {shapes}, the file's layer in its place "
+                f"({file_name!r}) has {file_shapes}"
+            )
     if len(targets) > len(saved):
-        return (f"layer {targets[len(saved)][0]!r} has no weights in the file (the file has weights for "
-                f"{len(saved)} layers, the model for {len(targets)})")
+        return (
+            f"layer {targets[len(saved)][0]!r} has no weights in the file (the file has weights for "
+            f"{len(saved)} layers, the model for {len(targets)})"
+        )
     if len(saved) > len(targets):
-        return (f"the file has weights for {len(saved)} layers, the model for {len(targets)} (the first extra "
-                f"one is {saved[len(targets)][0]!r})")
+        return (
+            f"the file has weights for {len(saved)} layers, the model for {len(targets)} (the first extra "
+            f"one is {saved[len(targets)][0]!r})"
+        )
     return None
 
 
@@ -277,8 +333,10 @@ def _mismatch_by_name(model, layers) -> str | None:
         if shapes and not file_shapes:
             return f"layer {layer.name!r} has no weights in the file"
         if layer.name in saved and file_shapes != shapes:
-            return (f"layer {layer.name!r} expects weights of shapes {shapes}, the file's layer of that name has "
-                    f"{file_shapes}")
+            return (
+                f"layer {layer.name!r} expects weights of shapes {shapes}, the file's layer of that name has "
+                f"{file_shapes}"
+            )
     return None
 
 
@@ -308,8 +366,10 @@ def _copy_weights_by_name(model, path) -> str:
             raise WeightsMismatchError(f"layer {layer.name!r} has no weights in the file")
         shapes, file_shapes = [tuple(w.shape) for w in layer.weights], [tuple(w.shape) for w in other.weights]
         if shapes != file_shapes:
-            raise WeightsMismatchError(f"layer {layer.name!r} expects weights of shapes {shapes}, the file's layer "
-                                       f"of that name has {file_shapes}")
+            raise WeightsMismatchError(
+                f"layer {layer.name!r} expects weights of shapes {shapes}, the file's layer "
+                f"of that name has {file_shapes}"
+            )
         pairs.append((layer, other))
     if not pairs:
         raise WeightsMismatchError("the model has no layers with weights to load")

@@ -20,21 +20,49 @@ __all__ = ["contrastive_encoder", "encoder_of", "nt_xent_loss"]
 
 _PAPER = "Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations"
 # cifar_resnet20's groups (recipes.resnet.layer_groups), then the representation and the head.
-_GROUPS = (("stem", "stem_relu"), ("stage1", "stage1_block3_out"), ("stage2", "stage2_block3_out"),
-           ("stage3", "stage3_block3_out"), ("embedding", "embedding"), ("projection_head", "projection"))
+_GROUPS = (
+    ("stem", "stem_relu"),
+    ("stage1", "stage1_block3_out"),
+    ("stage2", "stage2_block3_out"),
+    ("stage3", "stage3_block3_out"),
+    ("embedding", "embedding"),
+    ("projection_head", "projection"),
+)
 
 
 @register(
-    "contrastive_encoder", family="contrastive", paper=_PAPER, input_shape=(32, 32, 3), num_classes=None,
-    params=283_120, paper_params=None, preprocessing="torch", layer_groups=_GROUPS, head_start="projection_hidden",
-    min_size=8, task="contrastive",
+    "contrastive_encoder",
+    family="contrastive",
+    paper=_PAPER,
+    input_shape=(32, 32, 3),
+    num_classes=None,
+    params=283_120,
+    paper_params=None,
+    preprocessing="torch",
+    layer_groups=_GROUPS,
+    head_start="projection_hidden",
+    min_size=8,
+    task="contrastive",
     description="SimCLR: cifar_resnet20 backbone, 64-d representation h, MLP projection head to 128-d z",
     options={"backbone": "cifar_resnet20", "projection_dim": 128, "loss": "nt_xent_loss", "temperature": 0.5},
 )
-def contrastive_encoder(input_shape=None, num_classes=None, include_top=True, pooling=None, weights=None, name=None,
-                        *, api="tf_keras", include_preprocessing=True, backbone="cifar_resnet20",
-                        backbone_options=None, projection_dim=128, hidden_dim=None, weight_decay=0.0,
-                        kernel_initializer="glorot_uniform"):
+def contrastive_encoder(
+    input_shape=None,
+    num_classes=None,
+    include_top=True,
+    pooling=None,
+    weights=None,
+    name=None,
+    *,
+    api="tf_keras",
+    include_preprocessing=True,
+    backbone="cifar_resnet20",
+    backbone_options=None,
+    projection_dim=128,
+    hidden_dim=None,
+    weight_decay=0.0,
+    kernel_initializer="glorot_uniform",
+):
     """Builds a SimCLR encoder: backbone -> ``embedding`` (h) -> projection head -> ``projection`` (z).
 
     The projection head is the paper's ``g(h) = W2 relu(W1 h)``: ``projection_hidden`` (Dense, no
@@ -69,18 +97,28 @@ def contrastive_encoder(input_shape=None, num_classes=None, include_top=True, po
     if base is None or base.task != "classification":
         choices = ", ".join(registry.names(task="classification"))
         raise ValueError(
-            f"contrastive_encoder: backbone={backbone!r} must be the name of a classification recipe: {choices}.")
+            f"contrastive_encoder: backbone={backbone!r} must be the name of a classification recipe: {choices}."
+        )
     for value, arg in ((projection_dim, "projection_dim"), (hidden_dim, "hidden_dim")):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"contrastive_encoder: {arg}={value!r} must be a positive integer.")
     options = dict(backbone_options or {})
     clash = {"input_shape", "include_top", "pooling", "api", "include_preprocessing", "weight_decay"} & set(options)
     if clash:
-        raise ValueError(f"contrastive_encoder: backbone_options may not set {', '.join(sorted(clash))}; "
-                         "pass them to contrastive_encoder itself.")
+        raise ValueError(
+            f"contrastive_encoder: backbone_options may not set {', '.join(sorted(clash))}; "
+            "pass them to contrastive_encoder itself."
+        )
     kit = Kit(api, weight_decay, kernel_initializer)
-    trunk = base.build(input_shape=tuple(input_shape or (32, 32, 3)), include_top=False, pooling=None, api=api,
-                       include_preprocessing=include_preprocessing, weight_decay=weight_decay, **options)
+    trunk = base.build(
+        input_shape=tuple(input_shape or (32, 32, 3)),
+        include_top=False,
+        pooling=None,
+        api=api,
+        include_preprocessing=include_preprocessing,
+        weight_decay=weight_decay,
+        **options,
+    )
     x = trunk.output
     if len(x.shape) == 4:
         pool = kit.layers.GlobalMaxPooling2D if pooling == "max" else kit.layers.GlobalAveragePooling2D

@@ -40,8 +40,12 @@ AUX_LOSS_WEIGHT = 0.3  # section 5: the auxiliary losses are added with weight 0
 AUX_SOURCES = {"aux1": "4a", "aux2": "4d"}
 AUX_MIN_SIZE = 65  # the 4a/4d map (input / 16) must be at least 5x5 for the aux heads' 5x5 pool
 _PAPER = "Szegedy et al. 2015, Going Deeper with Convolutions"
-_GROUPS = (("stem", "pool2_3x3_s2"), ("inception_3", "pool3_3x3_s2"), ("inception_4", "pool4_3x3_s2"),
-           ("inception_5", "inception_5b_output"))
+_GROUPS = (
+    ("stem", "pool2_3x3_s2"),
+    ("inception_3", "pool3_3x3_s2"),
+    ("inception_4", "pool4_3x3_s2"),
+    ("inception_5", "inception_5b_output"),
+)
 
 
 def inception_module(kit, x, name, filters):
@@ -73,14 +77,35 @@ def _aux_head(kit, x, name, num_classes, classifier_activation):
 
 
 @register(
-    "googlenet", family="googlenet", paper=_PAPER, input_shape=(224, 224, 3), params=6_998_552,
-    paper_params=6.8e6, preprocessing="caffe", layer_groups=_GROUPS, head_start="pool5_7x7_s1", min_size=32,
+    "googlenet",
+    family="googlenet",
+    paper=_PAPER,
+    input_shape=(224, 224, 3),
+    params=6_998_552,
+    paper_params=6.8e6,
+    preprocessing="caffe",
+    layer_groups=_GROUPS,
+    head_start="pool5_7x7_s1",
+    min_size=32,
     description="GoogLeNet (Inception v1): 22 layers, 9 inception modules, optional auxiliary heads",
     options={"aux_loss_weight": AUX_LOSS_WEIGHT, "dropout": 0.4, "aux_dropout": 0.7},
 )
-def googlenet(input_shape=None, num_classes=1000, include_top=True, pooling=None, weights=None, name=None, *,
-              api="tf_keras", include_preprocessing=True, classifier_activation="softmax", aux_heads=False,
-              dropout=0.4, weight_decay=0.0, kernel_initializer="glorot_uniform"):
+def googlenet(
+    input_shape=None,
+    num_classes=1000,
+    include_top=True,
+    pooling=None,
+    weights=None,
+    name=None,
+    *,
+    api="tf_keras",
+    include_preprocessing=True,
+    classifier_activation="softmax",
+    aux_heads=False,
+    dropout=0.4,
+    weight_decay=0.0,
+    kernel_initializer="glorot_uniform",
+):
     """Builds GoogLeNet (Table 1).
 
     With ``aux_heads=True`` it is the training network of section 5: three outputs, named
@@ -118,8 +143,10 @@ def googlenet(input_shape=None, num_classes=1000, include_top=True, pooling=None
     if aux_heads:
         h, w = inputs.shape[1], inputs.shape[2]
         if (h is not None and h < AUX_MIN_SIZE) or (w is not None and w < AUX_MIN_SIZE):
-            raise ValueError(f"googlenet: input_shape={tuple(inputs.shape[1:])} is too small for aux_heads=True; "
-                             f"height and width must be at least {AUX_MIN_SIZE} (or use aux_heads=False).")
+            raise ValueError(
+                f"googlenet: input_shape={tuple(inputs.shape[1:])} is too small for aux_heads=True; "
+                f"height and width must be at least {AUX_MIN_SIZE} (or use aux_heads=False)."
+            )
 
     x = kit.conv(x, 64, 7, strides=2, activation="relu", name="conv1_7x7_s2")
     x = kit.layers.MaxPooling2D(3, strides=2, padding="same", name="pool1_3x3_s2")(x)
@@ -140,8 +167,9 @@ def googlenet(input_shape=None, num_classes=1000, include_top=True, pooling=None
         if stage < 5:
             x = kit.layers.MaxPooling2D(3, strides=2, padding="same", name=f"pool{stage}_3x3_s2")(x)
 
-    x = pooled_classifier(kit, x, include_top, pooling, num_classes, classifier_activation, dropout,
-                          pool_name="pool5_7x7_s1")
+    x = pooled_classifier(
+        kit, x, include_top, pooling, num_classes, classifier_activation, dropout, pool_name="pool5_7x7_s1"
+    )
     outputs = [x, aux["aux1"], aux["aux2"]] if aux_heads and include_top else x
     return finish(kit, inputs, outputs, name or "googlenet", weights)
 
@@ -156,6 +184,8 @@ def googlenet_loss_weights(model) -> dict:
     """
     names = list(model.output_names)
     if "predictions" not in names:
-        raise ValueError(f"googlenet_loss_weights: model {model.name!r} has no 'predictions' output "
-                         f"(outputs: {', '.join(names)}); pass a GoogLeNet built with include_top=True.")
+        raise ValueError(
+            f"googlenet_loss_weights: model {model.name!r} has no 'predictions' output "
+            f"(outputs: {', '.join(names)}); pass a GoogLeNet built with include_top=True."
+        )
     return {n: (AUX_LOSS_WEIGHT if n in AUX_SOURCES else 1.0) for n in names}

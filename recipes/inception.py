@@ -58,50 +58,67 @@ def _concat(kit: Kit, branches, name):
 def module_a(kit: Kit, x, pool_filters, name):
     """35x35 module (Figure 5): the 5x5 convolution is kept in one branch, and factorized into
     two 3x3 in another. Output 224 + ``pool_filters`` channels."""
-    return _concat(kit, [
-        _branch(kit, x, f"{name}_branch1x1", (64, 1)),
-        _branch(kit, x, f"{name}_branch5x5", (48, 1), (64, 5)),
-        _branch(kit, x, f"{name}_branch3x3dbl", (64, 1), (96, 3), (96, 3)),
-        _pool_branch(kit, x, name, pool_filters),
-    ], name)
+    return _concat(
+        kit,
+        [
+            _branch(kit, x, f"{name}_branch1x1", (64, 1)),
+            _branch(kit, x, f"{name}_branch5x5", (48, 1), (64, 5)),
+            _branch(kit, x, f"{name}_branch3x3dbl", (64, 1), (96, 3), (96, 3)),
+            _pool_branch(kit, x, name, pool_filters),
+        ],
+        name,
+    )
 
 
 def reduction_a(kit: Kit, x, name):
     """35x35 -> 17x17 grid reduction (Figure 10): stride-2 convolutions next to a stride-2 max
     pooling, concatenated. Output 768 channels."""
-    return _concat(kit, [
-        _branch(kit, x, f"{name}_branch3x3", (384, 3, 2, "valid")),
-        _branch(kit, x, f"{name}_branch3x3dbl", (64, 1), (96, 3), (96, 3, 2, "valid")),
-        kit.layers.MaxPooling2D(3, strides=2, name=f"{name}_pool")(x),
-    ], name)
+    return _concat(
+        kit,
+        [
+            _branch(kit, x, f"{name}_branch3x3", (384, 3, 2, "valid")),
+            _branch(kit, x, f"{name}_branch3x3dbl", (64, 1), (96, 3), (96, 3, 2, "valid")),
+            kit.layers.MaxPooling2D(3, strides=2, name=f"{name}_pool")(x),
+        ],
+        name,
+    )
 
 
 def module_b(kit: Kit, x, channels_7x7, name):
     """17x17 module (Figure 6): 7x7 convolutions factorized into 1x7 and 7x1, with
     ``channels_7x7`` inner channels. Output 768 channels."""
     c = channels_7x7
-    return _concat(kit, [
-        _branch(kit, x, f"{name}_branch1x1", (192, 1)),
-        _branch(kit, x, f"{name}_branch7x7", (c, 1), (c, (1, 7)), (192, (7, 1))),
-        _branch(kit, x, f"{name}_branch7x7dbl", (c, 1), (c, (7, 1)), (c, (1, 7)), (c, (7, 1)), (192, (1, 7))),
-        _pool_branch(kit, x, name, 192),
-    ], name)
+    return _concat(
+        kit,
+        [
+            _branch(kit, x, f"{name}_branch1x1", (192, 1)),
+            _branch(kit, x, f"{name}_branch7x7", (c, 1), (c, (1, 7)), (192, (7, 1))),
+            _branch(kit, x, f"{name}_branch7x7dbl", (c, 1), (c, (7, 1)), (c, (1, 7)), (c, (7, 1)), (192, (1, 7))),
+            _pool_branch(kit, x, name, 192),
+        ],
+        name,
+    )
 
 
 def reduction_b(kit: Kit, x, name):
     """17x17 -> 8x8 grid reduction. Output 1280 channels."""
-    return _concat(kit, [
-        _branch(kit, x, f"{name}_branch3x3", (192, 1), (320, 3, 2, "valid")),
-        _branch(kit, x, f"{name}_branch7x7x3", (192, 1), (192, (1, 7)), (192, (7, 1)), (192, 3, 2, "valid")),
-        kit.layers.MaxPooling2D(3, strides=2, name=f"{name}_pool")(x),
-    ], name)
+    return _concat(
+        kit,
+        [
+            _branch(kit, x, f"{name}_branch3x3", (192, 1), (320, 3, 2, "valid")),
+            _branch(kit, x, f"{name}_branch7x7x3", (192, 1), (192, (1, 7)), (192, (7, 1)), (192, 3, 2, "valid")),
+            kit.layers.MaxPooling2D(3, strides=2, name=f"{name}_pool")(x),
+        ],
+        name,
+    )
 
 
 def _split_1x3_3x1(kit: Kit, x, name, step):
     """The expanded filter bank of Figure 7: parallel 1x3 and 3x1 convolutions (``{name}_{step}a``,
     ``{name}_{step}b``), concatenated into ``name``."""
-    return _concat(kit, [conv_bn(kit, x, 384, (1, 3), f"{name}_{step}a"),
-                         conv_bn(kit, x, 384, (3, 1), f"{name}_{step}b")], name)
+    return _concat(
+        kit, [conv_bn(kit, x, 384, (1, 3), f"{name}_{step}a"), conv_bn(kit, x, 384, (3, 1), f"{name}_{step}b")], name
+    )
 
 
 def module_c(kit: Kit, x, name):
@@ -131,9 +148,22 @@ def aux_classifier(kit: Kit, x, num_classes, classifier_activation):
     return kit.dense(x, num_classes, activation=classifier_activation, name="aux")
 
 
-def inception(input_shape=None, num_classes=1000, include_top=True, pooling=None, weights=None, name=None, *,
-              api="tf_keras", include_preprocessing=True, classifier_activation="softmax", aux_heads=False,
-              dropout=0.0, weight_decay=0.0, kernel_initializer="glorot_uniform"):
+def inception(
+    input_shape=None,
+    num_classes=1000,
+    include_top=True,
+    pooling=None,
+    weights=None,
+    name=None,
+    *,
+    api="tf_keras",
+    include_preprocessing=True,
+    classifier_activation="softmax",
+    aux_heads=False,
+    dropout=0.0,
+    weight_decay=0.0,
+    kernel_initializer="glorot_uniform",
+):
     """Builds Inception-v3 (the network of the paper's Table 1 as released, batch-normalized).
 
     Args:
@@ -164,8 +194,10 @@ def inception(input_shape=None, num_classes=1000, include_top=True, pooling=None
     kit = Kit(api, weight_decay, kernel_initializer)
     inputs, x = image_input(kit, input_shape, (299, 299, 3), MIN_SIZE, "tf", include_preprocessing, recipe)
     if aux_heads and any(d is not None and d < AUX_MIN_SIZE for d in inputs.shape[1:3]):
-        raise ValueError(f"{recipe}: aux_heads=True needs height and width of at least {AUX_MIN_SIZE} (mixed7 must "
-                         f"be at least 5x5 for the 5x5/3 pooling); input_shape={tuple(inputs.shape[1:])}.")
+        raise ValueError(
+            f"{recipe}: aux_heads=True needs height and width of at least {AUX_MIN_SIZE} (mixed7 must "
+            f"be at least 5x5 for the 5x5/3 pooling); input_shape={tuple(inputs.shape[1:])}."
+        )
 
     # Stem: 299x299x3 -> 35x35x192.
     x = conv_bn(kit, x, 32, 3, "stem_conv1", strides=2, padding="valid")
@@ -192,13 +224,21 @@ def inception(input_shape=None, num_classes=1000, include_top=True, pooling=None
 
 
 @register(
-    "inception_v3", family="inception", paper=_PAPER, input_shape=(299, 299, 3), params=23_851_784,
+    "inception_v3",
+    family="inception",
+    paper=_PAPER,
+    input_shape=(299, 299, 3),
+    params=23_851_784,
     paper_params=25e6,  # "less than 25 million parameters" (abstract)
-    preprocessing="tf", layer_groups=_GROUPS, head_start="avg_pool", min_size=MIN_SIZE,
+    preprocessing="tf",
+    layer_groups=_GROUPS,
+    head_start="avg_pool",
+    min_size=MIN_SIZE,
     description="Inception-v3: factorized convolutions, grid reductions, BN (keras InceptionV3 twin)",
     options={"aux_loss_weight": 0.4, "label_smoothing": 0.1},
 )
-def inception_v3(input_shape=None, num_classes=1000, include_top=True, pooling=None, weights=None, name=None,
-                 **options):
+def inception_v3(
+    input_shape=None, num_classes=1000, include_top=True, pooling=None, weights=None, name=None, **options
+):
     """Inception-v3 (Szegedy et al. 2016), batch-normalized. Options as :func:`recipes.inception.inception`."""
     return inception(input_shape, num_classes, include_top, pooling, weights, name, **options)

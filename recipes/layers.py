@@ -30,9 +30,7 @@ PREPROCESSING_MODES = {
 
 def check_preprocessing(mode: str) -> str:
     if mode not in PREPROCESSING_MODES:
-        raise ValueError(
-            f"preprocessing={mode!r} is not known; use one of {', '.join(PREPROCESSING_MODES)}."
-        )
+        raise ValueError(f"preprocessing={mode!r} is not known; use one of {', '.join(PREPROCESSING_MODES)}.")
     return mode
 
 

@@ -13,14 +13,36 @@ from recipes.registry import register
 
 
 @register(
-    "lenet5", family="lenet", paper="LeCun et al. 1998, Gradient-Based Learning Applied to Document Recognition",
-    input_shape=(32, 32, 1), num_classes=10, params=61_706, paper_params=60_000, preprocessing="unit",
-    layer_groups=(("c1", "s2"), ("c3", "s4"), ("c5", "c5"), ("f6", "f6")), head_start="flatten", min_size=32,
+    "lenet5",
+    family="lenet",
+    paper="LeCun et al. 1998, Gradient-Based Learning Applied to Document Recognition",
+    input_shape=(32, 32, 1),
+    num_classes=10,
+    params=61_706,
+    paper_params=60_000,
+    preprocessing="unit",
+    layer_groups=(("c1", "s2"), ("c3", "s4"), ("c5", "c5"), ("f6", "f6")),
+    head_start="flatten",
+    min_size=32,
     description="CONV-POOL-CONV-POOL-CONV-FC-FC for 32x32 digits",
 )
-def lenet5(input_shape=None, num_classes=10, include_top=True, pooling=None, weights=None, name=None, *,
-           api="tf_keras", include_preprocessing=True, classifier_activation="softmax", activation="tanh",
-           subsampling="avg", dropout=0.0, weight_decay=0.0, kernel_initializer="glorot_uniform"):
+def lenet5(
+    input_shape=None,
+    num_classes=10,
+    include_top=True,
+    pooling=None,
+    weights=None,
+    name=None,
+    *,
+    api="tf_keras",
+    include_preprocessing=True,
+    classifier_activation="softmax",
+    activation="tanh",
+    subsampling="avg",
+    dropout=0.0,
+    weight_decay=0.0,
+    kernel_initializer="glorot_uniform",
+):
     """Builds LeNet-5.
 
     Args:
@@ -53,6 +75,15 @@ def lenet5(input_shape=None, num_classes=10, include_top=True, pooling=None, wei
     x = kit.conv(x, 16, 5, padding="valid", activation=activation, name="c3")
     x = pool(2, name="s4")(x)
     x = kit.conv(x, 120, 5, padding="valid", activation=activation, name="c5")
-    x = dense_classifier(kit, x, include_top, pooling, num_classes, classifier_activation, hidden=(("f6", 84),),
-                         activation=activation, dropout=dropout)
+    x = dense_classifier(
+        kit,
+        x,
+        include_top,
+        pooling,
+        num_classes,
+        classifier_activation,
+        hidden=(("f6", 84),),
+        activation=activation,
+        dropout=dropout,
+    )
     return finish(kit, inputs, x, name or "lenet5", weights)

@@ -22,15 +22,35 @@ def _flat_input(kit, input_shape, include_preprocessing, recipe):
 
 
 @register(
-    "linear_classifier", family="linear", paper=_PAPER + ": Linear classification", input_shape=(32, 32, 3),
-    num_classes=10, params=30_730, paper_params=30_730, preprocessing="unit", layer_groups=(("flatten", "flatten"),),
-    head_start="predictions", min_size=1, task="classification",
+    "linear_classifier",
+    family="linear",
+    paper=_PAPER + ": Linear classification",
+    input_shape=(32, 32, 3),
+    num_classes=10,
+    params=30_730,
+    paper_params=30_730,
+    preprocessing="unit",
+    layer_groups=(("flatten", "flatten"),),
+    head_start="predictions",
+    min_size=1,
+    task="classification",
     description="s = Wx + b on the flattened pixels (softmax or multiclass SVM loss)",
     options={"losses": ("sparse_categorical_crossentropy", "multiclass_hinge")},
 )
-def linear_classifier(input_shape=None, num_classes=10, include_top=True, pooling=None, weights=None, name=None, *,
-                      api="tf_keras", include_preprocessing=True, classifier_activation="softmax",
-                      weight_decay=0.0, kernel_initializer="glorot_uniform"):
+def linear_classifier(
+    input_shape=None,
+    num_classes=10,
+    include_top=True,
+    pooling=None,
+    weights=None,
+    name=None,
+    *,
+    api="tf_keras",
+    include_preprocessing=True,
+    classifier_activation="softmax",
+    weight_decay=0.0,
+    kernel_initializer="glorot_uniform",
+):
     """Builds the linear classifier ``s = W x + b`` on the flattened image.
 
     CIFAR-10's 32x32x3 images and 10 classes give W of 10x3072 and 30,730 parameters, as in the notes.
@@ -63,15 +83,39 @@ def linear_classifier(input_shape=None, num_classes=10, include_top=True, poolin
 
 
 @register(
-    "mlp", family="mlp", paper=_PAPER + ": Neural Networks", input_shape=(32, 32, 3), num_classes=10,
-    params=820_874, paper_params=None, preprocessing="unit",
-    layer_groups=(("flatten", "flatten"), ("fc1", "fc1_act"), ("fc2", "fc2_act")), head_start="predictions",
-    min_size=1, task="classification", description="fully connected network: 3072-256-128-10, ReLU, dropout",
+    "mlp",
+    family="mlp",
+    paper=_PAPER + ": Neural Networks",
+    input_shape=(32, 32, 3),
+    num_classes=10,
+    params=820_874,
+    paper_params=None,
+    preprocessing="unit",
+    layer_groups=(("flatten", "flatten"), ("fc1", "fc1_act"), ("fc2", "fc2_act")),
+    head_start="predictions",
+    min_size=1,
+    task="classification",
+    description="fully connected network: 3072-256-128-10, ReLU, dropout",
     options={"hidden_units": (256, 128), "dropout": 0.5},
 )
-def mlp(input_shape=None, num_classes=10, include_top=True, pooling=None, weights=None, name=None, *,
-        api="tf_keras", include_preprocessing=True, classifier_activation="softmax", hidden_units=(256, 128),
-        activation="relu", dropout=0.5, batch_norm=False, weight_decay=0.0, kernel_initializer="glorot_uniform"):
+def mlp(
+    input_shape=None,
+    num_classes=10,
+    include_top=True,
+    pooling=None,
+    weights=None,
+    name=None,
+    *,
+    api="tf_keras",
+    include_preprocessing=True,
+    classifier_activation="softmax",
+    hidden_units=(256, 128),
+    activation="relu",
+    dropout=0.5,
+    batch_norm=False,
+    weight_decay=0.0,
+    kernel_initializer="glorot_uniform",
+):
     """Builds a multilayer perceptron on the flattened image.
 
     Hidden layer ``i`` (from 1) is ``fc{i}`` (Dense), ``fc{i}_bn`` (with ``batch_norm``) and
@@ -102,7 +146,8 @@ def mlp(input_shape=None, num_classes=10, include_top=True, pooling=None, weight
     units = tuple(hidden_units)
     if not units or any(not isinstance(u, int) or u < 1 for u in units):
         raise ValueError(
-            f"mlp: hidden_units={hidden_units!r} must be a non-empty sequence of positive integers, e.g. (256, 128).")
+            f"mlp: hidden_units={hidden_units!r} must be a non-empty sequence of positive integers, e.g. (256, 128)."
+        )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"mlp: dropout={dropout!r} must be in [0, 1).")
     kit = Kit(api, weight_decay, kernel_initializer)

@@ -23,14 +23,21 @@ def custom_losses(api: str | None = None) -> types.SimpleNamespace:
 
         ops = types.SimpleNamespace(
             one_hot=lambda y, n, dtype: ops_module.one_hot(y, n, dtype=dtype),
-            cast=ops_module.cast, reshape=ops_module.reshape, maximum=ops_module.maximum,
-            sum=lambda x, axis: ops_module.reduce_sum(x, axis=axis), shape=lambda x: x.shape,
+            cast=ops_module.cast,
+            reshape=ops_module.reshape,
+            maximum=ops_module.maximum,
+            sum=lambda x, axis: ops_module.reduce_sum(x, axis=axis),
+            shape=lambda x: x.shape,
         )
     else:
         kops = K.ops
         ops = types.SimpleNamespace(
-            one_hot=lambda y, n, dtype: kops.one_hot(y, n, dtype=dtype), cast=kops.cast, reshape=kops.reshape,
-            maximum=kops.maximum, sum=lambda x, axis: kops.sum(x, axis=axis), shape=lambda x: x.shape,
+            one_hot=lambda y, n, dtype: kops.one_hot(y, n, dtype=dtype),
+            cast=kops.cast,
+            reshape=kops.reshape,
+            maximum=kops.maximum,
+            sum=lambda x, axis: kops.sum(x, axis=axis),
+            shape=lambda x: x.shape,
         )
 
     class MulticlassHinge(K.losses.Loss):

@@ -12,8 +12,8 @@ Looking a recipe up never imports TensorFlow, so listing recipes is instant.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 TASKS = ("classification", "autoencoder", "contrastive")
 
@@ -95,7 +95,9 @@ def register(name: str, **metadata) -> Callable:
 
     def decorator(builder: Callable) -> Callable:
         if name in _REGISTRY:
-            raise ValueError(f"recipe {name!r} is registered twice ({_REGISTRY[name].builder.__module__} and {builder.__module__}).")
+            raise ValueError(
+                f"recipe {name!r} is registered twice ({_REGISTRY[name].builder.__module__} and {builder.__module__})."
+            )
         if metadata.get("task", "classification") not in TASKS:
             raise ValueError(f"recipe {name!r}: task must be one of {TASKS}.")
         _REGISTRY[name] = Recipe(name=name, builder=builder, **metadata)
@@ -124,7 +126,8 @@ def names(task: str | None = None, family: str | None = None) -> list[str]:
     """Registered names, in registration order, optionally of one task or family."""
     _load_all()
     return [
-        r.name for r in _REGISTRY.values()
+        r.name
+        for r in _REGISTRY.values()
         if (task is None or r.task == task) and (family is None or r.family == family)
     ]
 

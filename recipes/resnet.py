@@ -32,13 +32,28 @@ from recipes.registry import register
 BLOCKS = ("basic", "bottleneck")
 SHORTCUTS = ("projection", "zeros")
 
-_IMAGENET = {"stem": "imagenet", "input_shape": (224, 224, 3), "num_classes": 1000, "se_ratio": 0,
-             "shortcut": "projection", "filters": (64, 128, 256, 512)}
+_IMAGENET = {
+    "stem": "imagenet",
+    "input_shape": (224, 224, 3),
+    "num_classes": 1000,
+    "se_ratio": 0,
+    "shortcut": "projection",
+    "filters": (64, 128, 256, 512),
+}
 _KERAS = {**_IMAGENET, "block": "bottleneck", "use_bias": True, "bn_epsilon": 1.001e-5, "preprocessing": "caffe"}
 _TORCH = {**_IMAGENET, "use_bias": False, "bn_epsilon": 1e-5, "preprocessing": "torch"}
-_CIFAR = {"stem": "cifar", "input_shape": (32, 32, 3), "num_classes": 10, "se_ratio": 0, "shortcut": "zeros",
-          "filters": (16, 32, 64), "block": "basic", "use_bias": False, "bn_epsilon": 1e-5,
-          "preprocessing": "torch"}
+_CIFAR = {
+    "stem": "cifar",
+    "input_shape": (32, 32, 3),
+    "num_classes": 10,
+    "se_ratio": 0,
+    "shortcut": "zeros",
+    "filters": (16, 32, 64),
+    "block": "basic",
+    "use_bias": False,
+    "bn_epsilon": 1e-5,
+    "preprocessing": "torch",
+}
 
 # Per variant: blocks per stage (Table 1; section 4.2 for CIFAR: n = (depth - 2) / 6) and the layout.
 CONFIGS = {
@@ -70,9 +85,24 @@ def layer_groups(config):
     return (stem,) + stages
 
 
-def resnet(config, input_shape=None, num_classes=None, include_top=True, pooling=None, weights=None, name=None, *,
-           api="tf_keras", include_preprocessing=True, classifier_activation="softmax", se_ratio=None,
-           shortcut=None, dropout=0.0, weight_decay=0.0, kernel_initializer="he_normal"):
+def resnet(
+    config,
+    input_shape=None,
+    num_classes=None,
+    include_top=True,
+    pooling=None,
+    weights=None,
+    name=None,
+    *,
+    api="tf_keras",
+    include_preprocessing=True,
+    classifier_activation="softmax",
+    se_ratio=None,
+    shortcut=None,
+    dropout=0.0,
+    weight_decay=0.0,
+    kernel_initializer="he_normal",
+):
     """Builds the ResNet variant ``config`` (a key of :data:`CONFIGS`).
 
     Args:
@@ -109,8 +139,10 @@ def resnet(config, input_shape=None, num_classes=None, include_top=True, pooling
     shortcut = cfg["shortcut"] if shortcut is None else shortcut
     num_classes = cfg["num_classes"] if num_classes is None else num_classes
     if isinstance(se_ratio, bool) or not isinstance(se_ratio, (int, float)) or se_ratio < 0:
-        raise ValueError(f"{config}: se_ratio={se_ratio!r} must be 0 (no squeeze-and-excitation) or a positive "
-                         "reduction ratio such as 16.")
+        raise ValueError(
+            f"{config}: se_ratio={se_ratio!r} must be 0 (no squeeze-and-excitation) or a positive "
+            "reduction ratio such as 16."
+        )
     if shortcut not in SHORTCUTS:
         raise ValueError(f"{config}: shortcut={shortcut!r} must be one of {', '.join(SHORTCUTS)}.")
     if not 0 <= dropout < 1:
@@ -118,8 +150,9 @@ def resnet(config, input_shape=None, num_classes=None, include_top=True, pooling
     check_head_args(config, include_top, pooling, num_classes)
     kit = Kit(api, weight_decay, kernel_initializer)
     min_size = 32 if cfg["stem"] == "imagenet" else 8
-    inputs, x = image_input(kit, input_shape, cfg["input_shape"], min_size, cfg["preprocessing"],
-                            include_preprocessing, config)
+    inputs, x = image_input(
+        kit, input_shape, cfg["input_shape"], min_size, cfg["preprocessing"], include_preprocessing, config
+    )
     eps, bias = cfg["bn_epsilon"], cfg["use_bias"]
     if cfg["stem"] == "imagenet":
         x = kit.layers.ZeroPadding2D(3, name="conv1_pad")(x)
@@ -132,15 +165,25 @@ def resnet(config, input_shape=None, num_classes=None, include_top=True, pooling
         x = kit.conv_bn_act(x, cfg["filters"][0], 3, name="stem", use_bias=bias, bn_epsilon=eps)
     for s, (stage, filters, blocks) in enumerate(zip(stage_names(config), cfg["filters"], cfg["blocks"])):
         for b in range(1, blocks + 1):
-            x = residual_block(kit, x, cfg["block"], filters, stride=2 if s > 0 and b == 1 else 1,
-                               name=f"{stage}_block{b}", use_bias=bias, bn_epsilon=eps, se_ratio=se_ratio,
-                               shortcut=shortcut)
+            x = residual_block(
+                kit,
+                x,
+                cfg["block"],
+                filters,
+                stride=2 if s > 0 and b == 1 else 1,
+                name=f"{stage}_block{b}",
+                use_bias=bias,
+                bn_epsilon=eps,
+                se_ratio=se_ratio,
+                shortcut=shortcut,
+            )
     x = pooled_classifier(kit, x, include_top, pooling, num_classes, classifier_activation, dropout)
     return finish(kit, inputs, x, name or config, weights)
 
 
-def residual_block(kit, x, block, filters, stride, name, use_bias=True, bn_epsilon=1.001e-5, se_ratio=0,
-                   shortcut="projection"):
+def residual_block(
+    kit, x, block, filters, stride, name, use_bias=True, bn_epsilon=1.001e-5, se_ratio=0, shortcut="projection"
+):
     """One residual block, named as keras.applications: ``{name}_0_*`` the shortcut, ``{name}_1_*``
     ... the residual branch, ``{name}_se_*`` the SE unit, ``{name}_add``, ``{name}_out``.
 
@@ -153,8 +196,9 @@ def residual_block(kit, x, block, filters, stride, name, use_bias=True, bn_epsil
     skip = x
     if stride != 1 or x.shape[-1] != out_channels:
         if shortcut == "projection":
-            skip = kit.conv(x, out_channels, 1, strides=stride, padding="valid", use_bias=use_bias,
-                            name=f"{name}_0_conv")
+            skip = kit.conv(
+                x, out_channels, 1, strides=stride, padding="valid", use_bias=use_bias, name=f"{name}_0_conv"
+            )
             skip = kit.bn(skip, name=f"{name}_0_bn", epsilon=bn_epsilon)
         else:  # option A: the same grid as the strided convolution, new channels zero
             if stride != 1:
@@ -193,15 +237,38 @@ def squeeze_excite(kit, x, ratio, name):
 
 def _variant(config, params, paper_params, description, paper=_PAPER):
     cfg = CONFIGS[config]
-    options = {"paper_weight_decay": 1e-4, "block": cfg["block"], "blocks": cfg["blocks"],
-               "shortcut": cfg["shortcut"], "se_ratio": cfg["se_ratio"]}
+    options = {
+        "paper_weight_decay": 1e-4,
+        "block": cfg["block"],
+        "blocks": cfg["blocks"],
+        "shortcut": cfg["shortcut"],
+        "se_ratio": cfg["se_ratio"],
+    }
 
-    @register(config, family="resnet", paper=paper, input_shape=cfg["input_shape"], num_classes=cfg["num_classes"],
-              params=params, paper_params=paper_params, preprocessing=cfg["preprocessing"],
-              layer_groups=layer_groups(config), head_start="avg_pool",
-              min_size=32 if cfg["stem"] == "imagenet" else 8, description=description, options=options)
-    def builder(input_shape=None, num_classes=cfg["num_classes"], include_top=True, pooling=None, weights=None,
-                name=None, **options):
+    @register(
+        config,
+        family="resnet",
+        paper=paper,
+        input_shape=cfg["input_shape"],
+        num_classes=cfg["num_classes"],
+        params=params,
+        paper_params=paper_params,
+        preprocessing=cfg["preprocessing"],
+        layer_groups=layer_groups(config),
+        head_start="avg_pool",
+        min_size=32 if cfg["stem"] == "imagenet" else 8,
+        description=description,
+        options=options,
+    )
+    def builder(
+        input_shape=None,
+        num_classes=cfg["num_classes"],
+        include_top=True,
+        pooling=None,
+        weights=None,
+        name=None,
+        **options,
+    ):
         return resnet(config, input_shape, num_classes, include_top, pooling, weights, name, **options)
 
     builder.__name__ = builder.__qualname__ = config
@@ -219,5 +286,10 @@ cifar_resnet32 = _variant("cifar_resnet32", 466_426, 0.46e6, "CIFAR, 32 layers (
 cifar_resnet44 = _variant("cifar_resnet44", 661_754, 0.66e6, "CIFAR, 44 layers (n=7), option A shortcuts")
 cifar_resnet56 = _variant("cifar_resnet56", 857_082, 0.85e6, "CIFAR, 56 layers (n=9), option A shortcuts")
 cifar_resnet110 = _variant("cifar_resnet110", 1_736_058, 1.7e6, "CIFAR, 110 layers (n=18), option A shortcuts")
-se_resnet50 = _variant("se_resnet50", 28_141_144, 28.09e6,
-                       "ResNet-50 with squeeze-and-excitation (ratio 16) in every block", paper=_SE_PAPER)
+se_resnet50 = _variant(
+    "se_resnet50",
+    28_141_144,
+    28.09e6,
+    "ResNet-50 with squeeze-and-excitation (ratio 16) in every block",
+    paper=_SE_PAPER,
+)

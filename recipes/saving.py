@@ -63,17 +63,34 @@ _REFUSED_LAYERS = {
     "IntegerLookup": "reads a vocabulary file",
 }
 # Where tf_keras (2.13..2.21, under the names it had) and Keras 3 write their model classes.
-_FUNCTIONAL_MODULES = {"keras.engine.functional", "keras.src.engine.functional", "tf_keras.src.engine.functional",
-                       "keras.src.models.functional"}
-_TF_OP_MODULES = {"keras.layers.core.tf_op_layer", "keras.src.layers.core.tf_op_layer",
-                  "tf_keras.src.layers.core.tf_op_layer"}
+_FUNCTIONAL_MODULES = {
+    "keras.engine.functional",
+    "keras.src.engine.functional",
+    "tf_keras.src.engine.functional",
+    "keras.src.models.functional",
+}
+_TF_OP_MODULES = {
+    "keras.layers.core.tf_op_layer",
+    "keras.src.layers.core.tf_op_layer",
+    "tf_keras.src.layers.core.tf_op_layer",
+}
 _TOP_LEVEL = {"Sequential", "Model", "Functional", "DTypePolicy", "FloatDTypePolicy"}  # module "keras"
 _KTOOLKIT_MODULES = {"recipes.layers", "recipes.losses"}
 # TensorFlow ops a functional model may call on its tensors (keras.applications' MobileNetV3 uses
 # __operators__.add and math.multiply): pure tensor math, no I/O.
 _TF_OP_PREFIXES = ("__operators__.", "math.", "nn.")
-_TF_OPS = {"reshape", "concat", "cast", "identity", "transpose", "expand_dims", "squeeze", "stack", "clip_by_value",
-           "image.resize"}
+_TF_OPS = {
+    "reshape",
+    "concat",
+    "cast",
+    "identity",
+    "transpose",
+    "expand_dims",
+    "squeeze",
+    "stack",
+    "clip_by_value",
+    "image.resize",
+}
 _CODE_KEYS = ("function_type", "output_shape_type", "mask_type", "output_shape_module", "mask_module")
 
 
@@ -153,32 +170,44 @@ def _check_members(archive: zipfile.ZipFile, name: str) -> dict:
     """The archive's members by name, refusing hostile names and sizes before anything is read."""
     infos = archive.infolist()
     if len(infos) > MAX_MEMBERS:
-        raise UnsafeModelError(f"{name}: the archive has {len(infos)} members (a model has 3); ktoolkit refuses "
-                               "to open it. Save the model again with ktoolkit or Keras.")
+        raise UnsafeModelError(
+            f"{name}: the archive has {len(infos)} members (a model has 3); ktoolkit refuses "
+            "to open it. Save the model again with ktoolkit or Keras."
+        )
     by_name = {}
     for info in infos:
         member = info.filename
         parts = member.replace("\\", "/").split("/")
         if member.startswith(("/", "\\")) or ".." in parts or ":" in parts[0] or "\x00" in member:
-            raise UnsafeModelError(f"{name}: archive member {member!r} points outside the archive; ktoolkit "
-                                   "refuses to open it. Save the model again with ktoolkit or Keras.")
+            raise UnsafeModelError(
+                f"{name}: archive member {member!r} points outside the archive; ktoolkit "
+                "refuses to open it. Save the model again with ktoolkit or Keras."
+            )
         if member in by_name:
             raise UnsafeModelError(f"{name}: archive member {member!r} appears twice; ktoolkit refuses to open it.")
         if info.file_size > MAX_MEMBER_BYTES or info.flag_bits & 0x1:
             reason = "is encrypted" if info.flag_bits & 0x1 else f"unpacks to {info.file_size:,} bytes"
-            raise UnsafeModelError(f"{name}: archive member {member!r} {reason}; ktoolkit refuses to open it. "
-                                   "Save the model again with ktoolkit or Keras.")
+            raise UnsafeModelError(
+                f"{name}: archive member {member!r} {reason}; ktoolkit refuses to open it. "
+                "Save the model again with ktoolkit or Keras."
+            )
         by_name[member] = info
     total = sum(info.file_size for info in infos)
     if total > MAX_MEMBER_BYTES:
-        raise UnsafeModelError(f"{name}: the archive unpacks to {total:,} bytes (at most {MAX_MEMBER_BYTES:,}); "
-                               "ktoolkit refuses to open it. Save the model again with ktoolkit or Keras.")
+        raise UnsafeModelError(
+            f"{name}: the archive unpacks to {total:,} bytes (at most {MAX_MEMBER_BYTES:,}); "
+            "ktoolkit refuses to open it. Save the model again with ktoolkit or Keras."
+        )
     if _CONFIG not in by_name:
-        raise ValueError(f"{name}: the archive has no {_CONFIG} ({', '.join(sorted(by_name)) or 'no members'}), so "
-                         "it is not a .keras model; pass a file written by model.save('NAME.keras').")
+        raise ValueError(
+            f"{name}: the archive has no {_CONFIG} ({', '.join(sorted(by_name)) or 'no members'}), so "
+            "it is not a .keras model; pass a file written by model.save('NAME.keras')."
+        )
     if by_name[_CONFIG].file_size > MAX_CONFIG_BYTES:
-        raise UnsafeModelError(f"{name}: {_CONFIG} unpacks to {by_name[_CONFIG].file_size:,} bytes (at most "
-                               f"{MAX_CONFIG_BYTES:,}); ktoolkit refuses to open it.")
+        raise UnsafeModelError(
+            f"{name}: {_CONFIG} unpacks to {by_name[_CONFIG].file_size:,} bytes (at most "
+            f"{MAX_CONFIG_BYTES:,}); ktoolkit refuses to open it."
+        )
     return by_name
 
 
@@ -358,20 +387,31 @@ def _allowed(api: str) -> types.SimpleNamespace:
     classes = {}
     for module, (attr, base_path) in {**_FAMILIES, **_COMPILE_FAMILIES}.items():
         namespace, base = _attr(K, attr), _attr(K, base_path)
-        classes[module] = {name for name, value in vars(namespace).items()
-                           if inspect.isclass(value) and issubclass(value, base) and name not in _REFUSED_LAYERS}
+        classes[module] = {
+            name
+            for name, value in vars(namespace).items()
+            if inspect.isclass(value) and issubclass(value, base) and name not in _REFUSED_LAYERS
+        }
 
     def functions(namespace):
-        return {name for name, value in vars(namespace).items() if not name.startswith("_")
-                and inspect.isfunction(value) and name not in ("get", "serialize", "deserialize")}
+        return {
+            name
+            for name, value in vars(namespace).items()
+            if not name.startswith("_")
+            and inspect.isfunction(value)
+            and name not in ("get", "serialize", "deserialize")
+        }
 
     registered = K.saving.get_registered_name
     return types.SimpleNamespace(
-        classes=classes, activations=functions(K.activations), loss_functions=functions(K.losses),
+        classes=classes,
+        activations=functions(K.activations),
+        loss_functions=functions(K.losses),
         metric_functions=functions(K.metrics),
         top_level={name for name in _TOP_LEVEL if inspect.isclass(getattr(K, name, None))} | {"Functional"},
-        policies={name for name in ("Policy", "DTypePolicy")
-                  if inspect.isclass(getattr(K.mixed_precision, name, None))},
+        policies={
+            name for name in ("Policy", "DTypePolicy") if inspect.isclass(getattr(K.mixed_precision, name, None))
+        },
         layers={registered(cls) for cls in vars(custom_layers(api)).values()},
         losses={registered(cls) for cls in vars(losses.custom_losses(api)).values()},
     )
@@ -388,14 +428,18 @@ def _load_h5_model(K, api: str, path: str, name: str, compile: bool):
     from recipes.blocks import load_weights_file
 
     if compile:
-        raise ValueError(f"{name}: compile=True restores the optimizer from .keras files only; load the .h5 file "
-                         "with compile=False, or save the model as NAME.keras.")
+        raise ValueError(
+            f"{name}: compile=True restores the optimizer from .keras files only; load the .h5 file "
+            "with compile=False, or save the model as NAME.keras."
+        )
     check_h5_file(path, name)
     with _open_h5(path, name) as f:
         raw = f.attrs.get("model_config")
     if raw is None:
-        raise ValueError(f"{name}: an HDF5 file without a model_config attribute holds weights only, not a model; "
-                         "build the model and load the file as its weights (weights=PATH), or pass a .keras file.")
+        raise ValueError(
+            f"{name}: an HDF5 file without a model_config attribute holds weights only, not a model; "
+            "build the model and load the file as its weights (weights=PATH), or pass a .keras file."
+        )
     try:
         config = json.loads(raw)
     except (ValueError, RecursionError) as err:
@@ -414,8 +458,9 @@ def _open_h5(path: str, label: str):
         return h5py.File(path, "r")
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or ["unreadable"])[0][:200]
-        raise ValueError(f"{label} is not an HDF5 file ({first}); pass a file written by Keras's model.save or "
-                         "model.save_weights.") from None
+        raise ValueError(
+            f"{label} is not an HDF5 file ({first}); pass a file written by Keras's model.save or model.save_weights."
+        ) from None
 
 
 def check_h5_file(path: str, label: str, max_dataset_bytes: int | None = None) -> None:
@@ -463,8 +508,10 @@ def _dataset_problem(name: str, dataset, max_bytes: int | None) -> str | None:
         return f"has a non-numeric dataset {name!r} ({dataset.dtype})"
     size = int(dataset.size or 0) * dataset.dtype.itemsize
     if max_bytes is not None and size > max_bytes:
-        return (f"declares dataset {name!r} of shape {tuple(dataset.shape)} ({size:,} bytes), larger than any weight "
-                "of the model")
+        return (
+            f"declares dataset {name!r} of shape {tuple(dataset.shape)} ({size:,} bytes), larger than any weight "
+            "of the model"
+        )
     return None
 
 

@@ -75,14 +75,26 @@ class Decision:
         ]
 
     def to_dict(self) -> dict:
-        return {"strategy": self.strategy, "quadrant": self.quadrant, "size": self.size,
-                "similarity_class": self.similarity_class, "images_per_class": self.images_per_class,
-                "similarity": self.similarity, "small_threshold": self.small_threshold,
-                "similarity_threshold": self.similarity_threshold, "reasons": self.reasons()}
+        return {
+            "strategy": self.strategy,
+            "quadrant": self.quadrant,
+            "size": self.size,
+            "similarity_class": self.similarity_class,
+            "images_per_class": self.images_per_class,
+            "similarity": self.similarity,
+            "small_threshold": self.small_threshold,
+            "similarity_threshold": self.similarity_threshold,
+            "reasons": self.reasons(),
+        }
 
 
-def decide(images_per_class: float, similarity: float, *, small_threshold: float = SMALL_IMAGES_PER_CLASS,
-           similarity_threshold: float = SIMILARITY_THRESHOLD) -> Decision:
+def decide(
+    images_per_class: float,
+    similarity: float,
+    *,
+    small_threshold: float = SMALL_IMAGES_PER_CLASS,
+    similarity_threshold: float = SIMILARITY_THRESHOLD,
+) -> Decision:
     """The transfer-learning strategy for a dataset.
 
     Args:
@@ -100,11 +112,22 @@ def decide(images_per_class: float, similarity: float, *, small_threshold: float
         >>> decide(5000, 0.1).strategy
         'full'
     """
-    for name, value in (("images_per_class", images_per_class), ("similarity", similarity),
-                        ("small_threshold", small_threshold), ("similarity_threshold", similarity_threshold)):
+    for name, value in (
+        ("images_per_class", images_per_class),
+        ("similarity", similarity),
+        ("small_threshold", small_threshold),
+        ("similarity_threshold", similarity_threshold),
+    ):
         if not isinstance(value, (int, float)) or value != value or value < 0:
             raise ValueError(f"{name}={value!r}: must be a number >= 0.")
     size = "small" if images_per_class < small_threshold else "large"
     kind = "similar" if similarity >= similarity_threshold else "different"
-    return Decision(STRATEGIES[(size, kind)], size, kind, float(images_per_class), float(similarity),
-                    float(small_threshold), float(similarity_threshold))
+    return Decision(
+        STRATEGIES[(size, kind)],
+        size,
+        kind,
+        float(images_per_class),
+        float(similarity),
+        float(small_threshold),
+        float(similarity_threshold),
+    )

@@ -15,8 +15,13 @@ CONFIGS = {
     "vgg_a": [[(3, 64)], [(3, 128)], [(3, 256)] * 2, [(3, 512)] * 2, [(3, 512)] * 2],
     "vgg_a_lrn": [[(3, 64), "lrn"], [(3, 128)], [(3, 256)] * 2, [(3, 512)] * 2, [(3, 512)] * 2],
     "vgg_b": [[(3, 64)] * 2, [(3, 128)] * 2, [(3, 256)] * 2, [(3, 512)] * 2, [(3, 512)] * 2],
-    "vgg_c": [[(3, 64)] * 2, [(3, 128)] * 2, [(3, 256)] * 2 + [(1, 256)], [(3, 512)] * 2 + [(1, 512)],
-              [(3, 512)] * 2 + [(1, 512)]],
+    "vgg_c": [
+        [(3, 64)] * 2,
+        [(3, 128)] * 2,
+        [(3, 256)] * 2 + [(1, 256)],
+        [(3, 512)] * 2 + [(1, 512)],
+        [(3, 512)] * 2 + [(1, 512)],
+    ],
     "vgg_d": [[(3, 64)] * 2, [(3, 128)] * 2, [(3, 256)] * 3, [(3, 512)] * 3, [(3, 512)] * 3],
     "vgg_e": [[(3, 64)] * 2, [(3, 128)] * 2, [(3, 256)] * 4, [(3, 512)] * 4, [(3, 512)] * 4],
 }
@@ -24,9 +29,23 @@ _PAPER = "Simonyan and Zisserman 2015, Very Deep Convolutional Networks for Larg
 _GROUPS = tuple((f"block{i}", f"block{i}_pool") for i in range(1, 6)) + (("fc1", "fc1"), ("fc2", "fc2"))
 
 
-def vgg(config, input_shape=None, num_classes=1000, include_top=True, pooling=None, weights=None, name=None, *,
-        api="tf_keras", include_preprocessing=True, classifier_activation="softmax", dropout=0.5,
-        batch_norm=False, weight_decay=0.0, kernel_initializer="glorot_uniform"):
+def vgg(
+    config,
+    input_shape=None,
+    num_classes=1000,
+    include_top=True,
+    pooling=None,
+    weights=None,
+    name=None,
+    *,
+    api="tf_keras",
+    include_preprocessing=True,
+    classifier_activation="softmax",
+    dropout=0.5,
+    batch_norm=False,
+    weight_decay=0.0,
+    kernel_initializer="glorot_uniform",
+):
     """Builds a VGG configuration of Table 1 (``config`` is a key of :data:`CONFIGS`).
 
     Args:
@@ -66,17 +85,35 @@ def vgg(config, input_shape=None, num_classes=1000, include_top=True, pooling=No
             else:
                 x = kit.conv(x, filters, kernel, activation="relu", name=conv_name)
         x = kit.layers.MaxPooling2D(2, strides=2, name=f"block{b}_pool")(x)
-    x = dense_classifier(kit, x, include_top, pooling, num_classes, classifier_activation,
-                         hidden=(("fc1", 4096), ("fc2", 4096)), dropout=dropout)
+    x = dense_classifier(
+        kit,
+        x,
+        include_top,
+        pooling,
+        num_classes,
+        classifier_activation,
+        hidden=(("fc1", 4096), ("fc2", 4096)),
+        dropout=dropout,
+    )
     return finish(kit, inputs, x, name or config, weights)
 
 
 def _variant(config, params, paper_params, description):
-    @register(config, family="vgg", paper=_PAPER, input_shape=(224, 224, 3), params=params,
-              paper_params=paper_params, preprocessing="caffe", layer_groups=_GROUPS, head_start="flatten",
-              min_size=32, description=description, options={"paper_weight_decay": 5e-4, "dropout": 0.5})
-    def builder(input_shape=None, num_classes=1000, include_top=True, pooling=None, weights=None, name=None,
-                **options):
+    @register(
+        config,
+        family="vgg",
+        paper=_PAPER,
+        input_shape=(224, 224, 3),
+        params=params,
+        paper_params=paper_params,
+        preprocessing="caffe",
+        layer_groups=_GROUPS,
+        head_start="flatten",
+        min_size=32,
+        description=description,
+        options={"paper_weight_decay": 5e-4, "dropout": 0.5},
+    )
+    def builder(input_shape=None, num_classes=1000, include_top=True, pooling=None, weights=None, name=None, **options):
         return vgg(config, input_shape, num_classes, include_top, pooling, weights, name, **options)
 
     builder.__name__ = builder.__qualname__ = config

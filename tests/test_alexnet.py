@@ -9,12 +9,27 @@ from recipes.alexnet import alexnet, alexnet_grouped, zfnet
 
 # (layer, kernel, in channels, out channels, groups): the papers' layer tables. fc6 takes pool5's 6x6x256.
 CONVS = {
-    "alexnet": [("conv1", 11, 3, 96, 1), ("conv2", 5, 96, 256, 1), ("conv3", 3, 256, 384, 1),
-                ("conv4", 3, 384, 384, 1), ("conv5", 3, 384, 256, 1)],
-    "alexnet_grouped": [("conv1", 11, 3, 96, 1), ("conv2", 5, 96, 256, 2), ("conv3", 3, 256, 384, 1),
-                        ("conv4", 3, 384, 384, 2), ("conv5", 3, 384, 256, 2)],
-    "zfnet": [("conv1", 7, 3, 96, 1), ("conv2", 5, 96, 256, 1), ("conv3", 3, 256, 384, 1),
-              ("conv4", 3, 384, 384, 1), ("conv5", 3, 384, 256, 1)],
+    "alexnet": [
+        ("conv1", 11, 3, 96, 1),
+        ("conv2", 5, 96, 256, 1),
+        ("conv3", 3, 256, 384, 1),
+        ("conv4", 3, 384, 384, 1),
+        ("conv5", 3, 384, 256, 1),
+    ],
+    "alexnet_grouped": [
+        ("conv1", 11, 3, 96, 1),
+        ("conv2", 5, 96, 256, 2),
+        ("conv3", 3, 256, 384, 1),
+        ("conv4", 3, 384, 384, 2),
+        ("conv5", 3, 384, 256, 2),
+    ],
+    "zfnet": [
+        ("conv1", 7, 3, 96, 1),
+        ("conv2", 5, 96, 256, 1),
+        ("conv3", 3, 256, 384, 1),
+        ("conv4", 3, 384, 384, 1),
+        ("conv5", 3, 384, 256, 1),
+    ],
 }
 FCS = [("fc6", 6 * 6 * 256, 4096), ("fc7", 4096, 4096), ("predictions", 4096, 1000)]
 BUILDERS = {"alexnet": alexnet, "alexnet_grouped": alexnet_grouped, "zfnet": zfnet}
@@ -46,8 +61,13 @@ def test_paper_totals():
 def test_grouped_convolutions_see_half_the_channels():
     model = alexnet_grouped(input_shape=(67, 67, 3), num_classes=3)
     shapes = {name: tuple(model.get_layer(name).kernel.shape) for name in ("conv1", "conv2", "conv3", "conv4", "conv5")}
-    assert shapes == {"conv1": (11, 11, 3, 96), "conv2": (5, 5, 48, 256), "conv3": (3, 3, 256, 384),
-                      "conv4": (3, 3, 192, 384), "conv5": (3, 3, 192, 256)}
+    assert shapes == {
+        "conv1": (11, 11, 3, 96),
+        "conv2": (5, 5, 48, 256),
+        "conv3": (3, 3, 256, 384),
+        "conv4": (3, 3, 192, 384),
+        "conv5": (3, 3, 192, 256),
+    }
     one_tower = alexnet(input_shape=(67, 67, 3), num_classes=3)
     assert tuple(one_tower.get_layer("conv4").kernel.shape) == (3, 3, 384, 384)
 
@@ -57,22 +77,22 @@ def test_grouped_convolution_is_two_independent_towers():
     import tensorflow as tf
 
     layer = alexnet_grouped(input_shape=(67, 67, 3), num_classes=3).get_layer("conv2")
-    layer.set_weights([np.random.default_rng(0).normal(size=w.shape).astype("float32") * 0.05
-                       for w in layer.get_weights()])
+    layer.set_weights(
+        [np.random.default_rng(0).normal(size=w.shape).astype("float32") * 0.05 for w in layer.get_weights()]
+    )
     kernel, bias = layer.get_weights()
     x = np.random.default_rng(1).normal(size=(1, 7, 7, 96)).astype("float32")
-    towers = [tf.nn.conv2d(x[..., 48 * g: 48 * (g + 1)], kernel[..., 128 * g: 128 * (g + 1)], 1, "SAME")
-              for g in range(2)]
+    towers = [
+        tf.nn.conv2d(x[..., 48 * g : 48 * (g + 1)], kernel[..., 128 * g : 128 * (g + 1)], 1, "SAME") for g in range(2)
+    ]
     expected = np.maximum(np.concatenate([t.numpy() for t in towers], axis=-1) + bias, 0)
     np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
 SIZES = {
-    "alexnet": {"conv1": 55, "pool1": 27, "conv2": 27, "pool2": 13, "conv3": 13, "conv4": 13, "conv5": 13,
-                "pool5": 6},
+    "alexnet": {"conv1": 55, "pool1": 27, "conv2": 27, "pool2": 13, "conv3": 13, "conv4": 13, "conv5": 13, "pool5": 6},
     # Zeiler and Fergus, Fig. 3: 110, 55, 26, 13, 13, 13, 6
-    "zfnet": {"conv1": 110, "pool1": 55, "conv2": 26, "pool2": 13, "conv3": 13, "conv4": 13, "conv5": 13,
-              "pool5": 6},
+    "zfnet": {"conv1": 110, "pool1": 55, "conv2": 26, "pool2": 13, "conv3": 13, "conv4": 13, "conv5": 13, "pool5": 6},
 }
 
 

@@ -153,7 +153,9 @@ def snapshot(*roots) -> dict:
         for current, dirs, names in os.walk(os.fsencode(root)):
             for name in dirs + names:
                 path = os.path.join(current, name)
-                files[path] = None if os.path.isdir(path) else hashlib.sha256(Path(os.fsdecode(path)).read_bytes()).hexdigest()
+                files[path] = (
+                    None if os.path.isdir(path) else hashlib.sha256(Path(os.fsdecode(path)).read_bytes()).hexdigest()
+                )
     return files
 
 
@@ -164,7 +166,8 @@ def error_lines(text: str) -> list[str]:
 def check_refused(result, code: int, names) -> str:
     """The user-facing contract of one refused command; returns its Error line."""
     assert result.exception is None or isinstance(result.exception, SystemExit), (
-        f"uncaught {type(result.exception).__name__}: {result.exception}\n{result.output}")
+        f"uncaught {type(result.exception).__name__}: {result.exception}\n{result.output}"
+    )
     assert "Traceback" not in result.output, result.output
     assert result.exit_code == code, result.output
     lines = error_lines(result.stderr)
@@ -201,8 +204,19 @@ def ktool(world, tmp_path, monkeypatch):
     return run
 
 
-TRAIN = ("train", "--recipe", "lenet5", "--image-size", "32,32", "--epochs", "1", "--steps-per-epoch", "1",
-         "--out", "{ws}/out")
+TRAIN = (
+    "train",
+    "--recipe",
+    "lenet5",
+    "--image-size",
+    "32,32",
+    "--epochs",
+    "1",
+    "--steps-per-epoch",
+    "1",
+    "--out",
+    "{ws}/out",
+)
 
 # (id, arguments, exit status, what the Error line names)
 CASES = [
@@ -234,9 +248,18 @@ CASES = [
     ("npz-nan", [*TRAIN, "--data", "{npz_nan}"], 1, ["nan.npz", "NaN"]),
     # YAML
     ("yaml-syntax", ["train", "--config", "{yaml_syntax}"], 1, ["yaml_syntax.yaml", "line 3"]),
-    ("yaml-string-bool", ["train", "--config", "{yaml_strbool}"], 1,
-     ["yaml_strbool.yaml", "strict='no': must be true or false (not a string)"]),
-    ("yaml-unknown-key", ["train", "--config", "{yaml_unknown}"], 1, ["yaml_unknown.yaml", "epoch (did you mean epochs?)"]),
+    (
+        "yaml-string-bool",
+        ["train", "--config", "{yaml_strbool}"],
+        1,
+        ["yaml_strbool.yaml", "strict='no': must be true or false (not a string)"],
+    ),
+    (
+        "yaml-unknown-key",
+        ["train", "--config", "{yaml_unknown}"],
+        1,
+        ["yaml_unknown.yaml", "epoch (did you mean epochs?)"],
+    ),
     ("yaml-wrong-type", ["train", "--config", "{yaml_type}"], 1, ["yaml_type.yaml", "epochs='5'"]),
     ("yaml-not-mapping", ["train", "--config", "{yaml_list}"], 1, ["yaml_list.yaml", "mapping"]),
     ("yaml-image-size", ["train", "--config", "{yaml_size}"], 1, ["yaml_size.yaml", "image_size=[0, -1]"]),
@@ -264,10 +287,18 @@ CASES = [
     ("predict-random-h5", ["predict", "--model", "{random_h5}", "{image}"], 1, "random.h5"),
     ("predict-random-tflite", ["predict", "--model", "{random_tflite}", "{image}"], 1, "random.tflite"),
     ("predict-random-onnx", ["predict", "--model", "{random_onnx}", "{image}"], 1, "random.onnx"),
-    ("evaluate-random-keras", ["evaluate", "--model", "{random_keras}", "--data", "{good}", "--out", "{ws}/out"], 1,
-     "random.keras"),
-    ("evaluate-missing-model", ["evaluate", "--model", "{root}/nothing.keras", "--data", "{good}"], 1,
-     ["--model", "nothing.keras"]),
+    (
+        "evaluate-random-keras",
+        ["evaluate", "--model", "{random_keras}", "--data", "{good}", "--out", "{ws}/out"],
+        1,
+        "random.keras",
+    ),
+    (
+        "evaluate-missing-model",
+        ["evaluate", "--model", "{root}/nothing.keras", "--data", "{good}"],
+        1,
+        ["--model", "nothing.keras"],
+    ),
     ("benchmark-random-tflite", ["benchmark", "--runs", "2", "--warmup", "0", "{random_tflite}"], 1, "random.tflite"),
     ("benchmark-random-onnx", ["benchmark", "--runs", "2", "--warmup", "0", "{random_onnx}"], 1, "random.onnx"),
     ("predict-lambda-keras", ["predict", "--model", "{lambda_keras}", "{image}"], 1, ["lambda.keras", "Lambda"]),
@@ -322,8 +353,9 @@ def mount(tmp_path):
     def make(name, options):
         target = tmp_path / name
         target.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True,
-                              check=False)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True, check=False
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode(errors='replace').strip()})")
         mounted.append(target)
@@ -349,25 +381,32 @@ def test_disk_full_is_one_line_with_the_folder_and_the_fix(ktool, mount):
 
 # ----------------------------------------------------------------------- before TensorFlow, in subprocesses
 # Runs the CLI and says on exit whether TensorFlow was imported.
-HOOK = ("import atexit, sys\n"
-        "atexit.register(lambda: sys.stderr.write('TF-IMPORTED\\n' if 'tensorflow' in sys.modules else ''))\n"
-        "from ktoolkit.cli import main\n"
-        "sys.argv[0] = 'ktool'\n"
-        "main()\n")
+HOOK = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: sys.stderr.write('TF-IMPORTED\\n' if 'tensorflow' in sys.modules else ''))\n"
+    "from ktoolkit.cli import main\n"
+    "sys.argv[0] = 'ktool'\n"
+    "main()\n"
+)
 
 
-@pytest.mark.parametrize("args, named", [
-    (["finetune", "--base", "vgg61", "--data", "{good}"], "--base"),
-    (["train", "--recipe", "resnet5", "--data", "{good}"], "resnet5"),
-    (["train", "--data", "{root}/nowhere"], "--data"),
-    (["finetune", "--cut", "block 3!", "--data", "{good}"], "--cut"),
-    (["train", "--config", "{yaml_strbool}"], "strict"),
-], ids=["base", "recipe", "data", "cut", "config"])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["finetune", "--base", "vgg61", "--data", "{good}"], "--base"),
+        (["train", "--recipe", "resnet5", "--data", "{good}"], "resnet5"),
+        (["train", "--data", "{root}/nowhere"], "--data"),
+        (["finetune", "--cut", "block 3!", "--data", "{good}"], "--cut"),
+        (["train", "--config", "{yaml_strbool}"], "strict"),
+    ],
+    ids=["base", "recipe", "data", "cut", "config"],
+)
 def test_typos_are_refused_before_tensorflow_loads(world, tmp_path, args, named):
     args = [a.format(**world) for a in args]
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", HOOK, *args], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", HOOK, *args], capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False
+    )
     seconds = time.perf_counter() - start
     assert done.returncode == 1, done.stderr
     assert "TF-IMPORTED" not in done.stderr
@@ -382,8 +421,14 @@ def test_the_entry_point_refuses_a_typo_at_once(world, tmp_path):
     if not ktool.exists():
         pytest.skip("no ktool entry point next to this Python")
     start = time.perf_counter()
-    done = subprocess.run([str(ktool), "finetune", "--base", "vgg61", "--data", world["good"]], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=60, check=False)
+    done = subprocess.run(
+        [str(ktool), "finetune", "--base", "vgg61", "--data", world["good"]],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
     assert time.perf_counter() - start < 1.5
     assert done.returncode == 1 and len(error_lines(done.stderr)) == 1 and "--base" in done.stderr, done.stderr
 
@@ -396,8 +441,13 @@ def test_names_that_are_not_utf8_print_escaped_through_a_c_locale_pipe(world, tm
     with open(os.path.join(os.fsencode(folder / "dog"), b"junk\xfe.png"), "wb") as f:
         f.write(b"not a png")
     env = {**os.environ, "LANG": "C", "LC_ALL": "C", "KTOOLKIT_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-m", "ktoolkit.cli", "data", "check", str(folder)], capture_output=True,
-                          env=env, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "ktoolkit.cli", "data", "check", str(folder)],
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     out, err = done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
     assert done.returncode == 1 and "Traceback" not in out + err, err
     assert any("junk" in line and "not an image" in line for line in out.splitlines()), out

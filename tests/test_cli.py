@@ -22,7 +22,9 @@ def run(*args):
 
 
 def test_version_from_the_installed_entry_point():
-    out = subprocess.run([sys.executable, "-m", "ktoolkit.cli", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "ktoolkit.cli", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == f"ktool, version {ktoolkit.__version__}"
 
 
@@ -95,8 +97,12 @@ def test_readme_training_commands_run_on_real_images(digits_folder, tmp_path):
     image = next(digits_folder.glob("digit_7/*.png"))
     runner = CliRunner()
     for line in block.strip().splitlines():
-        line = (line.replace("mydir/cat/001.jpg", str(image)).replace("mydir", str(digits_folder))
-                .replace("runs/mine", str(tmp_path / "mine")).replace("--epochs 20", "--epochs 1"))
+        line = (
+            line.replace("mydir/cat/001.jpg", str(image))
+            .replace("mydir", str(digits_folder))
+            .replace("runs/mine", str(tmp_path / "mine"))
+            .replace("--epochs 20", "--epochs 1")
+        )
         result = runner.invoke(main, shlex.split(line)[1:])
         assert result.exit_code == 0, (line, result.output)
     assert (tmp_path / "mine" / "report.html").exists()

@@ -55,8 +55,8 @@ def png_with_bad_checksum() -> bytes:
     """A PNG whose IDAT checksum is wrong: Pillow loads it, TensorFlow refuses it."""
     png = encode(Image.fromarray(gradient()), "PNG")
     i = png.find(b"IDAT")
-    crc = i + 4 + struct.unpack(">I", png[i - 4:i])[0]
-    return png[:crc] + bytes([png[crc] ^ 0xFF]) + png[crc + 1:]
+    crc = i + 4 + struct.unpack(">I", png[i - 4 : i])[0]
+    return png[:crc] + bytes([png[crc] ^ 0xFF]) + png[crc + 1 :]
 
 
 @pytest.fixture
@@ -73,8 +73,9 @@ def messy(tmp_path):
         cats / "rgba.png": encode(Image.new("RGBA", (20, 16), (200, 50, 25, 128)), "PNG"),
         cats / "cmyk.jpg": encode(Image.new("CMYK", (20, 16), (0, 255, 255, 0)), "JPEG", quality=100),
         cats / "deep.png": encode(Image.fromarray(np.full((16, 20), 77 * 257, np.uint16)), "PNG"),
-        cats / "anim.gif": encode(Image.new("P", (20, 16), 3), "GIF", save_all=True,
-                                  append_images=[Image.new("P", (20, 16), 7)]),
+        cats / "anim.gif": encode(
+            Image.new("P", (20, 16), 3), "GIF", save_all=True, append_images=[Image.new("P", (20, 16), 7)]
+        ),
         cats / "pic.bmp": encode(rgb, "BMP"),
         cats / "rgba.webp": encode(Image.new("RGBA", (20, 16), (10, 220, 30, 200)), "WEBP", lossless=True),
         cats / "nested" / "deeper.jpg": jpg,
@@ -175,7 +176,7 @@ def test_a_bad_file_that_reaches_the_pipeline_is_skipped_not_fatal(messy):
     images = np.concatenate([x for x, _ in ds])
     # The 5 bad files are skipped and the epoch topped up from the next pass: the first 5 good ones again.
     assert len(images) == len(paths)
-    np.testing.assert_array_equal(images[-len(bad):], images[:len(bad)])
+    np.testing.assert_array_equal(images[-len(bad) :], images[: len(bad)])
     every_file_bad = Split("train", [0] * len(bad), paths=sorted(bad))
     assert list(make_dataset(every_file_bad, num_classes=1, image_size=8)) == []
 
@@ -265,8 +266,12 @@ def test_csv_with_relative_paths_names_ints_and_a_split_column(tmp_path, digits)
     rows = []
     for i in range(40):
         write(root / "img" / f"{i}.png", encode(Image.fromarray(images[i]), "PNG"))
-        rows.append((f"img/{i}.png", ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-                                      "nine"][labels[i]]))
+        rows.append(
+            (
+                f"img/{i}.png",
+                ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"][labels[i]],
+            )
+        )
     (root / "labels.csv").write_text("\n".join(f"{p},{c}" for p, c in rows) + "\nimg/missing.png,one\n")
     src = load_data(str(root / "labels.csv"), val_fraction=0.0, test_fraction=0.25)
     assert src.class_names == sorted({c for _, c in rows})
@@ -277,8 +282,9 @@ def test_csv_with_relative_paths_names_ints_and_a_split_column(tmp_path, digits)
     assert os.path.isabs(first)
     assert src.class_names[src.splits["train"].labels[0]] == {str(root / p): c for p, c in rows}[first]
 
-    (root / "ints.csv").write_text("path,label,split\n" + "\n".join(
-        f"img/{i}.png,{labels[i]},{'test' if i < 10 else 'train'}" for i in range(40)))
+    (root / "ints.csv").write_text(
+        "path,label,split\n" + "\n".join(f"img/{i}.png,{labels[i]},{'test' if i < 10 else 'train'}" for i in range(40))
+    )
     ints = load_data(str(root / "ints.csv"))
     assert ints.class_names == [str(c) for c in range(10)]
     assert len(ints.splits["test"]) == 10 and len(ints.splits["train"]) + len(ints.splits["val"]) == 30
@@ -298,8 +304,13 @@ def test_npz_layouts_class_names_and_pipeline(tmp_path, digits):
     assert x.shape == (50, 16, 16, 3) and y.shape == (50, 10)
     np.testing.assert_allclose(x[..., 0], x[..., 2])  # gray copied to RGB
 
-    np.savez(tmp_path / "split.npz", x_train=images[:1000] / 255.0, y_train=np.eye(10)[labels[:1000]],
-             x_test=images[1000:], y_test=labels[1000:])
+    np.savez(
+        tmp_path / "split.npz",
+        x_train=images[:1000] / 255.0,
+        y_train=np.eye(10)[labels[:1000]],
+        x_test=images[1000:],
+        y_test=labels[1000:],
+    )
     split = load_data(str(tmp_path / "split.npz"), val_fraction=0.2)
     assert {k: len(v) for k, v in split.splits.items()} == {"train": 800, "val": 200, "test": len(labels) - 1000}
     assert split.splits["train"].images.dtype == np.uint8
@@ -328,9 +339,15 @@ def test_tfds_prepared_offline_and_missing(tmp_path):
 
         def _info(self):
             return tfds.core.DatasetInfo(
-                builder=self, supervised_keys=("image", "label"),
-                features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(8, 8, 1)),
-                                                     "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
+                builder=self,
+                supervised_keys=("image", "label"),
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(8, 8, 1)),
+                        "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples(60, 0), "test": self._generate_examples(12, 1)}
@@ -362,8 +379,9 @@ def batch_of_pictures(n=8, size=24):
     return np.stack([gradient(size, size, seed=i) for i in range(n)]).astype(np.float32)
 
 
-@pytest.mark.parametrize("option", ["flip", "crop", "rotation", "zoom", "stretch", "perspective", "color",
-                                    "randaugment"])
+@pytest.mark.parametrize(
+    "option", ["flip", "crop", "rotation", "zoom", "stretch", "perspective", "color", "randaugment"]
+)
 def test_each_augmentation_changes_images_and_keeps_shape_and_range(option):
     import tensorflow as tf
 

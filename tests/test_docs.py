@@ -20,8 +20,14 @@ def blocks(text: str, language: str) -> list[str]:
 
 def ktool(*args, cwd, env=None, timeout=900):
     """Runs the installed `ktool` entry point the way a user does, in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "ktoolkit.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ktoolkit.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 @pytest.fixture()
@@ -85,7 +91,10 @@ def test_readme_python_blocks_run(tmp_path):
     code = blocks(README, "python")
     assert len(code) >= 2
     script = tmp_path / "readme.py"
-    script.write_text("\n".join(code) + "\nassert model3.count_params() == recipes.resnet50(num_classes=10).count_params() and same.count_params() == model.count_params()\n")
+    script.write_text(
+        "\n".join(code)
+        + "\nassert model3.count_params() == recipes.resnet50(num_classes=10).count_params() and same.count_params() == model.count_params()\n"
+    )
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "m.keras").exists()
@@ -96,13 +105,17 @@ def test_python_api_guide_runs_as_written(mydir):
     """docs/python-api.md's blocks, in order, in one fresh Python (the demo block is the demo test's), then
     docs/jetson.md's data export for TensorRT on the run the guide made."""
     code = [b for b in blocks((DOCS / "python-api.md").read_text(), "python") if "from ktoolkit.demo" not in b]
-    code += [b.replace("runs/mine", "runs/tuned") for b in blocks((DOCS / "jetson.md").read_text(), "python")
-             if "load_source" in b]
+    code += [
+        b.replace("runs/mine", "runs/tuned")
+        for b in blocks((DOCS / "jetson.md").read_text(), "python")
+        if "load_source" in b
+    ]
     script = mydir / "guide.py"
     script.write_text("\n".join(code))
     env = {**os.environ, "KTOOLKIT_CACHE_DIR": str(mydir / "cache")}
-    result = subprocess.run([sys.executable, str(script)], cwd=mydir, capture_output=True, text=True, env=env,
-                            timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=mydir, capture_output=True, text=True, env=env, timeout=900
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "small and" in result.stdout  # advise printed its decision
     assert (mydir / "runs" / "tuned" / "export" / "export_report.md").exists()
@@ -140,9 +153,12 @@ def test_finetune_guide_commands_run_offline(digits_folder, tmp_path, monkeypatc
         if "export/" in line:  # the file is named after the strategy the data gets
             exported = next((tmp_path / "flowers" / "export").glob("*_int8.tflite"))
             line = re.sub(r"runs/flowers/export/\S+\.tflite", str(exported), line)
-        line = (line.replace("--base mobilenet_v2", f"--base mobilenet_v2 --weights {weights} --image-size 32,32")
-                .replace("mydir/daisy/001.jpg", str(image)).replace("mydir", str(digits_folder))
-                .replace("runs/", f"{tmp_path}/"))
+        line = (
+            line.replace("--base mobilenet_v2", f"--base mobilenet_v2 --weights {weights} --image-size 32,32")
+            .replace("mydir/daisy/001.jpg", str(image))
+            .replace("mydir", str(digits_folder))
+            .replace("runs/", f"{tmp_path}/")
+        )
         if "ktool export" in line:
             line += " --max-accuracy-drop 100"  # random ImageNet stand-in weights: the budget is not the point here
         result = runner.invoke(main, shlex.split(line)[1:])
@@ -157,7 +173,7 @@ def _documented_ktool_lines():
                 line = line.split(" #")[0].strip()
                 if "ktool " in line:
                     # inside a shell string (the Slurm example) the line ends with the closing quote
-                    yield page.name, line[line.index("ktool "):].split(" && ")[0].split(";")[0].rstrip("\"'")
+                    yield page.name, line[line.index("ktool ") :].split(" && ")[0].split(";")[0].rstrip("\"'")
 
 
 @pytest.mark.parametrize("page, line", list(_documented_ktool_lines()))

@@ -22,8 +22,19 @@ README = (Path(__file__).parent.parent / "README.md").read_text()
 
 # Minimum top-1 agreement of a file with the Keras model it was converted from, on 180 held-out digits.
 # Float files compute the same function; quantized ones may flip an image near a decision boundary.
-AGREEMENT = {"float32": 1.0, "float16": 0.99, "dynamic": 0.97, "int8": 0.95, "int16x8": 0.98, "qat": 0.95,
-             "prune": 0.99, "cluster": 0.99, "prune-qat": 0.95, "cluster-qat": 0.95, "prune-cluster-int8": 0.95}
+AGREEMENT = {
+    "float32": 1.0,
+    "float16": 0.99,
+    "dynamic": 0.97,
+    "int8": 0.95,
+    "int16x8": 0.98,
+    "qat": 0.95,
+    "prune": 0.99,
+    "cluster": 0.99,
+    "prune-qat": 0.95,
+    "cluster-qat": 0.95,
+    "prune-cluster-int8": 0.95,
+}
 
 
 @pytest.fixture(scope="session")
@@ -48,8 +59,7 @@ def heldout(run):
 
 @pytest.fixture(scope="session")
 def post_training(run, tmp_path_factory):
-    return export(run, mode="float32", compare="float16,dynamic,int8,int16x8",
-                  out=tmp_path_factory.mktemp("ptq"))
+    return export(run, mode="float32", compare="float16,dynamic,int8,int16x8", out=tmp_path_factory.mktemp("ptq"))
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +79,11 @@ def run_tflite(path, images):
         x = image[None]
         if inp["dtype"] != np.float32:
             scale, zero = inp["quantization"]
-            x = np.clip(np.round(x / scale + zero), 0 if inp["dtype"] == np.uint8 else -128, 255 if inp["dtype"] == np.uint8 else 127)
+            x = np.clip(
+                np.round(x / scale + zero),
+                0 if inp["dtype"] == np.uint8 else -128,
+                255 if inp["dtype"] == np.uint8 else 127,
+            )
         interpreter.set_tensor(inp["index"], x.astype(inp["dtype"]))
         interpreter.invoke()
         y = interpreter.get_tensor(out["index"]).astype(np.float32)
@@ -153,8 +167,11 @@ def test_shared_quantization_vectors_make_the_file_smaller_and_change_nothing():
     builder = flatbuffers.Builder(len(shared))  # the same model, every vector written out again
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     plain = bytes(builder.Output())
-    zero_points = sum(len(t.quantization.zeroPoint) for t in model.subgraphs[0].tensors
-                      if t.quantization is not None and t.quantization.zeroPoint is not None)
+    zero_points = sum(
+        len(t.quantization.zeroPoint)
+        for t in model.subgraphs[0].tensors
+        if t.quantization is not None and t.quantization.zeroPoint is not None
+    )
     assert len(plain) - len(shared) >= 8 * (zero_points - 64 - 64)  # all but one zero vector per length gone
 
     def run_file(content):
@@ -185,8 +202,17 @@ def test_metadata_reads_back_the_labels_and_normalization(post_training, run):
 
 
 def test_fine_tuned_modes_agree_and_are_sparse_or_clustered(run, tmp_path):
-    result = export(run, mode="qat", compare="prune,cluster,prune-qat,cluster-qat,prune-cluster-int8", epochs=1,
-                    steps_per_epoch=8, sparsity=0.8, clusters=16, max_accuracy_drop=100, out=tmp_path)
+    result = export(
+        run,
+        mode="qat",
+        compare="prune,cluster,prune-qat,cluster-qat,prune-cluster-int8",
+        epochs=1,
+        steps_per_epoch=8,
+        sparsity=0.8,
+        clusters=16,
+        max_accuracy_drop=100,
+        out=tmp_path,
+    )
     for f in result.files:
         assert f.verification.converted_agreement >= AGREEMENT[f.mode], f.mode
         weights = kernels(f.path)
@@ -202,8 +228,24 @@ def test_fine_tuned_modes_agree_and_are_sparse_or_clustered(run, tmp_path):
 
 
 def test_over_the_budget_the_command_fails_and_marks_the_file(run, tmp_path):
-    result = CliRunner().invoke(main, ["export", "--model", str(run), "--mode", "prune", "--sparsity", "0.97",
-                                       "--epochs", "1", "--steps-per-epoch", "2", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "export",
+            "--model",
+            str(run),
+            "--mode",
+            "prune",
+            "--sparsity",
+            "0.97",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert (tmp_path / "lenet5_prune.FAILED.tflite").exists() and not (tmp_path / "lenet5_prune.tflite").exists()
     report = json.loads((tmp_path / "export_report.json").read_text())
@@ -223,8 +265,11 @@ def test_onnx_and_saved_model_formats(run, heldout, onnx_export, tmp_path):
         probs = session.run(None, {"input": images})[0]
         assert np.mean(probs.argmax(-1) == keras_probs.argmax(-1)) >= AGREEMENT[f.mode], f.mode
         assert json.loads(session.get_modelmeta().custom_metadata_map["labels"]) == [str(i) for i in range(10)]
-    zero_points = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(result.files[1].path)).graph.initializer
-                   if t.name.endswith("zero_point")]
+    zero_points = [
+        onnx.numpy_helper.to_array(t)
+        for t in onnx.load(str(result.files[1].path)).graph.initializer
+        if t.name.endswith("zero_point")
+    ]
     assert zero_points and all((z == 0).all() for z in zero_points)  # symmetric: what TensorRT's INT8 takes
     saved = export(run, format="saved_model", out=tmp_path).files[0]
     assert saved.path.name == "lenet5_float32.saved_model" and (saved.path / "saved_model.pb").exists()
@@ -321,8 +366,9 @@ def test_a_keras_applications_mobilenet_nested_in_a_transfer_model_converts():
     from tflite_export.compress import flatten
     from tflite_export.convert import to_tflite
 
-    base = tf_keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, include_top=False,
-                                             pooling="avg")
+    base = tf_keras.applications.MobileNetV2(
+        weights=None, input_shape=(32, 32, 3), alpha=0.35, include_top=False, pooling="avg"
+    )
     model = nested_transfer_model(base)
     images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32)
     expected = model.predict(images, verbose=0)
@@ -346,8 +392,9 @@ def test_a_nested_base_is_exported_and_compressed_layer_by_layer(run, digits_npz
     base = tf_keras.Model(lenet.inputs, lenet.get_layer("f6").output, name="base")
     base.trainable = False
     inputs = tf_keras.Input((32, 32, 1), name="input")
-    model = tf_keras.Model(inputs, tf_keras.layers.Dense(10, activation="softmax", name="predictions")(base(inputs)),
-                           name="transfer")
+    model = tf_keras.Model(
+        inputs, tf_keras.layers.Dense(10, activation="softmax", name="predictions")(base(inputs)), name="transfer"
+    )
     path = tmp_path / "model.keras"
     data = str(digits_npz)
     source = load_source(save_model(model, path), data=data)
@@ -361,7 +408,9 @@ def test_a_nested_base_is_exported_and_compressed_layer_by_layer(run, digits_npz
     assert files["float32"].verification.keras_accuracy > 0.8  # a working classifier: agreement means something
     assert files["float32"].verification.max_probability_change < 1e-5
     assert files["int8"].verification.agreement >= AGREEMENT["int8"]
-    assert read_metadata(files["int8"].path.read_bytes())["input"]["description"].endswith("'unit' normalization itself")
+    assert read_metadata(files["int8"].path.read_bytes())["input"]["description"].endswith(
+        "'unit' normalization itself"
+    )
     pruned = compress(model, ["prune"], source, epochs=1, steps_per_epoch=2)
     assert np.mean(pruned.get_layer("c5").kernel.numpy() == 0) >= 0.79  # inside the nested base
 
@@ -369,13 +418,21 @@ def test_a_nested_base_is_exported_and_compressed_layer_by_layer(run, digits_npz
 def test_readme_export_commands_run(run, digits_folder, tmp_path):
     """The README's export section, on the trained LeNet-5 (for runs/mine) and a digit PNG, fewer epochs."""
     section = README.split("## Exporting to a phone or a Jetson", 1)[1].split("\n## ", 1)[0]
-    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S)
-             for line in block.splitlines() if line.strip().startswith("ktool")]
+    lines = [
+        line.strip()
+        for block in re.findall(r"```bash\n(.*?)```", section, re.S)
+        for line in block.splitlines()
+        if line.strip().startswith("ktool")
+    ]
     assert len(lines) >= 5
     image = next(digits_folder.glob("digit_7/*.png"))
     for line in lines:
-        line = (line.replace("runs/mine", str(run)).replace("resnet18", "lenet5").replace("mydir/cat/001.jpg", str(image))
-                .replace("qat", "qat --epochs 1"))
+        line = (
+            line.replace("runs/mine", str(run))
+            .replace("resnet18", "lenet5")
+            .replace("mydir/cat/001.jpg", str(image))
+            .replace("qat", "qat --epochs 1")
+        )
         result = CliRunner().invoke(main, shlex.split(line)[1:])
         assert result.exit_code == 0, (line, result.output)
         if line.startswith("ktool predict"):
@@ -384,7 +441,8 @@ def test_readme_export_commands_run(run, digits_folder, tmp_path):
             assert len(re.findall(r"^\s+[124]\s+\d+\.\d+", result.output, re.M)) == 3
     exported = Path(run) / "export"
     assert {"lenet5_int8.tflite", "lenet5_int8.onnx", "lenet5_qat.tflite", "export_report.md"} <= {
-        p.name for p in exported.iterdir()}
+        p.name for p in exported.iterdir()
+    }
 
 
 def test_predict_and_benchmark_run_exported_files_without_tensorflow(post_training, onnx_export, digits_folder):
@@ -393,9 +451,13 @@ def test_predict_and_benchmark_run_exported_files_without_tensorflow(post_traini
     image = next(digits_folder.glob("digit_3/*.png"))
     block = "import sys; sys.modules['tensorflow'] = None; from ktoolkit.cli import main; sys.exit(main())"
     for model in (tflite_file, onnx_export.files[1].path):
-        for args in (["predict", "--model", str(model), str(image), "--top-k", "2"],
-                     ["benchmark", str(model), "--threads", "1", "--runs", "5"]):
-            done = subprocess.run([sys.executable, "-c", block, *args], capture_output=True, text=True, timeout=120, check=False)
+        for args in (
+            ["predict", "--model", str(model), str(image), "--top-k", "2"],
+            ["benchmark", str(model), "--threads", "1", "--runs", "5"],
+        ):
+            done = subprocess.run(
+                [sys.executable, "-c", block, *args], capture_output=True, text=True, timeout=120, check=False
+            )
             assert done.returncode == 0, done.stderr
             if args[0] == "predict":
                 assert re.match(rf"{re.escape(str(image))}: \d \d+\.\d%, \d \d+\.\d%$", done.stdout.strip())

@@ -9,10 +9,14 @@ from recipes.googlenet import INCEPTION, googlenet, googlenet_loss_weights
 
 # Table 1 as printed: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj, and the output depth.
 TABLE1 = {
-    "3a": (64, 96, 128, 16, 32, 32, 256), "3b": (128, 128, 192, 32, 96, 64, 480),
-    "4a": (192, 96, 208, 16, 48, 64, 512), "4b": (160, 112, 224, 24, 64, 64, 512),
-    "4c": (128, 128, 256, 24, 64, 64, 512), "4d": (112, 144, 288, 32, 64, 64, 528),
-    "4e": (256, 160, 320, 32, 128, 128, 832), "5a": (256, 160, 320, 32, 128, 128, 832),
+    "3a": (64, 96, 128, 16, 32, 32, 256),
+    "3b": (128, 128, 192, 32, 96, 64, 480),
+    "4a": (192, 96, 208, 16, 48, 64, 512),
+    "4b": (160, 112, 224, 24, 64, 64, 512),
+    "4c": (128, 128, 256, 24, 64, 64, 512),
+    "4d": (112, 144, 288, 32, 64, 64, 528),
+    "4e": (256, 160, 320, 32, 128, 128, 832),
+    "5a": (256, 160, 320, 32, 128, 128, 832),
     "5b": (384, 192, 384, 48, 128, 128, 1024),
 }
 
@@ -56,12 +60,21 @@ def test_main_path_parameters_near_the_papers_6_8m():
 def test_sizes_follow_table1():
     model = googlenet()
     expected = {
-        "conv1_7x7_s2": (112, 112, 64), "pool1_3x3_s2": (56, 56, 64), "conv2_3x3": (56, 56, 192),
-        "pool2_3x3_s2": (28, 28, 192), "pool3_3x3_s2": (14, 14, 480), "pool4_3x3_s2": (7, 7, 832),
-        "pool5_7x7_s1": (1024,), "predictions": (1000,),
+        "conv1_7x7_s2": (112, 112, 64),
+        "pool1_3x3_s2": (56, 56, 64),
+        "conv2_3x3": (56, 56, 192),
+        "pool2_3x3_s2": (28, 28, 192),
+        "pool3_3x3_s2": (14, 14, 480),
+        "pool4_3x3_s2": (7, 7, 832),
+        "pool5_7x7_s1": (1024,),
+        "predictions": (1000,),
     }
-    expected.update({f"inception_{k}_output": ((28 if k[0] == "3" else 14 if k[0] == "4" else 7),) * 2 + (v[6],)
-                     for k, v in TABLE1.items()})
+    expected.update(
+        {
+            f"inception_{k}_output": ((28 if k[0] == "3" else 14 if k[0] == "4" else 7),) * 2 + (v[6],)
+            for k, v in TABLE1.items()
+        }
+    )
     assert {name: model.get_layer(name).output_shape[1:] for name in expected} == expected
     assert model.get_layer("head_dropout").rate == 0.4
     assert sum(type(layer).__name__ == "LocalResponseNormalization" for layer in model.layers) == 2

@@ -56,7 +56,7 @@ def test_keras_weights_file_loads_and_gives_the_same_outputs(twins):
 
     keras_model, ours = twins
     assert ours.count_params() == keras_model.count_params() == KERAS_PARAMS
-    assert len([layer for layer in ours.layers if layer.weights]) == len([l for l in keras_model.layers if l.weights])
+    assert len([layer for layer in ours.layers if layer.weights]) == len([k for k in keras_model.layers if k.weights])
     images = pixels(75)
     expected = taps(keras_model)(tf_keras.applications.inception_v3.preprocess_input(images.copy()), training=False)
     got = taps(ours)(images, training=False)  # the "tf" preprocessing is inside the recipe
@@ -73,10 +73,24 @@ def test_layer_names_are_by_role(twins):
     model = twins[1]
     names = {layer.name for layer in model.layers}
     assert {f"mixed{i}" for i in range(11)} <= names
-    for name in ("stem_conv1_conv", "stem_conv1_bn", "stem_conv1_relu", "stem_pool1", "mixed0_branch1x1_conv",
-                 "mixed0_branch5x5_2_conv", "mixed0_branch3x3dbl_3_relu", "mixed0_pool", "mixed0_branch_pool_bn",
-                 "mixed4_branch7x7dbl_5_conv", "mixed8_branch7x7x3_4_conv", "mixed9_branch3x3_2a_conv",
-                 "mixed10_branch3x3dbl_3b_bn", "mixed10_branch3x3dbl", "avg_pool", "predictions"):
+    for name in (
+        "stem_conv1_conv",
+        "stem_conv1_bn",
+        "stem_conv1_relu",
+        "stem_pool1",
+        "mixed0_branch1x1_conv",
+        "mixed0_branch5x5_2_conv",
+        "mixed0_branch3x3dbl_3_relu",
+        "mixed0_pool",
+        "mixed0_branch_pool_bn",
+        "mixed4_branch7x7dbl_5_conv",
+        "mixed8_branch7x7x3_4_conv",
+        "mixed9_branch3x3_2a_conv",
+        "mixed10_branch3x3dbl_3b_bn",
+        "mixed10_branch3x3dbl",
+        "avg_pool",
+        "predictions",
+    ):
         assert name in names, name
     assert model.get_layer("mixed4_branch7x7_2_conv").kernel_size == (1, 7)
     assert model.get_layer("mixed4_branch7x7_3_conv").kernel_size == (7, 1)
@@ -92,8 +106,12 @@ def test_paper_size_structure_and_aux_head():
     assert model.input_shape == (None, 299, 299, 3)
     assert model.output_names == ["predictions", "aux"] and model.output_shape == [(None, 1000), (None, 1000)]
     shapes = {name: model.get_layer(name).output_shape[1:] for name in ("stem_pool2", "mixed2", "mixed7", "mixed10")}
-    assert shapes == {"stem_pool2": (35, 35, 192), "mixed2": (35, 35, 288), "mixed7": (17, 17, 768),
-                      "mixed10": (8, 8, 2048)}
+    assert shapes == {
+        "stem_pool2": (35, 35, 192),
+        "mixed2": (35, 35, 288),
+        "mixed7": (17, 17, 768),
+        "mixed10": (8, 8, 2048),
+    }
     convs = [layer for layer in model.layers if layer.__class__.__name__ == "Conv2D"]
     bns = [layer for layer in model.layers if layer.__class__.__name__ == "BatchNormalization"]
     assert len(convs) == len(bns) == 94 + 2  # keras' 94, and the aux head's two
@@ -125,9 +143,12 @@ def test_aux_head_trains_with_loss_weights_dropout_and_weight_decay():
     assert model.output_shape == [(None, 5), (None, 5)]
     assert model.get_layer("head_dropout").rate == 0.2
     assert len(model.losses) == 94 + 2 + 2  # an L2 term per kernel: convs, aux convs, aux and predictions
-    model.compile(optimizer=tf_keras.optimizers.SGD(0.01), run_eagerly=True,  # eager: no minute-long tracing
-                  loss={"predictions": "sparse_categorical_crossentropy", "aux": "sparse_categorical_crossentropy"},
-                  loss_weights={"predictions": 1.0, "aux": 0.4})
+    model.compile(
+        optimizer=tf_keras.optimizers.SGD(0.01),
+        run_eagerly=True,  # eager: no minute-long tracing
+        loss={"predictions": "sparse_categorical_crossentropy", "aux": "sparse_categorical_crossentropy"},
+        loss_weights={"predictions": 1.0, "aux": 0.4},
+    )
     images, labels = pixels(size, batch=4), np.array([0, 1, 2, 3])
     l2 = float(sum(float(loss) for loss in model.losses))
     aux_kernel = model.get_layer("aux").kernel.numpy().copy()

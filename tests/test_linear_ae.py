@@ -51,11 +51,14 @@ def test_linear_classifier_learns_digits(digits, loss):
 
     x_train, x_test, y_train, y_test = digits
     hinge = loss == "hinge"
-    model = recipes.linear_classifier(input_shape=(8, 8, 1), num_classes=10,
-                                      classifier_activation=None if hinge else "softmax")
-    model.compile(tf_keras.optimizers.Adam(0.01),
-                  recipes.multiclass_hinge() if hinge else "sparse_categorical_crossentropy",
-                  metrics=["sparse_categorical_accuracy"])  # argmax: right for scores and probabilities
+    model = recipes.linear_classifier(
+        input_shape=(8, 8, 1), num_classes=10, classifier_activation=None if hinge else "softmax"
+    )
+    model.compile(
+        tf_keras.optimizers.Adam(0.01),
+        recipes.multiclass_hinge() if hinge else "sparse_categorical_crossentropy",
+        metrics=["sparse_categorical_accuracy"],
+    )  # argmax: right for scores and probabilities
     model.fit(x_train, y_train, batch_size=64, epochs=25, verbose=0)
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
     assert accuracy > 0.90, accuracy
@@ -87,8 +90,18 @@ def test_mlp_layers_and_regularization_losses(digits):
 
     model = recipes.mlp(input_shape=(8, 8, 1), hidden_units=(32, 16), dropout=0.2, weight_decay=1e-3)
     names = [layer.name for layer in model.layers]
-    assert names == ["input", "preprocessing", "flatten", "fc1", "fc1_act", "fc1_dropout", "fc2", "fc2_act",
-                     "fc2_dropout", "predictions"]
+    assert names == [
+        "input",
+        "preprocessing",
+        "flatten",
+        "fc1",
+        "fc1_act",
+        "fc1_dropout",
+        "fc2",
+        "fc2_act",
+        "fc2_dropout",
+        "predictions",
+    ]
     assert model.count_params() == (64 * 32 + 32) + (32 * 16 + 16) + (16 * 10 + 10)
     assert len(model.losses) == 3  # one L2 term per kernel: fc1, fc2, predictions
     kernels = [model.get_layer(n).kernel.numpy() for n in ("fc1", "fc2", "predictions")]
@@ -121,8 +134,13 @@ def test_conv_autoencoder_shapes_names_and_parameters():
     model = recipes.conv_autoencoder()
     assert model.output_shape == model.input_shape == (None, 32, 32, 3)
     # encoder 3->32->64 (3x3, no bias, BN), decoder 64->64->32 transposed, 3x3 sigmoid conv to 3 channels
-    expected = ((27 * 32 + 4 * 32) + (9 * 32 * 64 + 4 * 64)  # encoder
-                + (9 * 64 * 64 + 4 * 64) + (9 * 64 * 32 + 4 * 32) + (9 * 32 * 3 + 3))  # decoder, reconstruction
+    expected = (
+        (27 * 32 + 4 * 32)
+        + (9 * 32 * 64 + 4 * 64)  # encoder
+        + (9 * 64 * 64 + 4 * 64)
+        + (9 * 64 * 32 + 4 * 32)
+        + (9 * 32 * 3 + 3)
+    )  # decoder, reconstruction
     assert model.count_params() == expected == recipes.get("conv_autoencoder").params
     assert model.get_layer("embedding").output_shape == (None, 8, 8, 64)
     assert model.get_layer("reconstruction").activation.__name__ == "sigmoid"
@@ -167,8 +185,10 @@ def test_conv_autoencoder_trains_with_compile_and_fit(digits):
     assert out.min() >= 0 and out.max() <= 1
 
 
-@pytest.mark.parametrize("noise, layer_class", [("gaussian", "GaussianNoise"), ("masking", "RandomMasking"),
-                                                ("salt_pepper", "SaltAndPepper")])
+@pytest.mark.parametrize(
+    "noise, layer_class",
+    [("gaussian", "GaussianNoise"), ("masking", "RandomMasking"), ("salt_pepper", "SaltAndPepper")],
+)
 def test_denoising_noise_is_right_after_the_input_and_only_in_training(noise, layer_class):
     model = recipes.denoising_autoencoder(input_shape=(16, 16, 1), noise=noise, noise_strength=0.3)
     assert model.layers[1].name == "noise" and type(model.layers[1]).__name__ == layer_class
@@ -238,8 +258,9 @@ def test_contrastive_encoder_with_another_backbone_trains_and_reloads_in_both_ap
     import tf_keras
 
     x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 1)).astype("float32")
-    model = recipes.contrastive_encoder(input_shape=(32, 32, 1), backbone="lenet5", projection_dim=16,
-                                        hidden_dim=32, pooling="max")
+    model = recipes.contrastive_encoder(
+        input_shape=(32, 32, 1), backbone="lenet5", projection_dim=16, hidden_dim=32, pooling="max"
+    )
     assert model.get_layer("embedding").output_shape == (None, 120)  # lenet5's C5
     assert model.get_layer("projection_hidden").output_shape == (None, 32)
     before = [w.copy() for w in model.get_weights()]

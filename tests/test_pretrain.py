@@ -86,9 +86,19 @@ def test_bad_settings_are_named():
 def test_autoencoders_reconstruct_and_denoise_real_digits(method, digits_npz, tmp_path):
     """The denoising autoencoder's output for a noisy digit is much closer to the clean digit than the
     noisy digit is; both leave an encoder that takes pixels, loads in safe mode and exports."""
-    result = pretrain(method=method, data=str(digits_npz), out=str(tmp_path / method), image_size=(8, 8), channels=1,
-                      epochs=10, batch_size=32, lr=3e-3, noise="gaussian", noise_strength=0.3,
-                      recipe_options={"filters": [16, 32], "latent_dim": 16})
+    result = pretrain(
+        method=method,
+        data=str(digits_npz),
+        out=str(tmp_path / method),
+        image_size=(8, 8),
+        channels=1,
+        epochs=10,
+        batch_size=32,
+        lr=3e-3,
+        noise="gaussian",
+        noise_strength=0.3,
+        recipe_options={"filters": [16, 32], "latent_dim": 16},
+    )
     m, run = result.measurements, result.run
     x = load_data(str(digits_npz)).splits["val"].images / 255.0
     mean_image_mse = np.mean((x - x.mean(axis=0)) ** 2)  # what predicting the average digit costs
@@ -100,8 +110,20 @@ def test_autoencoders_reconstruct_and_denoise_real_digits(method, digits_npz, tm
     else:
         assert "denoised_mse" not in m
 
-    for path in (run.config, run.data, run.history, run.curves, run.report_md, run.report_html, run.state, run.last,
-                 run.encoder, run.root / "reconstructions.png", run.root / "embeddings.png", run.root / "pretrain.json"):
+    for path in (
+        run.config,
+        run.data,
+        run.history,
+        run.curves,
+        run.report_md,
+        run.report_html,
+        run.state,
+        run.last,
+        run.encoder,
+        run.root / "reconstructions.png",
+        run.root / "embeddings.png",
+        run.root / "pretrain.json",
+    ):
         assert path.exists() and path.stat().st_size > 0, path
     assert not run.backup.exists() and not run.best.exists()
     assert run.read_state()["complete"] is True
@@ -137,16 +159,26 @@ def test_autoencoders_reconstruct_and_denoise_real_digits(method, digits_npz, tm
     interpreter.allocate_tensors()
     interpreter.set_tensor(interpreter.get_input_details()[0]["index"], pixels[:1])
     interpreter.invoke()
-    np.testing.assert_allclose(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), expected[:1],
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), expected[:1], atol=1e-4
+    )
 
 
 def test_contrastive_pretraining_without_labels_beats_random_initialization(unlabelled_digits, digits_npz, tmp_path):
     """SimCLR on a folder of digit images without labels; linear evaluation on the labelled digits,
     whose test images pretraining never saw: at least 10 points above the same encoder at random init."""
-    result = pretrain(method="contrastive", recipe="mlp", data=str(unlabelled_digits), out=str(tmp_path / "simclr"),
-                      image_size=(16, 16), channels=1, epochs=15, batch_size=128, augment="crop=0.3,color=40",
-                      recipe_options=SMALL_SIMCLR)
+    result = pretrain(
+        method="contrastive",
+        recipe="mlp",
+        data=str(unlabelled_digits),
+        out=str(tmp_path / "simclr"),
+        image_size=(16, 16),
+        channels=1,
+        epochs=15,
+        batch_size=128,
+        augment="crop=0.3,color=40",
+        recipe_options=SMALL_SIMCLR,
+    )
     run = result.run
     assert json.loads(run.classes.read_text()) == ["digits"]  # one unnamed class: no labels
     assert json.loads((run.root / "pretrain.json").read_text())["embeddings_plot"]["coloured_by_class"] is False
@@ -165,8 +197,9 @@ def test_contrastive_pretraining_without_labels_beats_random_initialization(unla
     # classifier.keras is the encoder with the probe on top: a plain classifier with the reported accuracy
     classifier = recipes.load_model(folder / "classifier.keras")
     test = load_data(str(digits_npz)).splits["test"]
-    images = np.concatenate([x for x, _ in make_dataset(test, num_classes=10, image_size=(16, 16), channels=1,
-                                                        one_hot=False)])
+    images = np.concatenate(
+        [x for x, _ in make_dataset(test, num_classes=10, image_size=(16, 16), channels=1, one_hot=False)]
+    )
     accuracy = np.mean(classifier.predict(images, verbose=0).argmax(1) == test.labels)
     assert accuracy == pytest.approx(evaluation.accuracy, abs=1 / 180)
     assert json.loads((folder / "classes.json").read_text()) == [str(i) for i in range(10)]
@@ -188,8 +221,14 @@ def test_readme_commands_run_on_real_images(digits_folder, tmp_path):
     runner = CliRunner()
     outputs = []
     for line in block.strip().splitlines():
-        line = re.sub(r"--epochs \d+", "--epochs 1", line.replace("unlabelled", str(unlabelled)).replace("64,64", "32,32")
-                      .replace("mydir", str(digits_folder)).replace("runs/", f"{tmp_path}/runs/"))
+        line = re.sub(
+            r"--epochs \d+",
+            "--epochs 1",
+            line.replace("unlabelled", str(unlabelled))
+            .replace("64,64", "32,32")
+            .replace("mydir", str(digits_folder))
+            .replace("runs/", f"{tmp_path}/runs/"),
+        )
         result = runner.invoke(main, shlex.split(line)[1:])
         assert result.exit_code == 0, (line, result.output)
         outputs.append(result.output)
@@ -203,9 +242,28 @@ def test_readme_commands_run_on_real_images(digits_folder, tmp_path):
 @pytest.mark.slow
 def test_killed_contrastive_run_resumes_from_its_last_epoch(digits_npz, tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "ktoolkit.cli", "pretrain", "--recipe", "mlp", "--data", str(digits_npz), "--out",
-               str(out), "--epochs", "5", "--image-size", "16,16", "--channels", "1", "--augment", "crop=0.3",
-               "--batch-size", "64"]
+    command = [
+        sys.executable,
+        "-m",
+        "ktoolkit.cli",
+        "pretrain",
+        "--recipe",
+        "mlp",
+        "--data",
+        str(digits_npz),
+        "--out",
+        str(out),
+        "--epochs",
+        "5",
+        "--image-size",
+        "16,16",
+        "--channels",
+        "1",
+        "--augment",
+        "crop=0.3",
+        "--batch-size",
+        "64",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     state, deadline, killed_after = out / "state.json", time.time() + 240, None

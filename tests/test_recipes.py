@@ -29,11 +29,35 @@ def as_arrays(outputs):
 
 def test_every_product_family_is_registered():
     families = {r.family for r in recipes.all_recipes()}
-    expected = {"lenet", "alexnet", "vgg", "googlenet", "inception", "resnet", "linear", "mlp", "autoencoder",
-                "contrastive"}
+    expected = {
+        "lenet",
+        "alexnet",
+        "vgg",
+        "googlenet",
+        "inception",
+        "resnet",
+        "linear",
+        "mlp",
+        "autoencoder",
+        "contrastive",
+    }
     assert expected <= families, expected - families
-    assert {"vgg_a", "vgg_a_lrn", "vgg_b", "vgg_c", "vgg_d", "vgg_e", "resnet18", "resnet152", "cifar_resnet110",
-            "se_resnet50", "alexnet_grouped", "zfnet", "googlenet", "inception_v3"} <= set(ALL)
+    assert {
+        "vgg_a",
+        "vgg_a_lrn",
+        "vgg_b",
+        "vgg_c",
+        "vgg_d",
+        "vgg_e",
+        "resnet18",
+        "resnet152",
+        "cifar_resnet110",
+        "se_resnet50",
+        "alexnet_grouped",
+        "zfnet",
+        "googlenet",
+        "inception_v3",
+    } <= set(ALL)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -46,7 +70,10 @@ def test_metadata_is_well_formed(name):
     assert len(set(recipe.group_names())) == len(recipe.layer_groups)
     if recipe.paper_params:
         # the stored count is the built one (tested below); here: it is near what the paper says
-        assert abs(recipe.params - recipe.paper_params) / recipe.paper_params < 0.10, (recipe.params, recipe.paper_params)
+        assert abs(recipe.params - recipe.paper_params) / recipe.paper_params < 0.10, (
+            recipe.params,
+            recipe.paper_params,
+        )
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -96,8 +96,7 @@ def test_resnet50_is_keras_applications_resnet50(tmp_path):
 def test_resnet101_152_are_keras_applications(depth, tmp_path):
     import tf_keras
 
-    _compare_with_keras(getattr(tf_keras.applications, f"ResNet{depth}"), getattr(recipes, f"resnet{depth}"),
-                        tmp_path)
+    _compare_with_keras(getattr(tf_keras.applications, f"ResNet{depth}"), getattr(recipes, f"resnet{depth}"), tmp_path)
 
 
 def test_headless_resnet50_loads_keras_notop_weights(tmp_path):
@@ -106,8 +105,9 @@ def test_headless_resnet50_loads_keras_notop_weights(tmp_path):
     reference = tf_keras.applications.ResNet50(weights=None, include_top=False, input_shape=(32, 32, 3))
     randomize(reference, seed=3)
     reference.save_weights(str(tmp_path / "notop.h5"))
-    model = recipes.resnet50(input_shape=(32, 32, 3), include_top=False, weights=str(tmp_path / "notop.h5"),
-                             include_preprocessing=False)
+    model = recipes.resnet50(
+        input_shape=(32, 32, 3), include_top=False, weights=str(tmp_path / "notop.h5"), include_preprocessing=False
+    )
     x = np.random.default_rng(2).normal(0, 50, (1, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(model(x).numpy(), reference(x).numpy(), rtol=1e-5, atol=1e-5)
 
@@ -124,6 +124,7 @@ def test_squeeze_excitation_only_where_asked():
     assert se.get_layer("conv5_block3_se_expand").get_config()["activation"] == "sigmoid"
     add_inputs = {t._keras_history.layer.name for t in se.get_layer("conv4_block6_add").input}
     assert add_inputs == {"conv4_block6_se_excite", "conv4_block5_out"}
+
     # the option works on any variant: ResNet-18 + SE adds 2*C^2/16 + C/16 + C per block
     def se_params(channels):
         return sum(2 * (c * c // 16) + c // 16 + c for c in channels)
@@ -145,8 +146,9 @@ def test_option_a_cifar_resnets_have_no_shortcut_convolutions():
     x = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
     import tf_keras
 
-    probe = tf_keras.Model(model.input, [model.get_layer("stage1_block3_out").output,
-                                         model.get_layer("stage2_block1_0_pad").output])
+    probe = tf_keras.Model(
+        model.input, [model.get_layer("stage1_block3_out").output, model.get_layer("stage2_block1_0_pad").output]
+    )
     before, padded = (t.numpy() for t in probe(x))
     np.testing.assert_array_equal(padded[..., 8:24], before[:, ::2, ::2, :])
     assert not padded[..., :8].any() and not padded[..., 24:].any()
@@ -167,8 +169,13 @@ def test_strided_basic_blocks_keep_shortcut_and_residual_on_one_grid():
 
 def test_layer_groups_and_head():
     r50, cifar = recipes.get("resnet50"), recipes.get("cifar_resnet56")
-    assert r50.layer_groups == (("conv1", "pool1_pool"), ("conv2", "conv2_block3_out"), ("conv3", "conv3_block4_out"),
-                                ("conv4", "conv4_block6_out"), ("conv5", "conv5_block3_out"))
+    assert r50.layer_groups == (
+        ("conv1", "pool1_pool"),
+        ("conv2", "conv2_block3_out"),
+        ("conv3", "conv3_block4_out"),
+        ("conv4", "conv4_block6_out"),
+        ("conv5", "conv5_block3_out"),
+    )
     assert recipes.get("resnet152").group_output("conv4") == "conv4_block36_out"
     assert cifar.group_names() == ["stem", "stage1", "stage2", "stage3"]
     assert cifar.group_output("stage3") == "stage3_block9_out" and cifar.head_start == "avg_pool"

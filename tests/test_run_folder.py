@@ -81,8 +81,9 @@ def test_out_dot_with_overwrite_removes_nothing_of_the_users(pngs, tmp_path, mon
     home = _user_folder(tmp_path / "cwd")
     monkeypatch.chdir(home)
     before = _snapshot(home)
-    result = CliRunner().invoke(main, ["train", "--recipe", "lenet5", "--data", str(pngs), "--out", ".", "--epochs",
-                                       "1", "--overwrite"])
+    result = CliRunner().invoke(
+        main, ["train", "--recipe", "lenet5", "--data", str(pngs), "--out", ".", "--epochs", "1", "--overwrite"]
+    )
     assert result.exit_code != 0
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "not a ktoolkit run" in errors[0], result.output
@@ -151,8 +152,18 @@ def test_a_second_command_on_a_locked_folder_fails_at_once_naming_the_pid(pngs, 
 def test_a_nan_loss_fails_the_run_and_says_lower_the_learning_rate(pngs, tmp_path):
     out = tmp_path / "nan"
     # ReLU: the logits grow without bound and the loss becomes NaN (tanh keeps it large but finite)
-    config = TrainConfig(data=str(pngs), out=str(out), **{**TINY, "epochs": 3, "steps_per_epoch": 3, "optimizer": "sgd",
-                                                         "lr": 1e12, "recipe_options": {"activation": "relu"}})
+    config = TrainConfig(
+        data=str(pngs),
+        out=str(out),
+        **{
+            **TINY,
+            "epochs": 3,
+            "steps_per_epoch": 3,
+            "optimizer": "sgd",
+            "lr": 1e12,
+            "recipe_options": {"activation": "relu"},
+        },
+    )
     with pytest.raises(NonFiniteLossError, match=r"loss became (nan|inf) at epoch 1.*Lower the learning rate \(--lr"):
         train(config)
     state = Run(out).read_state()
@@ -227,19 +238,36 @@ main()
 @pytest.mark.slow
 def test_killed_after_the_last_epoch_the_same_command_only_reports(pngs, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--recipe", "lenet5", "--data", str(pngs), "--out", str(out), "--epochs", "2",
-            "--steps-per-epoch", "2", "--batch-size", "8", "--augment", "none"]
+    args = [
+        "train",
+        "--recipe",
+        "lenet5",
+        "--data",
+        str(pngs),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "8",
+        "--augment",
+        "none",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "KTOOLKIT_CACHE_DIR": str(tmp_path / "cache")}
-    killed = subprocess.run([sys.executable, "-c", _KILL_IN_FINISH, *args], env=env, capture_output=True, text=True,
-                            timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_IN_FINISH, *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     state = Run(out).read_state()
     assert state["epochs_completed"] == 2 and not state["complete"]
     assert (out / "backup").exists() and not (out / "report.md").exists()
     history = read_history(out / "history.csv")
 
-    again = subprocess.run([sys.executable, "-m", "ktoolkit.cli", *args], env=env, capture_output=True, text=True,
-                           timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "ktoolkit.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming at epoch 3 of 2" in again.stderr and "nothing left to train" in again.stderr
     assert read_history(out / "history.csv") == history  # no epoch was trained again

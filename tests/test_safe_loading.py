@@ -48,9 +48,18 @@ def dense_layer(config):
 def as_lambda(layer, function, arguments=None, function_type="function", module=None):
     """Turns the Dense layer dict into a Lambda layer of the same name calling ``function``."""
     layer.update(class_name="Lambda", module="keras.layers", registered_name=None)
-    layer["config"] = {"name": "lambda_1", "trainable": True, "dtype": "float32", "function": function,
-                       "function_type": function_type, "module": module, "output_shape": None,
-                       "output_shape_type": "raw", "output_shape_module": None, "arguments": arguments or {}}
+    layer["config"] = {
+        "name": "lambda_1",
+        "trainable": True,
+        "dtype": "float32",
+        "function": function,
+        "function_type": function_type,
+        "module": module,
+        "output_shape": None,
+        "output_shape_type": "raw",
+        "output_shape_module": None,
+        "arguments": arguments or {},
+    }
     layer["name"] = "lambda_1"
 
 
@@ -68,12 +77,16 @@ def module_function(module, name):
     return {"module": module, "class_name": "function", "config": name, "registered_name": name}
 
 
-@pytest.mark.parametrize("function, arguments", [
-    (module_function("pydoc", "pipepager"), {"cmd": "touch {marker}"}),
-    (module_function("os", "system"), {}),
-    (module_function("builtins", "exec"), {}),
-    (module_function("subprocess", "getoutput"), {}),
-], ids=["pydoc.pipepager", "os.system", "builtins.exec", "subprocess.getoutput"])
+@pytest.mark.parametrize(
+    "function, arguments",
+    [
+        (module_function("pydoc", "pipepager"), {"cmd": "touch {marker}"}),
+        (module_function("os", "system"), {}),
+        (module_function("builtins", "exec"), {}),
+        (module_function("subprocess", "getoutput"), {}),
+    ],
+    ids=["pydoc.pipepager", "os.system", "builtins.exec", "subprocess.getoutput"],
+)
 def test_a_lambda_naming_a_module_function_is_refused_before_anything_runs(tmp_path, function, arguments):
     marker = tmp_path / "MARKER"
     members, config = archive_parts(tmp_path)
@@ -120,21 +133,31 @@ def _made_up_activation(layer):
 
 
 def _tf_op_with_side_effects(layer):
-    layer.update(class_name="TFOpLambda", module="tf_keras.src.layers.core.tf_op_layer",
-                 registered_name="TFOpLambda")
+    layer.update(class_name="TFOpLambda", module="tf_keras.src.layers.core.tf_op_layer", registered_name="TFOpLambda")
     layer["config"] = {"name": "tf.io.write_file", "trainable": True, "dtype": "float32", "function": "io.write_file"}
 
 
-@pytest.mark.parametrize("edit, message", [
-    (_function_activation, r"layer 'dense' uses a function from module 'os' \(os\.system\)"),
-    (_unregistered_class, r"layer 'dense' is a custom class 'evil>Evil' \(module 'evil_package\.layers'\)"),
-    (_innocent_class_from_another_module, r"layer 'dense' names module 'subprocess' for class 'Dense'"),
-    (_function_type_key, r"layer 'dense' has function_type='lambda'"),
-    (_python_lambda_object, r"layer 'dense' holds a Python lambda"),
-    (_made_up_activation, r"layer 'dense' has activation='get_file', which is not a Keras activation"),
-    (_tf_op_with_side_effects, r"layer 'tf\.io\.write_file' calls the TensorFlow function 'io\.write_file'"),
-], ids=["function_activation", "unregistered_class", "other_module", "function_type", "python_lambda",
-        "made_up_activation", "tf_op_with_side_effects"])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_function_activation, r"layer 'dense' uses a function from module 'os' \(os\.system\)"),
+        (_unregistered_class, r"layer 'dense' is a custom class 'evil>Evil' \(module 'evil_package\.layers'\)"),
+        (_innocent_class_from_another_module, r"layer 'dense' names module 'subprocess' for class 'Dense'"),
+        (_function_type_key, r"layer 'dense' has function_type='lambda'"),
+        (_python_lambda_object, r"layer 'dense' holds a Python lambda"),
+        (_made_up_activation, r"layer 'dense' has activation='get_file', which is not a Keras activation"),
+        (_tf_op_with_side_effects, r"layer 'tf\.io\.write_file' calls the TensorFlow function 'io\.write_file'"),
+    ],
+    ids=[
+        "function_activation",
+        "unregistered_class",
+        "other_module",
+        "function_type",
+        "python_lambda",
+        "made_up_activation",
+        "tf_op_with_side_effects",
+    ],
+)
 def test_anything_that_could_import_or_call_code_is_refused(tmp_path, edit, message):
     members, config = archive_parts(tmp_path)
     edit(dense_layer(config))
@@ -150,10 +173,13 @@ def test_keras3_configs_are_checked_the_same_way(tmp_path):
         check_config(config, "k3.keras", api="keras3")
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"\x00\x01 random bytes " * 50, r"junk\.keras.*not a \.keras model archive"),
-    (b"PK\x03\x04 not really a zip", r"junk\.keras.*written completely"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x00\x01 random bytes " * 50, r"junk\.keras.*not a \.keras model archive"),
+        (b"PK\x03\x04 not really a zip", r"junk\.keras.*written completely"),
+    ],
+)
 def test_bytes_that_are_no_archive_name_the_file(tmp_path, content, message):
     path = tmp_path / "junk.keras"
     path.write_bytes(content)
@@ -244,8 +270,11 @@ def test_random_bytes_named_h5_are_one_error(tmp_path):
 def test_weights_of_another_architecture_name_the_first_mismatch(tmp_path):
     path = tmp_path / "mlp.h5"
     recipes.mlp(input_shape=(32, 32, 1), num_classes=10).save_weights(path)
-    with pytest.raises(ValueError, match=r"mlp\.h5.*does not fit model 'lenet5': layer 'c1' expects weights of "
-                                         r"shapes \[\(5, 5, 1, 6\), \(6,\)\].*same configuration"):
+    with pytest.raises(
+        ValueError,
+        match=r"mlp\.h5.*does not fit model 'lenet5': layer 'c1' expects weights of "
+        r"shapes \[\(5, 5, 1, 6\), \(6,\)\].*same configuration",
+    ):
         recipes.lenet5(weights=str(path))
 
 
@@ -293,8 +322,11 @@ def test_weights_files_that_would_take_unbounded_memory_or_other_files_are_refus
     # 4 TB declared, nothing stored: reading it would try to allocate all of it
     bomb = _legacy_file_for_c1(tmp_path / "bomb.h5", (10**6, 10**6), chunks=(1, 1024), compression="gzip")
     assert bomb.stat().st_size < 1 << 20
-    with pytest.raises(UnsafeModelError, match=r"bomb\.h5.* declares dataset 'c1/c1/kernel:0' of shape "
-                                               r"\(1000000, 1000000\)"):
+    with pytest.raises(
+        UnsafeModelError,
+        match=r"bomb\.h5.* declares dataset 'c1/c1/kernel:0' of shape "
+        r"\(1000000, 1000000\)",
+    ):
         recipes.lenet5(weights=str(bomb))
     (tmp_path / "secret.h5").write_bytes(b"")
     with h5py.File(tmp_path / "linked.h5", "w") as f:

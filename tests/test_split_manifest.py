@@ -69,8 +69,7 @@ def test_splits_json_records_every_file_of_every_split_with_its_hash(tmp_path):
     assert sum(len(rows) for rows in doc["splits"].values()) == 30
 
 
-def test_the_recorded_split_survives_new_files_another_working_directory_and_a_trailing_slash(
-        tmp_path, monkeypatch):
+def test_the_recorded_split_survives_new_files_another_working_directory_and_a_trailing_slash(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_folder("data")
     run, source = recorded_run(tmp_path, "data")  # a relative path, as config.yaml would hold it
@@ -130,8 +129,13 @@ def test_a_damaged_or_hostile_splits_json_is_one_error_or_reads_nothing_but_regu
     run.splits.write_text(json.dumps(doc))
     _, verification = manifest.load_recorded(run, splits=["test"])  # a device is never opened (it never ends)
     assert verification.counts["test"]["missing"] == len(doc["splits"]["test"]) > 0
-    for text in ("{not json", json.dumps({**doc, "format": 99}), json.dumps({**doc, "root": "relative/path"}),
-                 json.dumps({**doc, "splits": {"test": [["a.png", 1, "nothex", 0]]}}), "[" * 100000):
+    for text in (
+        "{not json",
+        json.dumps({**doc, "format": 99}),
+        json.dumps({**doc, "root": "relative/path"}),
+        json.dumps({**doc, "splits": {"test": [["a.png", 1, "nothex", 0]]}}),
+        "[" * 100000,
+    ):
         run.splits.write_text(text)
         with pytest.raises(ValueError, match=r"splits\.json is not a valid splits\.json .*--data") as err:
             manifest.read(run)
@@ -186,8 +190,11 @@ def test_identical_files_under_two_names_are_kept_once_and_two_labels_are_an_err
     assert not any(name.startswith("copy") for name in kept)  # "000.png" sorts before "copy0.png"
 
     shutil.copyfile(os.path.join(data, "ant", "000.png"), os.path.join(data, "cow", "same.png"))
-    with pytest.raises(ValueError, match=r"ant/000\.png \(label 'ant'\) and .*cow/same\.png \(label 'cow'\) are the "
-                                         r"same image"):
+    with pytest.raises(
+        ValueError,
+        match=r"ant/000\.png \(label 'ant'\) and .*cow/same\.png \(label 'cow'\) are the "
+        r"same image",
+    ):
         load_data(data)
     report = scan_folder(data)  # `ktool data check` says so before training does
     group = [os.path.join(data, *p) for p in (("ant", "000.png"), ("ant", "copy0.png"), ("cow", "same.png"))]
@@ -218,14 +225,17 @@ def test_a_label_typo_is_an_error_that_names_it_without_allocating_classes(tmp_p
     assert time.perf_counter() - started < 5  # no 100,000-class anything
 
 
-@pytest.mark.parametrize("x, message", [
-    (np.zeros((6, 0, 0, 3), np.uint8), "zero size"),
-    (np.where(np.arange(6 * 16).reshape(6, 4, 4) == 20, np.nan, 0.5), "NaN or infinite pixels in 1 images"),
-    (np.full((6, 4, 4), np.inf, np.float32), "NaN or infinite pixels in 6 images"),
-    (np.full((6, 4, 4), -0.5), "pixel values -0.5..-0.5"),
-    (np.zeros((6, 4, 4), np.complex64), "dtype complex64"),
-    (np.zeros((6, 4, 4, 2), np.uint8), "1, 3 or 4 channels"),
-])
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (np.zeros((6, 0, 0, 3), np.uint8), "zero size"),
+        (np.where(np.arange(6 * 16).reshape(6, 4, 4) == 20, np.nan, 0.5), "NaN or infinite pixels in 1 images"),
+        (np.full((6, 4, 4), np.inf, np.float32), "NaN or infinite pixels in 6 images"),
+        (np.full((6, 4, 4), -0.5), "pixel values -0.5..-0.5"),
+        (np.zeros((6, 4, 4), np.complex64), "dtype complex64"),
+        (np.zeros((6, 4, 4, 2), np.uint8), "1, 3 or 4 channels"),
+    ],
+)
 def test_npz_pixels_that_cannot_be_images_are_errors_naming_the_array(tmp_path, x, message):
     np.savez(tmp_path / "bad.npz", x=x, y=np.arange(6) % 2)
     with pytest.raises(ValueError, match=r"bad\.npz\[x\]") as err:
@@ -255,7 +265,7 @@ def test_the_scan_cache_rechecks_a_file_corrupted_in_place_with_its_date_restore
     st = os.stat(victim)
     with open(victim, "rb") as f:
         png = bytearray(f.read())
-    crc = png.find(b"IDAT") + 4 + int.from_bytes(png[png.find(b"IDAT") - 4:png.find(b"IDAT")], "big")
+    crc = png.find(b"IDAT") + 4 + int.from_bytes(png[png.find(b"IDAT") - 4 : png.find(b"IDAT")], "big")
     png[crc] ^= 0xFF  # a wrong IDAT checksum: same size, TensorFlow refuses it
     with open(victim, "r+b") as f:
         f.write(png)
@@ -272,8 +282,16 @@ def test_evaluate_and_export_use_the_recorded_split(tmp_path, caplog):
     from tflite_export.source import load_source
 
     data = make_folder(tmp_path / "data")
-    result = train(recipe="lenet5", data=data, out=str(tmp_path / "run"), epochs=1, steps_per_epoch=1,
-                   image_size=(32, 32), test_fraction=0.2, batch_size=8)
+    result = train(
+        recipe="lenet5",
+        data=data,
+        out=str(tmp_path / "run"),
+        epochs=1,
+        steps_per_epoch=1,
+        image_size=(32, 32),
+        test_fraction=0.2,
+        batch_size=8,
+    )
     run = result.run
     doc = json.loads(run.splits.read_text())
     recorded = [os.path.join(doc["root"], row[0]) for row in doc["splits"]["test"]]
@@ -306,4 +324,5 @@ def test_an_image_too_large_to_decode_safely_is_a_bad_file(tmp_path):
     assert os.path.getsize(bomb) < 100_000
     report = scan_folder(data)
     assert [(b.path, b.reason) for b in report.bad_files] == [
-        (bomb, "too large: 9500x9500 pixels, over 89,478,485; downsize it")]
+        (bomb, "too large: 9500x9500 pixels, over 89,478,485; downsize it")
+    ]

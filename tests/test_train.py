@@ -22,9 +22,21 @@ from ktoolkit.train.callbacks import read_history
 def test_lenet5_reaches_97_percent_on_real_digits(digits_npz, tmp_path):
     # ReLU and max-pooling (recipe options): with the paper's tanh and average pooling LeNet-5 plateaus near
     # 96% on these 1,437 blurry upscaled 8x8 training digits; this reaches 98-100% over seeds 0-3.
-    result = train(TrainConfig(recipe="lenet5", data=str(digits_npz), out=str(tmp_path / "run"), epochs=30,
-                               batch_size=32, optimizer="adam", lr=2e-3, schedule="cosine", augment="none", seed=0,
-                               recipe_options={"activation": "relu", "subsampling": "max"}))
+    result = train(
+        TrainConfig(
+            recipe="lenet5",
+            data=str(digits_npz),
+            out=str(tmp_path / "run"),
+            epochs=30,
+            batch_size=32,
+            optimizer="adam",
+            lr=2e-3,
+            schedule="cosine",
+            augment="none",
+            seed=0,
+            recipe_options={"activation": "relu", "subsampling": "max"},
+        )
+    )
     assert result.metrics["split"] == "test"
     assert result.metrics["images"] == 180  # 10% of 1,797, stratified
     assert result.metrics["accuracy"] >= 0.97, result.metrics["accuracy"]
@@ -40,8 +52,22 @@ def finished_run(digits_npz, tmp_path_factory):
 
 def test_the_run_folder_holds_what_a_person_needs(finished_run):
     run = finished_run.run
-    for path in (run.config, run.classes, run.labels, run.data, run.history, run.curves, run.best, run.last,
-                 run.metrics, run.confusion, run.per_class, run.report_md, run.report_html, run.state):
+    for path in (
+        run.config,
+        run.classes,
+        run.labels,
+        run.data,
+        run.history,
+        run.curves,
+        run.best,
+        run.last,
+        run.metrics,
+        run.confusion,
+        run.per_class,
+        run.report_md,
+        run.report_html,
+        run.state,
+    ):
         assert path.exists() and path.stat().st_size > 0, path
     assert not run.backup.exists(), "the crash-recovery checkpoint is removed when the run finishes"
     assert json.loads(run.classes.read_text()) == [str(i) for i in range(10)]
@@ -90,7 +116,9 @@ def test_evaluate_and_predict_commands(finished_run, digits_folder, tmp_path):
     image = next(digits_folder.glob("digit_3/*.png"))
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    result = runner.invoke(main, ["predict", "--model", str(finished_run.run.root), "--top-k", "3", str(image), str(bad)])
+    result = runner.invoke(
+        main, ["predict", "--model", str(finished_run.run.root), "--top-k", "3", str(image), str(bad)]
+    )
     assert result.exit_code == 0, result.output
     line = next(line for line in result.output.splitlines() if line.startswith(str(image)))
     assert line.count("%") == 3
@@ -127,8 +155,18 @@ def test_yaml_config_and_flags(digits_npz, tmp_path):
 
 
 def test_googlenet_trains_with_its_auxiliary_heads(digits_npz, tmp_path):
-    result = train(recipe="googlenet", data=str(digits_npz), out=str(tmp_path / "g"), epochs=1, batch_size=16,
-                   image_size=(65, 65), channels=3, steps_per_epoch=3, augment="none", lr=1e-3)
+    result = train(
+        recipe="googlenet",
+        data=str(digits_npz),
+        out=str(tmp_path / "g"),
+        epochs=1,
+        batch_size=16,
+        image_size=(65, 65),
+        channels=3,
+        steps_per_epoch=3,
+        augment="none",
+        lr=1e-3,
+    )
     row = result.history[0]
     assert {"predictions_loss", "aux1_loss", "aux2_loss"} <= set(row)
     # total = main + 0.3 * (aux1 + aux2), as in the paper (no weight decay here)
@@ -143,8 +181,23 @@ def _ktool(*args, env=None):
 
 def test_sigkill_then_the_same_command_resumes_from_the_last_epoch(digits_npz, tmp_path):
     out = tmp_path / "run"
-    command = _ktool("train", "--recipe", "lenet5", "--data", str(digits_npz), "--out", str(out), "--epochs", "8",
-                     "--augment", "none", "--lr", "0.003", "--batch-size", "16")
+    command = _ktool(
+        "train",
+        "--recipe",
+        "lenet5",
+        "--data",
+        str(digits_npz),
+        "--out",
+        str(out),
+        "--epochs",
+        "8",
+        "--augment",
+        "none",
+        "--lr",
+        "0.003",
+        "--batch-size",
+        "16",
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     state = out / "state.json"
@@ -182,11 +235,13 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import logging; logging.basicConfig(level=logging.INFO, format="%(message)s")
 from ktoolkit.train import train
-r = train(recipe="lenet5", data={str(digits_npz)!r}, out={str(tmp_path / 'm')!r}, epochs=2, batch_size=16,
+r = train(recipe="lenet5", data={str(digits_npz)!r}, out={str(tmp_path / "m")!r}, epochs=2, batch_size=16,
           distribute="mirrored", augment="none", lr=3e-3)
 print("ACCURACY", r.metrics["accuracy"])
 """
-    done = subprocess.run([sys.executable, "-c", "import ktoolkit\n" + script], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", "import ktoolkit\n" + script], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "MirroredStrategy over 2 device(s)" in done.stderr
     assert "global batch 32 = 16 per replica x 2 replica(s)" in done.stderr
@@ -222,8 +277,14 @@ def test_data_check_reports_every_bad_file_and_exits_1(digits_with_bad_files):
 
 
 def test_training_skips_bad_files_and_says_which(digits_with_bad_files, tmp_path):
-    result = train(recipe="lenet5", data=str(digits_with_bad_files), out=str(tmp_path / "run"), epochs=2,
-                   augment="flip,crop", lr=3e-3)
+    result = train(
+        recipe="lenet5",
+        data=str(digits_with_bad_files),
+        out=str(tmp_path / "run"),
+        epochs=2,
+        augment="flip,crop",
+        lr=3e-3,
+    )
     data = json.loads(result.run.data.read_text())
     skipped = {Path(s["path"]).name for s in data["skipped_files"]}
     assert skipped == {"truncated.png", "empty.jpg", "notes.jpg"}
@@ -252,12 +313,30 @@ def test_multiworker_training_from_tf_config_on_two_local_workers(digits_npz, tm
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     out = tmp_path / "mw"
-    command = _ktool("train", "--recipe", "lenet5", "--data", str(digits_npz), "--out", str(out), "--epochs", "2",
-                     "--batch-size", "16", "--distribute", "multiworker", "--lr", "0.003")
+    command = _ktool(
+        "train",
+        "--recipe",
+        "lenet5",
+        "--data",
+        str(digits_npz),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--distribute",
+        "multiworker",
+        "--lr",
+        "0.003",
+    )
     workers = []
     for index in range(2):
-        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-               "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+            "PYTHONUNBUFFERED": "1",
+        }
         workers.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = []
     for worker in workers:
@@ -267,7 +346,7 @@ def test_multiworker_training_from_tf_config_on_two_local_workers(digits_npz, tm
             if worker.poll() is None:
                 worker.kill()
         outputs.append((worker.returncode, stdout, stderr))
-    for code, stdout, stderr in outputs:
+    for code, _stdout, stderr in outputs:
         assert code == 0, stderr[-3000:]
     chief_log = outputs[0][2]
     assert "MultiWorkerMirroredStrategy, 2 replicas, this is worker 0" in chief_log
@@ -280,8 +359,17 @@ def test_multiworker_training_from_tf_config_on_two_local_workers(digits_npz, tm
 def test_mixed_precision_and_xla_train_and_save_a_float32_model(digits_npz, tmp_path):
     import tf_keras
 
-    result = train(recipe="lenet5", data=str(digits_npz), out=str(tmp_path / "mp"), epochs=1, steps_per_epoch=5,
-                   mixed_precision=True, jit=True, augment="none", lr=3e-3)
+    result = train(
+        recipe="lenet5",
+        data=str(digits_npz),
+        out=str(tmp_path / "mp"),
+        epochs=1,
+        steps_per_epoch=5,
+        mixed_precision=True,
+        jit=True,
+        augment="none",
+        lr=3e-3,
+    )
     assert tf_keras.mixed_precision.global_policy().name == "float32", "the global policy is restored"
     best = recipes.load_model(result.run.best)
     assert best.get_layer("c1").compute_dtype == "bfloat16"  # CPU: bfloat16 compute (float16 on GPUs)

@@ -15,14 +15,27 @@ from recipes.transfer import SIMILARITY_THRESHOLD, SMALL_IMAGES_PER_CLASS, decid
 
 
 # ------------------------------------------------------------------------------------ decision matrix
-@pytest.mark.parametrize("per_class, similarity, strategy", [
-    (100, 0.99, "linear"), (100, 0.1, "linear-early"), (50_000, 0.99, "finetune"), (50_000, 0.1, "full"),
-])
+@pytest.mark.parametrize(
+    "per_class, similarity, strategy",
+    [
+        (100, 0.99, "linear"),
+        (100, 0.1, "linear-early"),
+        (50_000, 0.99, "finetune"),
+        (50_000, 0.1, "full"),
+    ],
+)
 def test_the_four_quadrants(per_class, similarity, strategy):
     decision = decide(per_class, similarity)
     assert decision.strategy == strategy
-    assert decision.quadrant == {"linear": "small and similar", "linear-early": "small and different",
-                                 "finetune": "large and similar", "full": "large and different"}[strategy]
+    assert (
+        decision.quadrant
+        == {
+            "linear": "small and similar",
+            "linear-early": "small and different",
+            "finetune": "large and similar",
+            "full": "large and different",
+        }[strategy]
+    )
 
 
 def test_boundaries_belong_to_large_and_similar_and_thresholds_are_overridable():
@@ -50,8 +63,13 @@ def test_cut_points_are_the_stage_ends_of_any_functional_model():
     from ktoolkit.transfer.features import cut_points
 
     resnet = tf_keras.applications.ResNet50(weights=None, include_top=False, input_shape=(64, 64, 3))
-    assert cut_points(resnet) == ["conv1_relu", "conv2_block3_out", "conv3_block4_out", "conv4_block6_out",
-                                  "conv5_block3_out"]
+    assert cut_points(resnet) == [
+        "conv1_relu",
+        "conv2_block3_out",
+        "conv3_block4_out",
+        "conv4_block6_out",
+        "conv5_block3_out",
+    ]
     assert cut_points(recipes.build("lenet5")) == ["c1", "s2", "c3", "s4", "c5"]
 
 
@@ -79,8 +97,10 @@ def test_weights_errors_say_what_to_do(tmp_path):
         load_base("mobilenet_v9")
 
     def offline():
-        raise Exception("URL fetch failure on https://storage.googleapis.com/x/mobilenet_v2_1.0_96_no_top.h5: None -- "
-                        "[Errno -2] Name or service not known")
+        raise Exception(
+            "URL fetch failure on https://storage.googleapis.com/x/mobilenet_v2_1.0_96_no_top.h5: None -- "
+            "[Errno -2] Name or service not known"
+        )
 
     with pytest.raises(ValueError) as err:
         _download("mobilenet_v2", offline)
@@ -98,8 +118,12 @@ def digit_halves(digits_npz, tmp_path_factory):
     paths = {}
     for name, keep in (("low", data["y"] < 5), ("high", data["y"] >= 5)):
         paths[name] = root / f"digits_{name}.npz"
-        np.savez(paths[name], x=data["x"][keep], y=data["y"][keep] - (0 if name == "low" else 5),
-                 class_names=data["class_names"][5 * (name == "high"):][:5])
+        np.savez(
+            paths[name],
+            x=data["x"][keep],
+            y=data["y"][keep] - (0 if name == "low" else 5),
+            class_names=data["class_names"][5 * (name == "high") :][:5],
+        )
     return paths
 
 
@@ -112,8 +136,19 @@ def pretrained_run(digit_halves, tmp_path_factory):
     from ktoolkit.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "digits_low"
-    result = train(TrainConfig(recipe="cifar_resnet20", data=str(digit_halves["low"]), out=str(out), epochs=4,
-                               image_size=(32, 32), channels=3, batch_size=16, lr=3e-3, cache="none"))
+    result = train(
+        TrainConfig(
+            recipe="cifar_resnet20",
+            data=str(digit_halves["low"]),
+            out=str(out),
+            epochs=4,
+            image_size=(32, 32),
+            channels=3,
+            batch_size=16,
+            lr=3e-3,
+            cache="none",
+        )
+    )
     tf_keras.backend.clear_session()
     assert result.metrics["accuracy"] > 0.8  # the base learned something worth transferring
     return out
@@ -128,14 +163,19 @@ def _finetune(digit_halves, pretrained_run, tmp_path, **options):
     from ktoolkit.transfer.finetune import FinetuneConfig, finetune
 
     options = {"epochs": 2, "batch_size": 32, "cache": "none", **options}
-    config = FinetuneConfig(base=str(pretrained_run), data=str(digit_halves["high"]), out=str(tmp_path / "run"), **options)
+    config = FinetuneConfig(
+        base=str(pretrained_run), data=str(digit_halves["high"]), out=str(tmp_path / "run"), **options
+    )
     return finetune(config)
 
 
 @pytest.mark.parametrize("strategy", ["linear", "linear-early", "finetune", "full"])
-def test_each_strategy_transfers_to_unseen_classes_and_leaves_a_plain_keras_model(strategy, digit_halves,
-                                                                                  pretrained_run, tmp_path):
-    result = _finetune(digit_halves, pretrained_run, tmp_path, strategy=strategy, lr=3e-3 if strategy == "full" else None)
+def test_each_strategy_transfers_to_unseen_classes_and_leaves_a_plain_keras_model(
+    strategy, digit_halves, pretrained_run, tmp_path
+):
+    result = _finetune(
+        digit_halves, pretrained_run, tmp_path, strategy=strategy, lr=3e-3 if strategy == "full" else None
+    )
     assert result.strategy == strategy
     assert result.metrics["accuracy"] >= 0.6, result.metrics  # 5 classes: chance is 0.2
     run = result.run
@@ -163,8 +203,10 @@ def test_finetune_trains_the_top_groups_and_keeps_frozen_statistics(digit_halves
     result = _finetune(digit_halves, pretrained_run, tmp_path, strategy="finetune", unfreeze=1, lr=1e-3)
     after = recipes.load_model(result.run.best)
     top = base.groups[-1]
-    changed = {name: any(not np.array_equal(a, b) for a, b in zip(weights, after.get_layer(name).get_weights()))
-               for name, weights in before.items()}
+    changed = {
+        name: any(not np.array_equal(a, b) for a, b in zip(weights, after.get_layer(name).get_weights()))
+        for name, weights in before.items()
+    }
     bn = [n for n in changed if type(base.model.get_layer(n)).__name__ == "BatchNormalization"]
     convs_top = [n for n in changed if groups[n] == top and n not in bn]
     frozen = [n for n in changed if groups[n] != top]
@@ -218,15 +260,43 @@ def test_cli_advise_and_finetune_then_evaluate_and_predict(digit_halves, pretrai
     assert advice.exit_code == 0, advice.output
     assert "per class (median)" in advice.output and "strategy: " in advice.output and "similarity" in advice.output
     out = tmp_path / "ft"
-    result = runner.invoke(main, ["finetune", "--base", str(pretrained_run), "--data", str(digit_halves["high"]),
-                                  "--out", str(out), "--strategy", "linear-early", "--cut", "stage2_block3_out"])
+    result = runner.invoke(
+        main,
+        [
+            "finetune",
+            "--base",
+            str(pretrained_run),
+            "--data",
+            str(digit_halves["high"]),
+            "--out",
+            str(out),
+            "--strategy",
+            "linear-early",
+            "--cut",
+            "stage2_block3_out",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "strategy: linear-early" in result.output and "test accuracy" in result.output
     assert json.loads((out / "decision.json").read_text())["plan"]["features"] == "stage2_block3_out"
     evaluated = runner.invoke(main, ["evaluate", "--model", str(out)])
     assert evaluated.exit_code == 0 and "accuracy" in evaluated.output
-    bad = runner.invoke(main, ["finetune", "--base", str(pretrained_run), "--data", str(digit_halves["high"]),
-                               "--out", str(tmp_path / "bad"), "--strategy", "linear-early", "--cut", "stage2_block3"])
+    bad = runner.invoke(
+        main,
+        [
+            "finetune",
+            "--base",
+            str(pretrained_run),
+            "--data",
+            str(digit_halves["high"]),
+            "--out",
+            str(tmp_path / "bad"),
+            "--strategy",
+            "linear-early",
+            "--cut",
+            "stage2_block3",
+        ],
+    )
     assert bad.exit_code != 0 and "did you mean stage2_block3_out" in bad.output
 
 
@@ -246,9 +316,12 @@ def test_readme_transfer_commands_run_offline(digit_halves, pretrained_run, digi
     block = re.search(r"```bash\n(.*?)```", readme.split("## Transfer learning", 1)[1], re.S).group(1)
     runner = CliRunner()
     for line in block.strip().splitlines():
-        line = (line.replace("--base mobilenet_v2", f"--base mobilenet_v2 --weights {weights} --image-size 32,32")
-                .replace("runs/mine", str(pretrained_run)).replace("mydir", str(digits_folder))
-                .replace("runs/", f"{tmp_path}/"))
+        line = (
+            line.replace("--base mobilenet_v2", f"--base mobilenet_v2 --weights {weights} --image-size 32,32")
+            .replace("runs/mine", str(pretrained_run))
+            .replace("mydir", str(digits_folder))
+            .replace("runs/", f"{tmp_path}/")
+        )
         result = runner.invoke(main, shlex.split(line)[1:])
         assert result.exit_code == 0, (line, result.output)
     assert (tmp_path / "transfer" / "best.keras").exists() and (tmp_path / "from-mine" / "report.html").exists()

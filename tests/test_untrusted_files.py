@@ -90,14 +90,20 @@ def test_a_model_named_like_a_path_writes_only_inside_out(tmp_path):
     from ktoolkit.io import save_model
 
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "data.npz", x=rng.integers(0, 256, (60, 8, 8, 1), dtype=np.uint8),
-             y=np.repeat(np.arange(3), 20), class_names=np.array(["0", "1", "2"]))  # a bare .keras: 0, 1, 2
+    np.savez(
+        tmp_path / "data.npz",
+        x=rng.integers(0, 256, (60, 8, 8, 1), dtype=np.uint8),
+        y=np.repeat(np.arange(3), 20),
+        class_names=np.array(["0", "1", "2"]),
+    )  # a bare .keras: 0, 1, 2
     model_path = save_model(tiny_model(name="../../escape/NAME"), tmp_path / "model.keras")
     out = tmp_path / "one" / "two" / "out"
     target = tmp_path / "one" / "escape"  # out/../../escape
     target.mkdir(parents=True)
-    users = {target / name: f"the user's {name}".encode() for name in (
-        "NAME_float32.tflite", "NAME_float32.FAILED.tflite", "NAME_float32.saved_model")}
+    users = {
+        target / name: f"the user's {name}".encode()
+        for name in ("NAME_float32.tflite", "NAME_float32.FAILED.tflite", "NAME_float32.saved_model")
+    }
     for path, text in users.items():
         path.write_bytes(text)
     outside, elsewhere = tmp_path / "outside.bin", tmp_path / "elsewhere"
@@ -136,18 +142,21 @@ def test_a_folder_that_is_not_a_saved_model_is_not_deleted(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- settings
-@pytest.mark.parametrize(("mode", "fmt", "setting", "flag"), [
-    ("int8", "tflite", {"sparsity": 0.5}, "--sparsity"),
-    ("prune", "tflite", {"clusters": 8}, "--clusters"),
-    ("float32", "tflite", {"epochs": 1}, "--epochs"),
-    ("int8", "tflite", {"lr": 1e-4}, "--lr"),
-    ("float32", "tflite", {"steps_per_epoch": 5}, "--steps-per-epoch"),
-    ("float16", "tflite", {"int8_io": True}, "--int8-io"),
-    ("int8", "onnx", {"int8_io": True}, "--int8-io"),
-    ("dynamic", "tflite", {"calib_samples": 50}, "--calib-samples"),
-])
+@pytest.mark.parametrize(
+    ("mode", "fmt", "setting", "flag"),
+    [
+        ("int8", "tflite", {"sparsity": 0.5}, "--sparsity"),
+        ("prune", "tflite", {"clusters": 8}, "--clusters"),
+        ("float32", "tflite", {"epochs": 1}, "--epochs"),
+        ("int8", "tflite", {"lr": 1e-4}, "--lr"),
+        ("float32", "tflite", {"steps_per_epoch": 5}, "--steps-per-epoch"),
+        ("float16", "tflite", {"int8_io": True}, "--int8-io"),
+        ("int8", "onnx", {"int8_io": True}, "--int8-io"),
+        ("dynamic", "tflite", {"calib_samples": 50}, "--calib-samples"),
+    ],
+)
 def test_a_setting_the_modes_ignore_is_refused(mode, fmt, setting, flag, tmp_path):
-    (name, value), = setting.items()
+    ((name, value),) = setting.items()
     with pytest.raises(ValueError, match=rf"^{name}={value!r} \({flag}\) does nothing in mode {mode} \(format {fmt}\)"):
         export(tmp_path / "never-read", mode=mode, format=fmt, **setting)
 
@@ -158,7 +167,8 @@ def test_a_setting_one_of_the_modes_uses_is_accepted():
     given = dict.fromkeys(TUNABLE_DEFAULTS)
     assert _tunables(_modes("int8", "prune"), "tflite", {**given, "sparsity": 0.5})["sparsity"] == 0.5
     assert _tunables(_modes("float32", None), "tflite", {**given, "int8_io": False}) == {
-        **TUNABLE_DEFAULTS}  # False is not a request for anything; None means the mode's default
+        **TUNABLE_DEFAULTS
+    }  # False is not a request for anything; None means the mode's default
 
 
 def test_the_cli_refuses_an_ignored_flag_in_one_line(tmp_path):
@@ -256,21 +266,31 @@ def test_random_and_truncated_files_give_one_value_error_naming_the_file(tflite_
     pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["predictions"])], "g",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 2, 2, 1])],
-                              [helper.make_tensor_value_info("predictions", TensorProto.FLOAT, [None, 2, 2, 1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["predictions"])],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 2, 2, 1])],
+        [helper.make_tensor_value_info("predictions", TensorProto.FLOAT, [None, 2, 2, 1])],
+    )
     onnx_bytes = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
     assert open_model((onnx_bytes, "onnx")).input_shape == (2, 2, 1)  # the intact file loads
     rng = np.random.default_rng(0)
-    files = {"random.tflite": rng.bytes(3000), "truncated.tflite": tflite_bytes[: len(tflite_bytes) // 2],
-             "empty.tflite": b"", "random.onnx": rng.bytes(3000), "truncated.onnx": onnx_bytes[:-7],
-             "empty.onnx": b""}
+    files = {
+        "random.tflite": rng.bytes(3000),
+        "truncated.tflite": tflite_bytes[: len(tflite_bytes) // 2],
+        "empty.tflite": b"",
+        "random.onnx": rng.bytes(3000),
+        "truncated.onnx": onnx_bytes[:-7],
+        "empty.onnx": b"",
+    }
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ValueError, match=rf"^{tmp_path / name}[: ]"):
             open_model(tmp_path / name)
-    for args in (["predict", "--model", str(tmp_path / "random.tflite"), str(tmp_path / "x.png")],
-                 ["benchmark", str(tmp_path / "truncated.onnx"), "--threads", "1", "--runs", "1"]):
+    for args in (
+        ["predict", "--model", str(tmp_path / "random.tflite"), str(tmp_path / "x.png")],
+        ["benchmark", str(tmp_path / "truncated.onnx"), "--threads", "1", "--runs", "1"],
+    ):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1
@@ -283,13 +303,17 @@ def test_an_onnx_file_that_reads_external_data_is_refused(tmp_path, monkeypatch)
     weights = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1], data_location=TensorProto.EXTERNAL)
     for key, value in (("location", "secret.bin"), ("offset", "0"), ("length", "4")):
         weights.external_data.add(key=key, value=value)
-    graph = helper.make_graph([helper.make_node("Add", ["input", "w"], ["predictions"])], "g",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 2, 2, 1])],
-                              [helper.make_tensor_value_info("predictions", TensorProto.FLOAT, [None, 2, 2, 1])],
-                              [weights])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["input", "w"], ["predictions"])],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 2, 2, 1])],
+        [helper.make_tensor_value_info("predictions", TensorProto.FLOAT, [None, 2, 2, 1])],
+        [weights],
+    )
     path = tmp_path / "external.onnx"
-    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-                     .SerializeToString())
+    path.write_bytes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+    )
     monkeypatch.chdir(tmp_path)
     (tmp_path / "secret.bin").write_bytes(b"\0\0\x80\x3f")  # what onnxruntime would read from the working folder
     with pytest.raises(ValueError, match=r"external\.onnx has tensors stored in external files"):
@@ -300,7 +324,7 @@ def test_a_corrupt_metadata_flatbuffer_never_crashes_the_reader(tflite_bytes):
     content = with_labels(tflite_bytes, ["a", "b", "c"])
     start = content.index(b"M001") - 4  # the metadata flatbuffer, inside the model's buffers
     meta = bytearray(content)
-    meta[start:start + 4] = (10**9).to_bytes(4, "little")  # the root table far outside the buffer
+    meta[start : start + 4] = (10**9).to_bytes(4, "little")  # the root table far outside the buffer
     with pytest.raises(ValueError, match="outside the"):
         read_metadata(bytes(meta))
     rng = np.random.default_rng(0)
@@ -314,7 +338,7 @@ def test_a_corrupt_metadata_flatbuffer_never_crashes_the_reader(tflite_bytes):
         except ValueError:
             outcomes.add("ValueError")
     assert "ValueError" in outcomes and outcomes <= {"ValueError", "dict", "NoneType"}
-    path_like = content[:start] + b"\xff" * 40 + content[start + 40:]  # the runner does not need the metadata
+    path_like = content[:start] + b"\xff" * 40 + content[start + 40 :]  # the runner does not need the metadata
     assert open_model((path_like, "tflite")).labels == ["a", "b", "c"]
 
 

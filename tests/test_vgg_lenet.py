@@ -12,8 +12,21 @@ from recipes.vgg import CONFIGS
 TABLE_1 = {
     "vgg_a": [(3, 64), (3, 128), (3, 256), (3, 256), (3, 512), (3, 512), (3, 512), (3, 512)],
     "vgg_b": [(3, 64), (3, 64), (3, 128), (3, 128), (3, 256), (3, 256), (3, 512), (3, 512), (3, 512), (3, 512)],
-    "vgg_c": [(3, 64), (3, 64), (3, 128), (3, 128), (3, 256), (3, 256), (1, 256), (3, 512), (3, 512), (1, 512),
-              (3, 512), (3, 512), (1, 512)],
+    "vgg_c": [
+        (3, 64),
+        (3, 64),
+        (3, 128),
+        (3, 128),
+        (3, 256),
+        (3, 256),
+        (1, 256),
+        (3, 512),
+        (3, 512),
+        (1, 512),
+        (3, 512),
+        (3, 512),
+        (1, 512),
+    ],
     "vgg_d": [(3, 64), (3, 64), (3, 128), (3, 128)] + [(3, 256)] * 3 + [(3, 512)] * 6,
     "vgg_e": [(3, 64), (3, 64), (3, 128), (3, 128)] + [(3, 256)] * 4 + [(3, 512)] * 8,
 }
@@ -47,10 +60,13 @@ def test_only_a_lrn_has_lrn_and_only_c_has_1x1_convolutions():
         assert ((1, 1) in kernels) == (config == "vgg_c")
 
 
-@pytest.mark.parametrize("ours, theirs, module", [
-    (recipes.vgg16, tf_keras.applications.VGG16, tf_keras.applications.vgg16),
-    (recipes.vgg19, tf_keras.applications.VGG19, tf_keras.applications.vgg19),
-])
+@pytest.mark.parametrize(
+    "ours, theirs, module",
+    [
+        (recipes.vgg16, tf_keras.applications.VGG16, tf_keras.applications.vgg16),
+        (recipes.vgg19, tf_keras.applications.VGG19, tf_keras.applications.vgg19),
+    ],
+)
 def test_vgg_d_and_e_are_keras_applications_vgg16_and_vgg19(ours, theirs, module, tmp_path):
     shape = (64, 64, 3)
     keras_model = theirs(weights=None, input_shape=shape)
@@ -59,7 +75,9 @@ def test_vgg_d_and_e_are_keras_applications_vgg16_and_vgg19(ours, theirs, module
     path = tmp_path / "keras.h5"  # an official-format weights file
     keras_model.save_weights(path)
     model = ours(input_shape=shape, weights=str(path))
-    assert [layer.name for layer in model.layers if layer.weights] == [layer.name for layer in keras_model.layers if layer.weights]
+    assert [layer.name for layer in model.layers if layer.weights] == [
+        layer.name for layer in keras_model.layers if layer.weights
+    ]
     x = rng.uniform(0, 255, (3, *shape)).astype("float32")
     expected = keras_model(module.preprocess_input(x.copy())).numpy()
     np.testing.assert_allclose(model(x).numpy(), expected, rtol=1e-5, atol=1e-6)
@@ -68,7 +86,9 @@ def test_vgg_d_and_e_are_keras_applications_vgg16_and_vgg19(ours, theirs, module
     notop.set_weights(keras_model.get_weights()[: len(notop.get_weights())])
     notop.save_weights(tmp_path / "notop.h5")
     headless = ours(input_shape=shape, include_top=False, weights=str(tmp_path / "notop.h5"))
-    np.testing.assert_allclose(headless(x).numpy(), notop(module.preprocess_input(x.copy())).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        headless(x).numpy(), notop(module.preprocess_input(x.copy())).numpy(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_lenet5_count_follows_the_paper_layers():
@@ -80,7 +100,12 @@ def test_lenet5_count_follows_the_paper_layers():
     model = recipes.lenet5()
     assert model.count_params() == c1 + c3 + c5 + f6 + out == 61_706
     assert [tuple(model.get_layer(n).output_shape[1:]) for n in ("c1", "s2", "c3", "s4", "c5")] == [
-        (28, 28, 6), (14, 14, 6), (10, 10, 16), (5, 5, 16), (1, 1, 120)]
+        (28, 28, 6),
+        (14, 14, 6),
+        (10, 10, 16),
+        (5, 5, 16),
+        (1, 1, 120),
+    ]
 
 
 def test_lenet5_options():

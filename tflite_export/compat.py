@@ -18,7 +18,8 @@ import re
 from collections import Counter
 
 # Builtin operators the NNAPI delegate maps to NNAPI operations (Android 11, NNAPI 1.3).
-NNAPI_OPS = frozenset("""
+NNAPI_OPS = frozenset(
+    """
 ABS ADD ARG_MAX ARG_MIN AVERAGE_POOL_2D BATCH_MATMUL BATCH_TO_SPACE_ND BIDIRECTIONAL_SEQUENCE_LSTM CAST
 CONCATENATION CONV_2D DEPTH_TO_SPACE DEPTHWISE_CONV_2D DEQUANTIZE DIV ELU EMBEDDING_LOOKUP EQUAL EXP
 EXPAND_DIMS FILL FLOOR FULLY_CONNECTED GATHER GREATER GREATER_EQUAL HARD_SWISH HASHTABLE_LOOKUP
@@ -28,7 +29,8 @@ NOT_EQUAL PACK PAD PADV2 POW PRELU QUANTIZE REDUCE_MAX REDUCE_MIN REDUCE_PROD RE
 RESHAPE RESIZE_BILINEAR RESIZE_NEAREST_NEIGHBOR RNN RSQRT SELECT SELECT_V2 SIN SLICE SOFTMAX
 SPACE_TO_BATCH_ND SPACE_TO_DEPTH SPLIT SPLIT_V SQRT SQUARED_DIFFERENCE SQUEEZE STRIDED_SLICE SUB SUM SVDF
 TANH TILE TOPK_V2 TRANSPOSE TRANSPOSE_CONV UNIDIRECTIONAL_SEQUENCE_LSTM UNIDIRECTIONAL_SEQUENCE_RNN UNPACK
-""".split())
+""".split()
+)
 
 _WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
 
@@ -43,8 +45,11 @@ def operators(tflite: bytes) -> list[dict]:
     graph = model.Subgraphs(0)
 
     def tensor_types(indices):  # flatbuffers gives 0 for an empty vector; -1 marks an omitted input
-        return [types[graph.Tensors(j).Type()] if j >= 0 else None for j in (indices if len(indices) else [])] \
-            if not isinstance(indices, int) else []
+        return (
+            [types[graph.Tensors(j).Type()] if j >= 0 else None for j in (indices if len(indices) else [])]
+            if not isinstance(indices, int)
+            else []
+        )
 
     ops = []
     for i in range(graph.OperatorsLength()):
@@ -54,7 +59,9 @@ def operators(tflite: bytes) -> list[dict]:
         name = names.get(builtin, f"BUILTIN_{builtin}")
         if name == "CUSTOM":
             name = f"CUSTOM:{code.CustomCode().decode()}"
-        ops.append({"op": name, "inputs": tensor_types(op.InputsAsNumpy()), "outputs": tensor_types(op.OutputsAsNumpy())})
+        ops.append(
+            {"op": name, "inputs": tensor_types(op.InputsAsNumpy()), "outputs": tensor_types(op.OutputsAsNumpy())}
+        )
     return ops
 
 
@@ -71,8 +78,13 @@ def gpu_unsupported(tflite: bytes) -> list[dict]:
         if op:
             current = (int(op.group(1)), op.group(2))
         if "GPU COMPATIBILITY WARNING:" in line and current and "Subgraph#" not in line:
-            found.append({"index": current[0], "op": current[1],
-                          "reason": line.split("GPU COMPATIBILITY WARNING:", 1)[1].strip()})
+            found.append(
+                {
+                    "index": current[0],
+                    "op": current[1],
+                    "reason": line.split("GPU COMPATIBILITY WARNING:", 1)[1].strip(),
+                }
+            )
     return found
 
 
@@ -98,11 +110,15 @@ def notes(ops: list[dict]) -> list[str]:
     out = []
     weighted = [op for op in ops if op["op"] in _WEIGHTED]
     if any(op["inputs"][0] == "FLOAT32" and op["inputs"][1] == "INT8" for op in weighted):
-        out.append("dynamic-range (hybrid) kernels: NNAPI takes them from Android 10 (NNAPI 1.2); the GPU delegate "
-                   "dequantizes the weights to float")
+        out.append(
+            "dynamic-range (hybrid) kernels: NNAPI takes them from Android 10 (NNAPI 1.2); the GPU delegate "
+            "dequantizes the weights to float"
+        )
     if any(op["inputs"][0] == "INT8" for op in weighted):
-        out.append("signed int8 arithmetic: NNAPI takes it from Android 11 (NNAPI 1.3); on older Android the whole "
-                   "model runs on the CPU")
+        out.append(
+            "signed int8 arithmetic: NNAPI takes it from Android 11 (NNAPI 1.3); on older Android the whole "
+            "model runs on the CPU"
+        )
     return out
 
 
@@ -114,18 +130,25 @@ def kernel_stats(tflite: bytes) -> dict:
 
     model = schema.Model.GetRootAs(tflite, 0)
     graph = model.Subgraphs(0)
-    dtypes = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.FLOAT16: np.float16,
-              schema.TensorType.INT8: np.int8}
+    dtypes = {
+        schema.TensorType.FLOAT32: np.float32,
+        schema.TensorType.FLOAT16: np.float16,
+        schema.TensorType.INT8: np.int8,
+    }
     zeros = total = distinct = 0
     for i in range(graph.OperatorsLength()):
         op = graph.Operators(i)
         code = model.OperatorCodes(op.OpcodeIndex())
-        if max(code.BuiltinCode(), code.DeprecatedBuiltinCode()) not in (schema.BuiltinOperator.CONV_2D,
-                                                                        schema.BuiltinOperator.FULLY_CONNECTED):
+        if max(code.BuiltinCode(), code.DeprecatedBuiltinCode()) not in (
+            schema.BuiltinOperator.CONV_2D,
+            schema.BuiltinOperator.FULLY_CONNECTED,
+        ):
             continue
         tensor = graph.Tensors(op.Inputs(1))
         data = model.Buffers(tensor.Buffer()).DataAsNumpy()
-        if not isinstance(data, np.ndarray) or tensor.Type() not in dtypes:  # computed at run time (float16 dequantized)
+        if (
+            not isinstance(data, np.ndarray) or tensor.Type() not in dtypes
+        ):  # computed at run time (float16 dequantized)
             continue
         weights = data.view(dtypes[tensor.Type()]).reshape(tensor.ShapeAsNumpy()[0], -1)
         zeros += int((weights == 0).sum())

@@ -25,8 +25,19 @@ STEPS = ("prune", "cluster", "qat")
 RANGE_IMAGES = 64  # training images that set the activation ranges before quantization-aware training
 
 
-def compress(model, steps, source, *, epochs: int = 2, steps_per_epoch: int | None = None, batch_size: int = 32,
-             lr: float = 1e-3, sparsity: float = 0.8, clusters: int = 16, progress: bool = False):
+def compress(
+    model,
+    steps,
+    source,
+    *,
+    epochs: int = 2,
+    steps_per_epoch: int | None = None,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    sparsity: float = 0.8,
+    clusters: int = 16,
+    progress: bool = False,
+):
     """Runs the ``steps`` ("prune", "cluster", "qat", in that order) on a copy of ``model``.
 
     Args:
@@ -79,8 +90,9 @@ def _prune(model, sparsity: float, end_step: int, fine_tune):
     import tensorflow_model_optimization as tfmot
 
     prune = tfmot.sparsity.keras
-    schedule = prune.PolynomialDecay(initial_sparsity=0.0, final_sparsity=sparsity, begin_step=0, end_step=end_step,
-                                     frequency=max(1, end_step // 20))
+    schedule = prune.PolynomialDecay(
+        initial_sparsity=0.0, final_sparsity=sparsity, begin_step=0, end_step=end_step, frequency=max(1, end_step // 20)
+    )
     wrapped = _clone(model, lambda layer: prune.prune_low_magnitude(layer, pruning_schedule=schedule))
     fine_tune(wrapped, f"pruning to {sparsity:.0%} sparsity", [prune.UpdatePruningStep()])
     return prune.strip_pruning(wrapped)
@@ -97,8 +109,12 @@ def _cluster(model, clusters: int, preserve_sparsity: bool, fine_tune):
         if k is None:
             return layer
         # the public cluster_weights passes preserve_sparsity on to the experimental implementation
-        return cluster.cluster_weights(layer, number_of_clusters=k, preserve_sparsity=preserve_sparsity,
-                                       cluster_centroids_init=cluster.CentroidInitialization.KMEANS_PLUS_PLUS)
+        return cluster.cluster_weights(
+            layer,
+            number_of_clusters=k,
+            preserve_sparsity=preserve_sparsity,
+            cluster_centroids_init=cluster.CentroidInitialization.KMEANS_PLUS_PLUS,
+        )
 
     wrapped = _clone(model, wrap)
     fine_tune(wrapped, f"clustering to {clusters} values per kernel")
@@ -130,7 +146,9 @@ def _clone(model, wrap):
     """``model`` with ``wrap(layer)`` in place of each compressible layer (wrappers keep the weights)."""
     import tf_keras
 
-    return tf_keras.models.clone_model(model, clone_function=lambda layer: wrap(layer) if _compressible(layer) else layer)
+    return tf_keras.models.clone_model(
+        model, clone_function=lambda layer: wrap(layer) if _compressible(layer) else layer
+    )
 
 
 def _copy(model):
@@ -163,8 +181,12 @@ def _quantize_aware(model, done):
             return q.quantize_annotate_layer(layer)
         if not layer.weights:
             return q.quantize_annotate_layer(layer, output_only())
-        log.warning("quantization-aware training: layer %r (%s) is not supported by tfmot and stays float during "
-                    "fine-tuning; the converter calibrates it", layer.name, type(layer).__name__)
+        log.warning(
+            "quantization-aware training: layer %r (%s) is not supported by tfmot and stays float during "
+            "fine-tuning; the converter calibrates it",
+            layer.name,
+            type(layer).__name__,
+        )
         return layer
 
     annotated = tf_keras.models.clone_model(model, clone_function=annotate)
@@ -205,8 +227,12 @@ def fold_batch_norm(model):
             continue
         source = layer["inbound_nodes"][0][0][0]
         conv = entries[source]
-        if (conv["class_name"] in ("Conv2D", "DepthwiseConv2D") and conv["config"].get("activation") == "linear"
-                and consumers.get(source) == [layer["name"]] and layer["config"]["axis"] in (-1, [3], 3)):
+        if (
+            conv["class_name"] in ("Conv2D", "DepthwiseConv2D")
+            and conv["config"].get("activation") == "linear"
+            and consumers.get(source) == [layer["name"]]
+            and layer["config"]["axis"] in (-1, [3], 3)
+        ):
             folds[layer["name"]] = source
     if not folds:
         return model
@@ -232,7 +258,9 @@ def fold_batch_norm(model):
         gamma = bn.gamma.numpy() if bn.scale else 1.0
         beta = bn.beta.numpy() if bn.center else 0.0
         scale = gamma / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
-        shaped = scale.reshape(kernel.shape[2], kernel.shape[3]) if layer.__class__.__name__ == "DepthwiseConv2D" else scale
+        shaped = (
+            scale.reshape(kernel.shape[2], kernel.shape[3]) if layer.__class__.__name__ == "DepthwiseConv2D" else scale
+        )
         layer.set_weights([kernel * shaped, (bias - bn.moving_mean.numpy()) * scale + beta])
     log.info("folded %d batch normalization(s) into the convolutions before quantization-aware training", len(folds))
     return folded
@@ -259,7 +287,13 @@ def _start_ranges(qat, model, images, batch_size: int = 16):
             inner = layers.get(layer.name.removeprefix("quant_"))
             if low is None or high is None or (inner is None and kind != "quantize_layer"):
                 continue
-            tensor = model.inputs[0] if kind == "quantize_layer" else inner.input if kind == "pre_activation" else inner.output
+            tensor = (
+                model.inputs[0]
+                if kind == "quantize_layer"
+                else inner.input
+                if kind == "pre_activation"
+                else inner.output
+            )
             plan.append((low, high, inner if kind == "pre_activation" else None))
             tensors.append(tensor)
     if not plan:
@@ -267,7 +301,7 @@ def _start_ranges(qat, model, images, batch_size: int = 16):
     probe = tf_keras.Model(model.inputs, tensors)
     lows, highs = [np.inf] * len(tensors), [-np.inf] * len(tensors)
     for start in range(0, len(images), batch_size):
-        values = probe(images[start:start + batch_size], training=False)
+        values = probe(images[start : start + batch_size], training=False)
         values = values if isinstance(values, list) else [values]
         for i, (_, _, inner) in enumerate(plan):
             v = values[i]
@@ -302,7 +336,9 @@ def _output_quantize_config_class():
             pass
 
         def get_output_quantizers(self, layer):
-            return [q.quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False, symmetric=False, narrow_range=False)]
+            return [
+                q.quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False, symmetric=False, narrow_range=False)
+            ]
 
         def get_config(self):
             return {}
@@ -321,10 +357,12 @@ def _fine_tune(model, train, epochs, steps_per_epoch, lr, progress, callbacks, w
         if isinstance(inner, tf_keras.layers.BatchNormalization):
             inner.trainable = False
     log.info("%s: fine-tuning %d epoch(s) of %d steps", what, epochs, steps_per_epoch)
-    model.compile(optimizer=tf_keras.optimizers.Adam(lr), loss=tf_keras.losses.CategoricalCrossentropy(),
-                  metrics=["accuracy"])
-    history = model.fit(train, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
-                        verbose=1 if progress else 0)
+    model.compile(
+        optimizer=tf_keras.optimizers.Adam(lr), loss=tf_keras.losses.CategoricalCrossentropy(), metrics=["accuracy"]
+    )
+    history = model.fit(
+        train, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=1 if progress else 0
+    )
     log.info("%s: training accuracy %.1f%% in the last epoch", what, 100 * history.history["accuracy"][-1])
 
 

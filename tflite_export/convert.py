@@ -21,8 +21,9 @@ class ConversionError(ValueError):
     """The converter could not turn the model into builtin TFLite ops (the message says which layer)."""
 
 
-def to_tflite(model, quantize: str | None = None, *, representative=None, int8_io: bool = False,
-              progress: bool = False) -> bytes:
+def to_tflite(
+    model, quantize: str | None = None, *, representative=None, int8_io: bool = False, progress: bool = False
+) -> bytes:
     """Converts a tf_keras model to a .tflite flatbuffer.
 
     Args:
@@ -72,7 +73,9 @@ def to_tflite(model, quantize: str | None = None, *, representative=None, int8_i
     converter.target_spec.supported_ops = ops
     try:
         with warnings.catch_warnings(), _quiet_stderr(not progress):  # the progress bar is on stderr too
-            warnings.simplefilter("ignore")  # "Statistics for quantized inputs were expected": the ranges come from calibration
+            warnings.simplefilter(
+                "ignore"
+            )  # "Statistics for quantized inputs were expected": the ranges come from calibration
             content = converter.convert()
     except Exception as err:  # the converter raises ConverterError and, for some graphs, other types
         missing = _missing_ops(str(err))
@@ -167,12 +170,16 @@ def _missing_ops(message: str) -> list[str]:
 
 def _explain(model, missing: list[str]) -> str:
     culprits = layers_using_ops(model, missing)
-    where = "; ".join(f"layer {name!r} ({kind}) uses {', '.join(ops)}" for name, kind, ops in culprits) or \
-        f"the model uses {', '.join(missing)}"
-    return (f"TFLite has no builtin kernel for {', '.join(missing)}: {where}. The export uses builtin ops only (no "
-            f"Select TF ops), so the file runs on the plain Android and LiteRT runtimes. Rewrite that layer with "
-            f"operations TFLite supports (https://ai.google.dev/edge/litert/models/ops_compatibility), or leave "
-            f"it out of the exported model.")
+    where = (
+        "; ".join(f"layer {name!r} ({kind}) uses {', '.join(ops)}" for name, kind, ops in culprits)
+        or f"the model uses {', '.join(missing)}"
+    )
+    return (
+        f"TFLite has no builtin kernel for {', '.join(missing)}: {where}. The export uses builtin ops only (no "
+        f"Select TF ops), so the file runs on the plain Android and LiteRT runtimes. Rewrite that layer with "
+        f"operations TFLite supports (https://ai.google.dev/edge/litert/models/ops_compatibility), or leave "
+        f"it out of the exported model."
+    )
 
 
 def layers_using_ops(model, op_types) -> list[tuple[str, str, list[str]]]:

@@ -48,10 +48,18 @@ class ExportedFile:
 
     def to_dict(self) -> dict:
         return {
-            "mode": self.mode, "format": self.format, "path": str(self.path), "description": self.description,
-            "size_bytes": self.size_bytes, "gzip_bytes": self.gzip_bytes, "passed": self.passed,
-            "seconds": round(self.seconds, 1), "verification": self.verification.to_dict(), "latency": self.latency,
-            "ops": self.ops, "notes": self.notes,
+            "mode": self.mode,
+            "format": self.format,
+            "path": str(self.path),
+            "description": self.description,
+            "size_bytes": self.size_bytes,
+            "gzip_bytes": self.gzip_bytes,
+            "passed": self.passed,
+            "seconds": round(self.seconds, 1),
+            "verification": self.verification.to_dict(),
+            "latency": self.latency,
+            "ops": self.ops,
+            "notes": self.notes,
         }
 
 
@@ -70,15 +78,38 @@ class ExportResult:
 
 
 # The tunables that only some modes use, with the value a mode that uses them gets when they are not given.
-TUNABLE_DEFAULTS = {"calib_samples": 200, "int8_io": False, "epochs": 2, "steps_per_epoch": None, "lr": 1e-3,
-                    "sparsity": 0.8, "clusters": 16}
+TUNABLE_DEFAULTS = {
+    "calib_samples": 200,
+    "int8_io": False,
+    "epochs": 2,
+    "steps_per_epoch": None,
+    "lr": 1e-3,
+    "sparsity": 0.8,
+    "clusters": 16,
+}
 
 
-def export(model, *, mode: str = "float32", compare=None, format: str = "tflite", out=None, data=None,
-           calib_samples: int | None = None, int8_io: bool | None = None, max_accuracy_drop: float = 1.0,
-           epochs: int | None = None, steps_per_epoch: int | None = None, batch_size: int = 32,
-           lr: float | None = None, sparsity: float | None = None, clusters: int | None = None, threads: int = 2,
-           latency_runs: int = 30, progress: bool = False) -> ExportResult:
+def export(
+    model,
+    *,
+    mode: str = "float32",
+    compare=None,
+    format: str = "tflite",
+    out=None,
+    data=None,
+    calib_samples: int | None = None,
+    int8_io: bool | None = None,
+    max_accuracy_drop: float = 1.0,
+    epochs: int | None = None,
+    steps_per_epoch: int | None = None,
+    batch_size: int = 32,
+    lr: float | None = None,
+    sparsity: float | None = None,
+    clusters: int | None = None,
+    threads: int = 2,
+    latency_runs: int = 30,
+    progress: bool = False,
+) -> ExportResult:
     """Exports a run's model in one or several modes, verifies each file, writes the report.
 
     The tunables (``calib_samples``, ``int8_io``, ``epochs``, ``steps_per_epoch``, ``lr``, ``sparsity``,
@@ -117,11 +148,24 @@ def export(model, *, mode: str = "float32", compare=None, format: str = "tflite"
         FileNotFoundError: the model or its data does not exist.
     """
     modes = _modes(mode, compare)
-    given = {"calib_samples": calib_samples, "int8_io": int8_io, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
-             "lr": lr, "sparsity": sparsity, "clusters": clusters}
-    settings = {"format": format, "modes": [m.name for m in modes], "max_accuracy_drop": max_accuracy_drop,
-                "batch_size": batch_size, "threads": threads, "latency_runs": latency_runs,
-                **_tunables(modes, format, given)}
+    given = {
+        "calib_samples": calib_samples,
+        "int8_io": int8_io,
+        "epochs": epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "lr": lr,
+        "sparsity": sparsity,
+        "clusters": clusters,
+    }
+    settings = {
+        "format": format,
+        "modes": [m.name for m in modes],
+        "max_accuracy_drop": max_accuracy_drop,
+        "batch_size": batch_size,
+        "threads": threads,
+        "latency_runs": latency_runs,
+        **_tunables(modes, format, given),
+    }
     _check_settings(settings)
 
     from ktoolkit.runs import resolve_model_path
@@ -143,28 +187,44 @@ def _export_all(model, modes, folder: Path, data, settings: dict, progress: bool
     batch_size = settings["batch_size"]
     source = load_source(model, data=data, progress=progress)
     heldout = source.dataset(source.heldout, batch_size=batch_size)
-    log.info("%s: the Keras model on %d held-out images", sanitize_text(source.name),
-             len(source.data.splits[source.heldout]))
-    keras_probs, labels = run_over(lambda x: source.model(x, training=False), heldout, progress=progress,
-                                   what="Keras model")
+    log.info(
+        "%s: the Keras model on %d held-out images", sanitize_text(source.name), len(source.data.splits[source.heldout])
+    )
+    keras_probs, labels = run_over(
+        lambda x: source.model(x, training=False), heldout, progress=progress, what="Keras model"
+    )
     write_text(confined(folder, "labels.txt"), "\n".join(_labels(source)) + "\n")
 
     files = []
     for m in modes:
-        files.append(_export_mode(m, settings["format"], source, folder, heldout, keras_probs, labels, settings,
-                                  progress))
+        files.append(
+            _export_mode(m, settings["format"], source, folder, heldout, keras_probs, labels, settings, progress)
+        )
         f = files[-1]
-        log.info("%s: %s, accuracy %.2f%% (Keras %.2f%%), top-1 agreement %.1f%%, %.2f ms%s", m.name, f.path.name,
-                 100 * f.verification.accuracy, 100 * f.verification.keras_accuracy, 100 * f.verification.agreement,
-                 f.latency_ms, "" if f.passed else "  OVER THE BUDGET")
+        log.info(
+            "%s: %s, accuracy %.2f%% (Keras %.2f%%), top-1 agreement %.1f%%, %.2f ms%s",
+            m.name,
+            f.path.name,
+            100 * f.verification.accuracy,
+            100 * f.verification.keras_accuracy,
+            100 * f.verification.agreement,
+            f.latency_ms,
+            "" if f.passed else "  OVER THE BUDGET",
+        )
 
     from tflite_export.report import write_report
 
-    source_info = {"name": sanitize_text(source.name), "origin": source.origin, "data": str(source.data.origin),
-                   "split": source.heldout, "images": len(labels), "class_names": _labels(source),
-                   "keras_accuracy": files[0].verification.keras_accuracy,
-                   "keras_file_bytes": keras_file_bytes(source.model),
-                   "preprocessing": source.preprocessing}
+    source_info = {
+        "name": sanitize_text(source.name),
+        "origin": source.origin,
+        "data": str(source.data.origin),
+        "split": source.heldout,
+        "images": len(labels),
+        "class_names": _labels(source),
+        "keras_accuracy": files[0].verification.keras_accuracy,
+        "keras_file_bytes": keras_file_bytes(source.model),
+        "preprocessing": source.preprocessing,
+    }
     report = write_report(folder, files, source_info=source_info, settings=settings)
     return ExportResult(files=files, folder=folder, report=report)
 
@@ -192,9 +252,11 @@ def _tunables(modes, fmt, given: dict) -> dict:
         if ignored:
             users = ", ".join(n for n, m in MODES.items() if uses(m, fmt)) or "none in this format"
             flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{name}={value!r} ({flag}) does nothing in mode {', '.join(m.name for m in modes)} "
-                             f"(format {fmt}): only {who} use it ({users}). Leave it out, or export one of those "
-                             f"modes (--mode, or --compare to add it).")
+            raise ValueError(
+                f"{name}={value!r} ({flag}) does nothing in mode {', '.join(m.name for m in modes)} "
+                f"(format {fmt}): only {who} use it ({users}). Leave it out, or export one of those "
+                f"modes (--mode, or --compare to add it)."
+            )
         values[name] = TUNABLE_DEFAULTS[name] if value is None else value
     return values
 
@@ -202,8 +264,9 @@ def _tunables(modes, fmt, given: dict) -> dict:
 def _check_settings(settings: dict) -> None:
     for m in settings["modes"]:
         check_format(get_mode(m), settings["format"])
-    _check_numbers(**{k: settings[k] for k in ("calib_samples", "epochs", "batch_size", "threads", "latency_runs",
-                                               "clusters")})
+    _check_numbers(
+        **{k: settings[k] for k in ("calib_samples", "epochs", "batch_size", "threads", "latency_runs", "clusters")}
+    )
     if settings["steps_per_epoch"] is not None:
         _check_numbers(steps_per_epoch=settings["steps_per_epoch"])
     if not 0 < settings["sparsity"] < 1:
@@ -250,14 +313,25 @@ def _export_mode(mode, fmt, source, folder, heldout, keras_probs, labels, settin
     if mode.compress:
         from tflite_export.compress import compress
 
-        keras_model = compress(source.model, mode.compress, source, epochs=settings["epochs"],
-                               steps_per_epoch=settings["steps_per_epoch"], batch_size=settings["batch_size"],
-                               lr=settings["lr"], sparsity=settings["sparsity"], clusters=settings["clusters"],
-                               progress=progress)
-        converted_probs, _ = run_over(lambda x: keras_model(x, training=False), heldout, progress=progress,
-                                      what=f"{mode.name} Keras model")
-        notes.append(f"fine-tuned {settings['epochs']} epoch(s) per step ({' + '.join(mode.compress)}); the "
-                     f"fine-tuned Keras model's held-out accuracy: {100 * (converted_probs.argmax(-1) == labels).mean():.2f}%")
+        keras_model = compress(
+            source.model,
+            mode.compress,
+            source,
+            epochs=settings["epochs"],
+            steps_per_epoch=settings["steps_per_epoch"],
+            batch_size=settings["batch_size"],
+            lr=settings["lr"],
+            sparsity=settings["sparsity"],
+            clusters=settings["clusters"],
+            progress=progress,
+        )
+        converted_probs, _ = run_over(
+            lambda x: keras_model(x, training=False), heldout, progress=progress, what=f"{mode.name} Keras model"
+        )
+        notes.append(
+            f"fine-tuned {settings['epochs']} epoch(s) per step ({' + '.join(mode.compress)}); the "
+            f"fine-tuned Keras model's held-out accuracy: {100 * (converted_probs.argmax(-1) == labels).mean():.2f}%"
+        )
     log.info("%s: converting to %s", mode.name, fmt)
     content, runner, notes_of_format = _convert(mode, fmt, source, keras_model, settings, folder, progress)
     notes += notes_of_format
@@ -279,10 +353,23 @@ def _export_mode(mode, fmt, source, folder, heldout, keras_probs, labels, settin
         if "prune" in mode.compress:
             notes.append(f"zero weights in the Conv2D/Dense kernels: {stats['zero_fraction']:.1%}")
         if "cluster" in mode.compress:
-            notes.append(f"distinct values per output channel of the Conv2D/Dense kernels: at most {stats['max_distinct']}")
-    return ExportedFile(mode=mode.name, format=fmt, path=path, description=mode.description, size_bytes=size,
-                        gzip_bytes=gzipped, verification=verification, latency=latency, passed=passed,
-                        seconds=time.time() - started, ops=ops, notes=notes)
+            notes.append(
+                f"distinct values per output channel of the Conv2D/Dense kernels: at most {stats['max_distinct']}"
+            )
+    return ExportedFile(
+        mode=mode.name,
+        format=fmt,
+        path=path,
+        description=mode.description,
+        size_bytes=size,
+        gzip_bytes=gzipped,
+        verification=verification,
+        latency=latency,
+        passed=passed,
+        seconds=time.time() - started,
+        ops=ops,
+        notes=notes,
+    )
 
 
 def _stem(source, mode) -> str:
@@ -315,12 +402,15 @@ def _remove_previous(path: Path) -> None:
         path.unlink()
     elif path.is_dir():
         if not (path / "saved_model.pb").is_file():
-            raise ValueError(f"{path} is a folder that is not a SavedModel ktool export wrote; move it away or "
-                             f"export to another --out folder.")
+            raise ValueError(
+                f"{path} is a folder that is not a SavedModel ktool export wrote; move it away or "
+                f"export to another --out folder."
+            )
         shutil.rmtree(path)
     elif path.exists():  # a FIFO or a device file: not an export either
-        raise ValueError(f"{path} exists and is not a file ktool export wrote; move it away or export to another "
-                         f"--out folder.")
+        raise ValueError(
+            f"{path} exists and is not a file ktool export wrote; move it away or export to another --out folder."
+        )
 
 
 def _convert(mode, fmt, source, keras_model, settings, folder, progress):
@@ -328,8 +418,10 @@ def _convert(mode, fmt, source, keras_model, settings, folder, progress):
     from tflite_export.runtime import SavedModelRunner, open_model
 
     name = sanitize_text(source.name)
-    description = (f"{name} image classifier ({len(source.class_names)} classes), exported by ktoolkit "
-                   f"as {mode.name}: {mode.description}")
+    description = (
+        f"{name} image classifier ({len(source.class_names)} classes), exported by ktoolkit "
+        f"as {mode.name}: {mode.description}"
+    )
     notes = []
     if fmt == "tflite":
         from tflite_export.convert import to_tflite
@@ -337,15 +429,24 @@ def _convert(mode, fmt, source, keras_model, settings, folder, progress):
 
         int8_io = settings["int8_io"] and mode.integer
         representative = source.calibration_images(settings["calib_samples"]) if mode.needs_calibration else None
-        content = to_tflite(keras_model, mode.quantize, representative=representative, int8_io=int8_io,
-                            progress=progress)
+        content = to_tflite(
+            keras_model, mode.quantize, representative=representative, int8_io=int8_io, progress=progress
+        )
         channels = source.image_shape[2]
         inside = f"; the model applies '{source.preprocessing}' normalization itself" if source.preprocessing else ""
-        content = add_metadata(content, ModelInfo(
-            name=name, description=description, labels=_labels(source), channels=channels,
-            mean=[0.0] * channels, std=[1.0] * channels,
-            input_description=f"{'RGB' if channels == 3 else 'grayscale'} pixels on the 0..255 scale "
-                              f"({'uint8' if int8_io else 'float32'}){inside}"))
+        content = add_metadata(
+            content,
+            ModelInfo(
+                name=name,
+                description=description,
+                labels=_labels(source),
+                channels=channels,
+                mean=[0.0] * channels,
+                std=[1.0] * channels,
+                input_description=f"{'RGB' if channels == 3 else 'grayscale'} pixels on the 0..255 scale "
+                f"({'uint8' if int8_io else 'float32'}){inside}",
+            ),
+        )
         if int8_io:
             notes.append("uint8 input and output: the input takes pixel bytes as they are (scale 1, zero point 0)")
         return content, open_model((content, "tflite")), notes
@@ -357,8 +458,11 @@ def _convert(mode, fmt, source, keras_model, settings, folder, progress):
             content = quantize_int8(content, source.calibration_images(settings["calib_samples"]), progress=progress)
         h, w, c = source.image_shape
         name = _stem(source, mode)
-        notes.append(f"TensorRT on the device: trtexec --onnx={name}.onnx --shapes=input:1x{h}x{w}x{c} "
-                     + ("--int8 --fp16" if mode.quantize == "int8" else "--fp16") + f" --saveEngine={name}.engine")
+        notes.append(
+            f"TensorRT on the device: trtexec --onnx={name}.onnx --shapes=input:1x{h}x{w}x{c} "
+            + ("--int8 --fp16" if mode.quantize == "int8" else "--fp16")
+            + f" --saveEngine={name}.engine"
+        )
         return content, open_model((content, "onnx")), notes
     from tflite_export.convert import to_saved_model
 

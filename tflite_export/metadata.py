@@ -113,19 +113,31 @@ def read_metadata(tflite: bytes) -> dict | None:
     norm = next((u.table(1) for u in units if u.scalar(0, "uint8") == _NORMALIZATION_OPTIONS), None)
     content = inp.table(3)
     image = content.table(1) if content and content.scalar(0, "uint8") == _IMAGE_PROPERTIES else None
-    associated = [{"name": f.string(0), "description": f.string(1), "type": f.scalar(2, "int8")}
-                  for f in itertools.islice(out.tables(6), MAX_PACKED_FILES)]
+    associated = [
+        {"name": f.string(0), "description": f.string(1), "type": f.scalar(2, "int8")}
+        for f in itertools.islice(out.tables(6), MAX_PACKED_FILES)
+    ]
     return {
-        "name": root.string(0), "description": root.string(1), "version": root.string(2),
-        "author": root.string(4), "license": root.string(5), "min_parser_version": root.string(7),
+        "name": root.string(0),
+        "description": root.string(1),
+        "version": root.string(2),
+        "author": root.string(4),
+        "license": root.string(5),
+        "min_parser_version": root.string(7),
         "input": {
-            "name": inp.string(0), "description": inp.string(1),
+            "name": inp.string(0),
+            "description": inp.string(1),
             "color_space": {1: "RGB", 2: "GRAYSCALE"}.get(image.scalar(0, "int8")) if image else None,
-            "mean": norm.floats(0) if norm else None, "std": norm.floats(1) if norm else None,
+            "mean": norm.floats(0) if norm else None,
+            "std": norm.floats(1) if norm else None,
             **_range(inp.table(5)),
         },
-        "output": {"name": out.string(0), "description": out.string(1), **_range(out.table(5)),
-                   "associated_files": associated},
+        "output": {
+            "name": out.string(0),
+            "description": out.string(1),
+            **_range(out.table(5)),
+            "associated_files": associated,
+        },
         "files": packed_files(tflite, names=[LABELS_FILE] + [f["name"] for f in associated if f["name"]]),
     }
 
@@ -152,8 +164,9 @@ def _metadata_buffer(tflite: bytes) -> bytes | None:
             index = entry.scalar(1, "uint32")
             buffer = model.table_at(4, index)  # Model.buffers: [Buffer(data, offset, size)]
             if buffer is None:
-                raise ValueError(f"the {METADATA_NAME} entry points at buffer {index}, past the model's last; "
-                                 f"the file is corrupt.")
+                raise ValueError(
+                    f"the {METADATA_NAME} entry points at buffer {index}, past the model's last; the file is corrupt."
+                )
             return buffer.ubytes(0)
     return None
 
@@ -184,7 +197,9 @@ def packed_files(tflite: bytes, names=(LABELS_FILE,)) -> dict[str, str]:
                 continue
             what = f"the packed {sanitize_text(name)!r} ({info.file_size:,} bytes declared)"
             if info.file_size > MAX_LABELS_BYTES:
-                raise ValueError(f"{what} is over the {MAX_LABELS_BYTES:,}-byte cap for a labels file; it was not read.")
+                raise ValueError(
+                    f"{what} is over the {MAX_LABELS_BYTES:,}-byte cap for a labels file; it was not read."
+                )
             try:
                 with archive.open(info) as member:
                     files[name] = read_capped(member, MAX_LABELS_BYTES, what).decode("utf-8", errors="replace")
@@ -200,17 +215,19 @@ def _small_zip_directory(content: bytes) -> bool:
     Raises:
         ValueError: a directory of more than :data:`MAX_PACKED_FILES` entries, or a zip64 one.
     """
-    tail = content[-(22 + 0xFFFF):]
+    tail = content[-(22 + 0xFFFF) :]
     at = tail.rfind(b"PK\x05\x06")  # the end-of-central-directory record
     if at < 0 or len(tail) - at < 22:
         return False
     entries, size, comment = struct.unpack_from("<HIxxxxH", tail, at + 10)
     if at + 22 + comment != len(tail):
         return False  # those four bytes are part of the model, not a record that ends the file
-    if entries > MAX_PACKED_FILES or size > 1024 * MAX_PACKED_FILES or tail[max(at - 20, 0):at - 16] == b"PK\x06\x07":
-        raise ValueError(f"the zip archive appended to the model lists {entries:,} files ({size:,}-byte directory"
-                         f"{', zip64' if size == 0xFFFFFFFF or entries == 0xFFFF else ''}); TFLite metadata packs "
-                         f"at most a few labels files (cap {MAX_PACKED_FILES}).")
+    if entries > MAX_PACKED_FILES or size > 1024 * MAX_PACKED_FILES or tail[max(at - 20, 0) : at - 16] == b"PK\x06\x07":
+        raise ValueError(
+            f"the zip archive appended to the model lists {entries:,} files ({size:,}-byte directory"
+            f"{', zip64' if size == 0xFFFFFFFF or entries == 0xFFFF else ''}); TFLite metadata packs "
+            f"at most a few labels files (cap {MAX_PACKED_FILES})."
+        )
     return True
 
 
@@ -231,32 +248,58 @@ def _metadata_flatbuffer(info: ModelInfo) -> bytes:
 
     b = flatbuffers.Builder(1024)
     s = b.CreateString
-    labels = _table(b, [(0, "offset", s(LABELS_FILE)),
-                        (1, "offset", s("Class names, one per line, in the order of the output's scores.")),
-                        (2, "int8", _TENSOR_AXIS_LABELS)])
+    labels = _table(
+        b,
+        [
+            (0, "offset", s(LABELS_FILE)),
+            (1, "offset", s("Class names, one per line, in the order of the output's scores.")),
+            (2, "int8", _TENSOR_AXIS_LABELS),
+        ],
+    )
 
     image_props = _table(b, [(0, "int8", _COLOR_SPACES[info.channels])])
     image_content = _table(b, [(0, "uint8", _IMAGE_PROPERTIES), (1, "offset", image_props)])
     norm = _table(b, [(0, "offset", _floats(b, info.mean)), (1, "offset", _floats(b, info.std))])
     unit = _table(b, [(0, "uint8", _NORMALIZATION_OPTIONS), (1, "offset", norm)])
     in_stats = _table(b, [(0, "offset", _floats(b, [255.0])), (1, "offset", _floats(b, [0.0]))])
-    input_meta = _table(b, [(0, "offset", s("image")), (1, "offset", s(info.input_description)),
-                            (3, "offset", image_content), (4, "offset", _offsets(b, [unit])),
-                            (5, "offset", in_stats)])
+    input_meta = _table(
+        b,
+        [
+            (0, "offset", s("image")),
+            (1, "offset", s(info.input_description)),
+            (3, "offset", image_content),
+            (4, "offset", _offsets(b, [unit])),
+            (5, "offset", in_stats),
+        ],
+    )
 
     feature = _table(b, [])
     out_content = _table(b, [(0, "uint8", _FEATURE_PROPERTIES), (1, "offset", feature)])
     out_stats = _table(b, [(0, "offset", _floats(b, [1.0])), (1, "offset", _floats(b, [0.0]))])
-    output_meta = _table(b, [(0, "offset", s("probability")),
-                             (1, "offset", s(f"Probabilities of the {len(info.labels)} classes.")),
-                             (3, "offset", out_content), (5, "offset", out_stats),
-                             (6, "offset", _offsets(b, [labels]))])
+    output_meta = _table(
+        b,
+        [
+            (0, "offset", s("probability")),
+            (1, "offset", s(f"Probabilities of the {len(info.labels)} classes.")),
+            (3, "offset", out_content),
+            (5, "offset", out_stats),
+            (6, "offset", _offsets(b, [labels])),
+        ],
+    )
 
     subgraph = _table(b, [(2, "offset", _offsets(b, [input_meta])), (3, "offset", _offsets(b, [output_meta]))])
-    root = _table(b, [(0, "offset", s(info.name)), (1, "offset", s(info.description)),
-                      (2, "offset", s(info.version)), (3, "offset", _offsets(b, [subgraph])),
-                      (4, "offset", s(info.author)), (5, "offset", s(info.license)),
-                      (7, "offset", s(PARSER_VERSION))])
+    root = _table(
+        b,
+        [
+            (0, "offset", s(info.name)),
+            (1, "offset", s(info.description)),
+            (2, "offset", s(info.version)),
+            (3, "offset", _offsets(b, [subgraph])),
+            (4, "offset", s(info.author)),
+            (5, "offset", s(info.license)),
+            (7, "offset", s(PARSER_VERSION)),
+        ],
+    )
     b.Finish(root, file_identifier=FILE_IDENTIFIER)
     return bytes(b.Output())
 
@@ -307,8 +350,10 @@ class _Table:
     def _get_from(buf, fmt: str, at: int) -> int:
         size = struct.calcsize(fmt)
         if not 0 <= at <= len(buf) - size:
-            raise ValueError(f"a flatbuffer offset ({at}) points outside the {len(buf)}-byte buffer; the file is "
-                             f"corrupt or was not written by a TFLite tool.")
+            raise ValueError(
+                f"a flatbuffer offset ({at}) points outside the {len(buf)}-byte buffer; the file is "
+                f"corrupt or was not written by a TFLite tool."
+            )
         return struct.unpack_from(fmt, buf, at)[0]
 
     def _get(self, fmt: str, at: int) -> int:
@@ -333,19 +378,21 @@ class _Table:
         start = self._indirect(at)
         length = self._get("<I", start)
         if length * item_size > len(self._buf) - start - 4:
-            raise ValueError(f"a flatbuffer vector of {length:,} items runs past the {len(self._buf)}-byte buffer; "
-                             f"the file is corrupt.")
+            raise ValueError(
+                f"a flatbuffer vector of {length:,} items runs past the {len(self._buf)}-byte buffer; "
+                f"the file is corrupt."
+            )
         return start + 4, length
 
     def string(self, slot: int) -> str | None:
         if self._field(slot) is None:
             return None
         start, length = self._vector(slot, 1)
-        return sanitize_text(bytes(self._buf[start:start + length]).decode("utf-8", errors="replace"))
+        return sanitize_text(bytes(self._buf[start : start + length]).decode("utf-8", errors="replace"))
 
     def ubytes(self, slot: int) -> bytes:
         start, length = self._vector(slot, 1)
-        return bytes(self._buf[start:start + length])
+        return bytes(self._buf[start : start + length])
 
     def table(self, slot: int) -> _Table | None:
         at = self._field(slot)
@@ -364,8 +411,9 @@ class _Table:
     def floats(self, slot: int) -> list[float]:
         start, length = self._vector(slot, 4)
         if length > _MAX_FLOATS:
-            raise ValueError(f"a metadata vector of {length:,} numbers where a few (one per channel) belong; "
-                             f"the file is corrupt.")
+            raise ValueError(
+                f"a metadata vector of {length:,} numbers where a few (one per channel) belong; the file is corrupt."
+            )
         return [float(v) for v in struct.unpack_from(f"<{length}f", self._buf, start)] if length else []
 
     def scalar(self, slot: int, kind: str, default: int = 0) -> int:

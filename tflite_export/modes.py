@@ -58,24 +58,47 @@ MODES = {
     m.name: m
     for m in (
         Mode("float32", "no quantization: the Keras model's float32 weights and arithmetic"),
-        Mode("float16", "float16 weights (half the size), float32 arithmetic on CPU; GPUs run float16",
-             quantize="float16"),
-        Mode("dynamic", "dynamic range: int8 weights, activations quantized on the fly (no calibration)",
-             quantize="dynamic"),
+        Mode(
+            "float16",
+            "float16 weights (half the size), float32 arithmetic on CPU; GPUs run float16",
+            quantize="float16",
+        ),
+        Mode(
+            "dynamic",
+            "dynamic range: int8 weights, activations quantized on the fly (no calibration)",
+            quantize="dynamic",
+        ),
         Mode("int8", "full integer int8, calibrated on a sample of the training images", quantize="int8"),
-        Mode("int16x8", "16-bit activations, 8-bit weights, calibrated: closer to float32 than int8, CPU only",
-             quantize="int16x8"),
+        Mode(
+            "int16x8",
+            "16-bit activations, 8-bit weights, calibrated: closer to float32 than int8, CPU only",
+            quantize="int16x8",
+        ),
         Mode("qat", "quantization-aware fine-tuning, then full integer int8", quantize="int8", compress=("qat",)),
-        Mode("prune", "magnitude pruning (polynomial schedule to --sparsity), stripped; float32 file",
-             compress=("prune",)),
-        Mode("cluster", "weight clustering (--clusters shared values per layer); float32 file",
-             compress=("cluster",)),
-        Mode("prune-qat", "pruning, then sparsity-preserving quantization-aware training; int8",
-             quantize="int8", compress=("prune", "qat")),
-        Mode("cluster-qat", "clustering, then cluster-preserving quantization-aware training; int8",
-             quantize="int8", compress=("cluster", "qat")),
-        Mode("prune-cluster-int8", "pruning, sparsity-preserving clustering, then full integer int8 "
-             "(Deep Compression's recipe)", quantize="int8", compress=("prune", "cluster")),
+        Mode(
+            "prune",
+            "magnitude pruning (polynomial schedule to --sparsity), stripped; float32 file",
+            compress=("prune",),
+        ),
+        Mode("cluster", "weight clustering (--clusters shared values per layer); float32 file", compress=("cluster",)),
+        Mode(
+            "prune-qat",
+            "pruning, then sparsity-preserving quantization-aware training; int8",
+            quantize="int8",
+            compress=("prune", "qat"),
+        ),
+        Mode(
+            "cluster-qat",
+            "clustering, then cluster-preserving quantization-aware training; int8",
+            quantize="int8",
+            compress=("cluster", "qat"),
+        ),
+        Mode(
+            "prune-cluster-int8",
+            "pruning, sparsity-preserving clustering, then full integer int8 (Deep Compression's recipe)",
+            quantize="int8",
+            compress=("prune", "cluster"),
+        ),
     )
 }
 

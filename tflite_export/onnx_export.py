@@ -65,8 +65,15 @@ def quantize_int8(content: bytes, representative, *, progress: bool = False) -> 
         src, pre, out = Path(tmp, "float.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
         src.write_bytes(content)
         oq.quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        oq.quantize_static(str(pre), str(out), Images(), quant_format=oq.QuantFormat.QDQ, per_channel=True,
-                           activation_type=oq.QuantType.QInt8, weight_type=oq.QuantType.QInt8,
-                           calibrate_method=oq.CalibrationMethod.MinMax,
-                           extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        oq.quantize_static(
+            str(pre),
+            str(out),
+            Images(),
+            quant_format=oq.QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=oq.QuantType.QInt8,
+            weight_type=oq.QuantType.QInt8,
+            calibrate_method=oq.CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
         return out.read_bytes()

@@ -29,19 +29,28 @@ def _markdown(results, source_info, settings, png) -> str:
     lines = [
         f"# Export of {sanitize_text(source_info['name'])}",
         "",
-        (f"From `{source_info['origin']}`; verified on {source_info['images']} held-out images "
-         f"(the `{source_info['split']}` split of `{source_info['data']}`). Accuracy budget: at most "
-         f"{settings['max_accuracy_drop']:g} point(s) below the Keras model's {100 * source_info['keras_accuracy']:.2f}%."),
+        (
+            f"From `{source_info['origin']}`; verified on {source_info['images']} held-out images "
+            f"(the `{source_info['split']}` split of `{source_info['data']}`). Accuracy budget: at most "
+            f"{settings['max_accuracy_drop']:g} point(s) below the Keras model's {100 * source_info['keras_accuracy']:.2f}%."
+        ),
         "",
-        "**All files are within the budget.**" if ok else
-        ("**FAILED: some files lose more accuracy than the budget allows.** They are kept, named `*.FAILED.*`; "
-         "do not ship them."),
+        "**All files are within the budget.**"
+        if ok
+        else (
+            "**FAILED: some files lose more accuracy than the budget allows.** They are kept, named `*.FAILED.*`; "
+            "do not ship them."
+        ),
         "",
-        (f"Sizes: the file, and gzipped, with how many times smaller than the float32 .keras model "
-         f"({_size(source_info['keras_file_bytes'])} without optimizer state) it is."),
+        (
+            f"Sizes: the file, and gzipped, with how many times smaller than the float32 .keras model "
+            f"({_size(source_info['keras_file_bytes'])} without optimizer state) it is."
+        ),
         "",
-        ("| mode | file | size | gzipped | accuracy | drop (points) | top-1 agreement | largest class change | "
-         f"latency ({settings['threads']} threads, p50) | status |"),
+        (
+            "| mode | file | size | gzipped | accuracy | drop (points) | top-1 agreement | largest class change | "
+            f"latency ({settings['threads']} threads, p50) | status |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -50,7 +59,8 @@ def _markdown(results, source_info, settings, png) -> str:
         lines.append(
             f"| {r.mode} | `{r.path.name}` | {_size(r.size_bytes)} | {gz} | {100 * v.accuracy:.2f}% | {v.accuracy_drop:+.2f} | "
             f"{100 * v.agreement:.1f}% | {v.max_class_change:+.1f} ({sanitize_text(v.max_class_change_class)}) | "
-            f"{r.latency_ms:.2f} ms | {'ok' if r.passed else 'FAILED'} |")
+            f"{r.latency_ms:.2f} ms | {'ok' if r.passed else 'FAILED'} |"
+        )
     if png:
         lines += ["", f"![size, accuracy and latency]({png.name})"]
     for r in results:
@@ -62,8 +72,15 @@ def _markdown(results, source_info, settings, png) -> str:
             lines += [f"- operators: {ops}"]
             for key, who in (("gpu_unsupported", "GPU delegate"), ("nnapi_unsupported", "NNAPI")):
                 gaps = r.ops[key]
-                lines.append(f"- {who}: " + ("takes every operator" if not gaps else
-                             "would leave to the CPU: " + "; ".join(f"#{g['index']} {g['op']} ({g['reason']})" for g in gaps)))
+                lines.append(
+                    f"- {who}: "
+                    + (
+                        "takes every operator"
+                        if not gaps
+                        else "would leave to the CPU: "
+                        + "; ".join(f"#{g['index']} {g['op']} ({g['reason']})" for g in gaps)
+                    )
+                )
             lines += [f"- NNAPI note: {note}" for note in r.ops["notes"]]
     return "\n".join(lines) + "\n"
 

@@ -59,8 +59,10 @@ def open_model(model, *, threads: int | None = None):
         raise ValueError(f"model={str(path)!r}: give a .tflite or .onnx file (or a SavedModel folder).")
     size = path.stat().st_size
     if size > MAX_MODEL_BYTES:
-        raise ValueError(f"{path} is {size / 1024**3:.1f} GiB, over the {MAX_MODEL_BYTES / 1024**3:g} GiB a "
-                         f".tflite or .onnx model can be; it was not read. Is it the right file?")
+        raise ValueError(
+            f"{path} is {size / 1024**3:.1f} GiB, over the {MAX_MODEL_BYTES / 1024**3:g} GiB a "
+            f".tflite or .onnx model can be; it was not read. Is it the right file?"
+        )
     try:
         runner = {"tflite": TFLiteRunner, "onnx": OnnxRunner}[kind](path.read_bytes(), threads=threads)
         if runner.labels is None:
@@ -115,8 +117,10 @@ class TFLiteRunner(Runner):
         from tflite_export.metadata import packed_labels
 
         if len(content) < 8 or bytes(content[4:8]) != b"TFL3":
-            raise ValueError(f"is not a TFLite model (it has no TFL3 flatbuffer identifier: "
-                             f"{bytes(content[4:8])!r}); was it written completely?")
+            raise ValueError(
+                f"is not a TFLite model (it has no TFL3 flatbuffer identifier: "
+                f"{bytes(content[4:8])!r}); was it written completely?"
+            )
         try:  # LiteRT verifies the flatbuffer before it reads anything from it
             self.interpreter = Interpreter(model_content=content, num_threads=threads)
         except ValueError as err:
@@ -160,13 +164,17 @@ class OnnxRunner(Runner):
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         if _onnx_has_external_data(content):
-            raise ValueError("has tensors stored in external files; onnxruntime would read them relative to the "
-                             "current folder, so ktoolkit runs only self-contained .onnx files (as it exports).")
+            raise ValueError(
+                "has tensors stored in external files; onnxruntime would read them relative to the "
+                "current folder, so ktoolkit runs only self-contained .onnx files (as it exports)."
+            )
         try:
             self.session = onnxruntime.InferenceSession(content, options, providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001  (onnxruntime's errors are pybind types, not ValueError)
-            raise ValueError(f"is not an ONNX model onnxruntime can load ({type(err).__name__}: "
-                             f"{str(err)[:200]}); was it written completely?") from None
+            raise ValueError(
+                f"is not an ONNX model onnxruntime can load ({type(err).__name__}: "
+                f"{str(err)[:200]}); was it written completely?"
+            ) from None
         self._input = self.session.get_inputs()[0]
         self.input_shape = _image_shape(self._input.shape)
         self.input_dtype = np.dtype(np.float32)
@@ -180,10 +188,17 @@ def _image_shape(shape) -> tuple[int, int, int]:
     """(height, width, channels) of an input shape (batch, H, W, C), checked: the probe image and the
     benchmark's image are allocated from it, so a file cannot ask for gigabytes."""
     dims = shape[1:] if len(shape) == 4 else ()
-    if not (len(dims) == 3 and all(isinstance(d, (int, np.integer)) for d in dims) and
-            0 < dims[0] <= MAX_IMAGE_SIDE and 0 < dims[1] <= MAX_IMAGE_SIDE and 0 < dims[2] <= 4):
-        raise ValueError(f"is not an image classifier ktoolkit can run: its input shape is {list(shape)}, not "
-                         f"(batch, height, width, channels) with sides up to {MAX_IMAGE_SIDE} and 1 to 4 channels.")
+    if not (
+        len(dims) == 3
+        and all(isinstance(d, (int, np.integer)) for d in dims)
+        and 0 < dims[0] <= MAX_IMAGE_SIDE
+        and 0 < dims[1] <= MAX_IMAGE_SIDE
+        and 0 < dims[2] <= 4
+    ):
+        raise ValueError(
+            f"is not an image classifier ktoolkit can run: its input shape is {list(shape)}, not "
+            f"(batch, height, width, channels) with sides up to {MAX_IMAGE_SIDE} and 1 to 4 channels."
+        )
     return tuple(int(d) for d in dims)
 
 
@@ -238,7 +253,7 @@ def _onnx_has_external_data(content: bytes, kind: str = "model", depth: int = 0)
             if kind == "tensor" and field == 13:
                 return True
             child = _ONNX_MESSAGES.get(kind, {}).get(field)
-            if child and _onnx_has_external_data(view[at:at + length], child, depth + 1):
+            if child and _onnx_has_external_data(view[at : at + length], child, depth + 1):
                 return True
             at += length
         elif wire in (1, 5):
@@ -314,9 +329,16 @@ def benchmark(model, *, threads=(1, 2, 4), runs: int = 50, warmup: int = 5, prog
             start = time.perf_counter()
             runner.predict_one(image)
             times.append((time.perf_counter() - start) * 1000)
-        results.append({"threads": int(count), "runs": runs, "p50_ms": statistics.median(times),
-                        "p90_ms": float(np.percentile(times, 90)), "mean_ms": statistics.fmean(times),
-                        "min_ms": min(times)})
+        results.append(
+            {
+                "threads": int(count),
+                "runs": runs,
+                "p50_ms": statistics.median(times),
+                "p90_ms": float(np.percentile(times, 90)),
+                "mean_ms": statistics.fmean(times),
+                "min_ms": min(times),
+            }
+        )
     return results
 
 

@@ -44,8 +44,7 @@ class ExportSource:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(int(d) for d in self.model.input_shape[1:])
 
-    def dataset(self, split, *, batch_size: int = 32, training: bool = False, one_hot: bool = False,
-                seed: int = 0):
+    def dataset(self, split, *, batch_size: int = 32, training: bool = False, one_hot: bool = False, seed: int = 0):
         """A split (its name or a :class:`ktoolkit.data.Split`) as a tf.data pipeline of (float32 0..255
         images, labels), made as in training; ``training`` shuffles and caches (fine-tuning is short
         and starts from a trained model, so it does without augmentation)."""
@@ -53,9 +52,17 @@ class ExportSource:
 
         height, width, channels = self.image_shape
         split = self.data.splits[split] if isinstance(split, str) else split
-        return make_dataset(split, num_classes=len(self.class_names), image_size=(height, width),
-                            channels=channels, batch_size=batch_size, training=training, one_hot=one_hot,
-                            seed=seed, cache="memory" if training else None)
+        return make_dataset(
+            split,
+            num_classes=len(self.class_names),
+            image_size=(height, width),
+            channels=channels,
+            batch_size=batch_size,
+            training=training,
+            one_hot=one_hot,
+            seed=seed,
+            cache="memory" if training else None,
+        )
 
     def calibration_images(self, count: int, seed: int = 0) -> np.ndarray:
         """``count`` training images (float32, 0..255), drawn at random with ``seed``: the
@@ -99,8 +106,10 @@ def load_source(model, *, data: str | None = None, progress: bool = False) -> Ex
     if len(names) != n:
         raise ValueError(f"{path} has {n} outputs but its classes.json lists {len(names)} classes.")
     if data is None and run is None:
-        raise ValueError(f"{path} is not in a run folder, so there are no images to calibrate and verify on; "
-                         f"pass data=... (--data) with the classes {', '.join(names[:5])}...")
+        raise ValueError(
+            f"{path} is not in a run folder, so there are no images to calibrate and verify on; "
+            f"pass data=... (--data) with the classes {', '.join(names[:5])}..."
+        )
     found = data_for_run(run, data, val_fraction=0.1, test_fraction=0.1, exclude=("val", "test"), progress=progress)
     source = found.source
     data = source.origin if data is None else data
@@ -110,15 +119,26 @@ def load_source(model, *, data: str | None = None, progress: bool = False) -> Ex
         found.verification.check([recorded] if recorded else [], "verifying on")
         found.verification.check(["train"], "calibrating and fine-tuning on")
     if list(source.class_names) != list(names):
-        raise ValueError(f"data={str(data)!r} has the classes {', '.join(source.class_names)}, but the model was "
-                         f"trained on {', '.join(names)}; export with the run's own data or data with the same classes.")
+        raise ValueError(
+            f"data={str(data)!r} has the classes {', '.join(source.class_names)}, but the model was "
+            f"trained on {', '.join(names)}; export with the run's own data or data with the same classes."
+        )
     heldout = next((s for s in ("test", "val") if len(source.splits.get(s, ())) > 0), None)
     if heldout is None or len(source.splits.get("train", ())) == 0:
-        raise ValueError(f"data={str(data)!r} needs a training split (calibration, fine-tuning) and a held-out "
-                         f"test or val split (verification); its split sizes are "
-                         f"{ {k: len(v) for k, v in source.splits.items()} }.")
-    return ExportSource(model=keras_model, class_names=list(names), name=keras_model.name, data=source,
-                        heldout=heldout, preprocessing=find_preprocessing(keras_model), origin=str(Path(path)))
+        raise ValueError(
+            f"data={str(data)!r} needs a training split (calibration, fine-tuning) and a held-out "
+            f"test or val split (verification); its split sizes are "
+            f"{ {k: len(v) for k, v in source.splits.items()} }."
+        )
+    return ExportSource(
+        model=keras_model,
+        class_names=list(names),
+        name=keras_model.name,
+        data=source,
+        heldout=heldout,
+        preprocessing=find_preprocessing(keras_model),
+        origin=str(Path(path)),
+    )
 
 
 def prepare_model(model):
@@ -129,8 +149,10 @@ def prepare_model(model):
     if len(model.outputs) > 1:
         names = [layer.name for layer in model.layers]
         if "predictions" not in names:
-            raise ValueError(f"{model.name} has {len(model.outputs)} outputs and no layer named 'predictions' to "
-                             f"keep; export a model with one classifier output.")
+            raise ValueError(
+                f"{model.name} has {len(model.outputs)} outputs and no layer named 'predictions' to "
+                f"keep; export a model with one classifier output."
+            )
         model = tf_keras.Model(model.inputs, model.get_layer("predictions").output, name=model.name)
     return as_float32(model)
 

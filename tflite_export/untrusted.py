@@ -32,8 +32,19 @@ _ESCAPE_SEQUENCES = re.compile(
 )
 _WHITESPACE_CONTROLS = re.compile(r"[\t\n\r\v\f]")
 # Bidirectional overrides reorder what the terminal shows ("Trojan source"); line separators break lines.
-_INVISIBLE = {"\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069",
-              "\u2028", "\u2029"}
+_INVISIBLE = {
+    "\u202a",
+    "\u202b",
+    "\u202c",
+    "\u202d",
+    "\u202e",
+    "\u2066",
+    "\u2067",
+    "\u2068",
+    "\u2069",
+    "\u2028",
+    "\u2029",
+}
 
 
 def safe_filename(name, fallback: str = "model") -> str:
@@ -61,8 +72,10 @@ def confined(folder, name: str) -> Path:
     inside = folder.resolve()
     where = path.parent.resolve() / path.name
     if name in ("", ".", "..") or Path(name).name != name or not where.is_relative_to(inside) or where == inside:
-        raise ValueError(f"{str(path)!r} would be written outside the output folder {str(folder)!r}; "
-                         f"file names derived from a model are made safe with safe_filename().")
+        raise ValueError(
+            f"{str(path)!r} would be written outside the output folder {str(folder)!r}; "
+            f"file names derived from a model are made safe with safe_filename()."
+        )
     return path
 
 

@@ -44,8 +44,13 @@ class Verification:
         return {**asdict(self), "accuracy_drop": self.accuracy_drop}
 
 
-def compare(keras_probs: np.ndarray, file_probs: np.ndarray, labels: np.ndarray, class_names,
-            converted_probs: np.ndarray | None = None) -> Verification:
+def compare(
+    keras_probs: np.ndarray,
+    file_probs: np.ndarray,
+    labels: np.ndarray,
+    class_names,
+    converted_probs: np.ndarray | None = None,
+) -> Verification:
     """Compares the file's probabilities with the Keras model's on the same images (N, C)."""
     keras_top, file_top = keras_probs.argmax(-1), file_probs.argmax(-1)
     changes = []

@@ -90,8 +90,10 @@ class AugmentConfig:
             if isinstance(value, bool):  # randaugment=True: on, at the default strength
                 value = DEFAULTS[name] if value else 0.0
             if not isinstance(value, (int, float)) or not low <= value <= high:
-                raise ValueError(f"AugmentConfig: {name}={value!r} must be a number from {low:g} to {high:g} "
-                                 f"({meaning}), or 0 to turn it off.")
+                raise ValueError(
+                    f"AugmentConfig: {name}={value!r} must be a number from {low:g} to {high:g} "
+                    f"({meaning}), or 0 to turn it off."
+                )
             object.__setattr__(self, name, float(value))
 
     @classmethod
@@ -125,7 +127,8 @@ class AugmentConfig:
             if name not in DEFAULTS:
                 raise ValueError(
                     f"augment: unknown option {name!r} in {text!r}; valid options are "
-                    f"{', '.join(DEFAULTS)} (and the presets light, none), e.g. 'flip,crop=0.25,color=20'.")
+                    f"{', '.join(DEFAULTS)} (and the presets light, none), e.g. 'flip,crop=0.25,color=20'."
+                )
             if not has_value:
                 values[name] = DEFAULTS[name]
             elif name == "flip":
@@ -138,8 +141,9 @@ class AugmentConfig:
                 try:
                     values[name] = float(value)
                 except ValueError:
-                    raise ValueError(f"augment: {name}={value!r} is not a number; write e.g. "
-                                     f"{name}={DEFAULTS[name]:g}.") from None
+                    raise ValueError(
+                        f"augment: {name}={value!r} is not a number; write e.g. {name}={DEFAULTS[name]:g}."
+                    ) from None
         return cls(**values)
 
     @property
@@ -174,8 +178,9 @@ class Augmenter:
 
     def __init__(self, config: AugmentConfig, seed: int = 0):
         if not isinstance(config, AugmentConfig):
-            raise TypeError(f"Augmenter: config={config!r} must be an AugmentConfig "
-                             f"(e.g. AugmentConfig.parse('flip,crop')).")
+            raise TypeError(
+                f"Augmenter: config={config!r} must be an AugmentConfig (e.g. AugmentConfig.parse('flip,crop'))."
+            )
         self.config = config
         self._randaugment = None
         if config.randaugment:
@@ -183,7 +188,8 @@ class Augmenter:
             import keras_cv
 
             self._randaugment = keras_cv.layers.RandAugment(
-                value_range=(0, 255), magnitude=config.randaugment, seed=seed)
+                value_range=(0, 255), magnitude=config.randaugment, seed=seed
+            )
 
     def __call__(self, images, labels, seed):
         import tensorflow as tf
@@ -225,8 +231,11 @@ class Augmenter:
         partner = tf.argsort(tf.random.stateless_uniform([batch], keys[0]))
         if c.mixup and c.cutmix:
             use_mixup = tf.random.stateless_uniform([], keys[1]) < 0.5
-            return tf.cond(use_mixup, lambda: _mixup(images, labels, partner, c.mixup, keys[2]),
-                           lambda: _cutmix(images, labels, partner, c.cutmix, keys[2]))
+            return tf.cond(
+                use_mixup,
+                lambda: _mixup(images, labels, partner, c.mixup, keys[2]),
+                lambda: _cutmix(images, labels, partner, c.cutmix, keys[2]),
+            )
         if c.mixup:
             return _mixup(images, labels, partner, c.mixup, keys[2])
         return _cutmix(images, labels, partner, c.cutmix, keys[2])
@@ -292,16 +301,28 @@ class Augmenter:
             # the same points about 4x faster than the projective transform on a CPU.
             x1, x2 = m[:, 0, 2], m[:, 0, 0] * (width - 1) + m[:, 0, 2]
             y1, y2 = m[:, 1, 2], m[:, 1, 1] * (height - 1) + m[:, 1, 2]
-            boxes = tf.stack([y1 / tf.maximum(height - 1, 1.0), x1 / tf.maximum(width - 1, 1.0),
-                              y2 / tf.maximum(height - 1, 1.0), x2 / tf.maximum(width - 1, 1.0)], axis=-1)
+            boxes = tf.stack(
+                [
+                    y1 / tf.maximum(height - 1, 1.0),
+                    x1 / tf.maximum(width - 1, 1.0),
+                    y2 / tf.maximum(height - 1, 1.0),
+                    x2 / tf.maximum(width - 1, 1.0),
+                ],
+                axis=-1,
+            )
             # Clipped: a coordinate a rounding error past the edge would sample the zero extrapolation.
             boxes = tf.clip_by_value(boxes, 0.0, 1.0)
             out = tf.image.crop_and_resize(images, boxes, tf.range(batch), tf.shape(images)[1:3])
             return tf.clip_by_value(out, 0.0, 255.0)
         transforms = tf.reshape(m / m[:, 2:3, 2:3], [batch, 9])[:, :8]
         out = tf.raw_ops.ImageProjectiveTransformV3(
-            images=images, transforms=transforms, output_shape=tf.shape(images)[1:3], fill_value=0.0,
-            interpolation="BILINEAR", fill_mode="REFLECT")
+            images=images,
+            transforms=transforms,
+            output_shape=tf.shape(images)[1:3],
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="REFLECT",
+        )
         return tf.clip_by_value(out, 0.0, 255.0)
 
 
@@ -340,8 +361,12 @@ def _cutmix(images, labels, partner, alpha, seed):
     right = tf.clip_by_value(tf.round(centre[1] * w + side * w / 2), 0.0, w)
     rows = tf.cast(tf.range(height), tf.float32)[None, :, None]
     cols = tf.cast(tf.range(width), tf.float32)[None, None, :]
-    inside = ((rows >= top[:, None, None]) & (rows < bottom[:, None, None])
-              & (cols >= left[:, None, None]) & (cols < right[:, None, None]))
+    inside = (
+        (rows >= top[:, None, None])
+        & (rows < bottom[:, None, None])
+        & (cols >= left[:, None, None])
+        & (cols < right[:, None, None])
+    )
     mixed = tf.where(inside[..., None], tf.gather(images, partner), images)
     kept = 1.0 - (bottom - top) * (right - left) / (h * w)  # the area that stays the image's own
     mixed_labels = kept[:, None] * labels + (1 - kept[:, None]) * tf.gather(labels, partner)

@@ -74,13 +74,24 @@ class Verification:
             return
         names = " and ".join(s for s in splits if s in self.counts)
         if total["unchanged"] == 0:
-            raise ValueError(f"all {total['recorded']} {names} images recorded in {self.file} changed "
-                             f"({total['changed']}) or are missing ({total['missing']}) under {self.root}; restore "
-                             f"them, or pass --data with another folder of the same classes (the images this run "
-                             f"trained on are left out of it by content).")
-        logger.warning("%d of %d %s images changed or are missing since training (%d changed, %d missing, under %s); "
-                       "%s the %d unchanged ones", total["recorded"] - total["unchanged"], total["recorded"], names,
-                       total["changed"], total["missing"], self.root, doing, total["unchanged"])
+            raise ValueError(
+                f"all {total['recorded']} {names} images recorded in {self.file} changed "
+                f"({total['changed']}) or are missing ({total['missing']}) under {self.root}; restore "
+                f"them, or pass --data with another folder of the same classes (the images this run "
+                f"trained on are left out of it by content)."
+            )
+        logger.warning(
+            "%d of %d %s images changed or are missing since training (%d changed, %d missing, under %s); "
+            "%s the %d unchanged ones",
+            total["recorded"] - total["unchanged"],
+            total["recorded"],
+            names,
+            total["changed"],
+            total["missing"],
+            self.root,
+            doing,
+            total["unchanged"],
+        )
 
 
 def record(source: DataSource) -> dict:
@@ -91,18 +102,35 @@ def record(source: DataSource) -> dict:
     the record then says ``"kind": "none"`` and readers fall back to recomputing the split.
     """
     kinds = {split.kind for split in source.splits.values()}
-    base = {"format": FORMAT, "source": str(source.origin), "class_names": list(source.class_names),
-            "settings": dict(source.settings)}
+    base = {
+        "format": FORMAT,
+        "source": str(source.origin),
+        "class_names": list(source.class_names),
+        "settings": dict(source.settings),
+    }
     if kinds == {"paths"}:
         return {**base, **_record_paths(source)}
-    if kinds == {"images"} and os.path.isfile(source.origin) and all(
-            s.index is not None for s in source.splits.values()):
+    if (
+        kinds == {"images"}
+        and os.path.isfile(source.origin)
+        and all(s.index is not None for s in source.splits.values())
+    ):
         path = os.path.abspath(source.origin)
-        return {**base, "kind": "images", "path": path, "size": os.path.getsize(path), "sha256": file_hash(path),
-                "splits": {name: {"part": s.part, "indices": s.index.tolist()} for name, s in source.splits.items()}}
+        return {
+            **base,
+            "kind": "images",
+            "path": path,
+            "size": os.path.getsize(path),
+            "sha256": file_hash(path),
+            "splits": {name: {"part": s.part, "indices": s.index.tolist()} for name, s in source.splits.items()},
+        }
     if kinds == {"dataset"} and source.settings:
-        return {**base, "kind": "dataset", "path": str(source.origin),
-                "splits": {name: {"key": s.key, "count": len(s)} for name, s in source.splits.items()}}
+        return {
+            **base,
+            "kind": "dataset",
+            "path": str(source.origin),
+            "splits": {name: {"key": s.key, "count": len(s)} for name, s in source.splits.items()},
+        }
     return {**base, "kind": "none", "splits": {}}
 
 
@@ -115,8 +143,9 @@ def _record_paths(source: DataSource) -> dict:
         if hashes is None:
             found, errors = hash_files([os.path.abspath(p) for p in split.paths])
             if errors:
-                raise ValueError(f"cannot record the {name} split: {len(errors)} files are unreadable, e.g. "
-                                 f"{next(iter(errors))}.")
+                raise ValueError(
+                    f"cannot record the {name} split: {len(errors)} files are unreadable, e.g. {next(iter(errors))}."
+                )
             hashes = [found[os.path.abspath(p)] for p in split.paths]
         rows = []
         for path, digest, label in zip(split.paths, hashes, split.labels.tolist()):
@@ -168,8 +197,10 @@ def read(run) -> dict | None:
     except FileNotFoundError:
         return None
     if size > MAX_BYTES:
-        raise ValueError(f"{path} is {size / 2**20:.0f} MiB, more than a splits.json of {MAX_BYTES // 2**20} MiB that "
-                         f"ktoolkit reads; pass --data to choose the images.")
+        raise ValueError(
+            f"{path} is {size / 2**20:.0f} MiB, more than a splits.json of {MAX_BYTES // 2**20} MiB that "
+            f"ktoolkit reads; pass --data to choose the images."
+        )
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
@@ -207,16 +238,26 @@ def _validate(doc) -> None:
                 raise TypeError(f"the {name} split must be a list of rows")
             for row in rows:
                 rel, size, digest, label = row
-                if not (isinstance(rel, str) and "\0" not in rel and isinstance(size, int) and isinstance(digest, str)
-                        and _HEX64.fullmatch(digest) and isinstance(label, int) and 0 <= label < len(names)):
+                if not (
+                    isinstance(rel, str)
+                    and "\0" not in rel
+                    and isinstance(size, int)
+                    and isinstance(digest, str)
+                    and _HEX64.fullmatch(digest)
+                    and isinstance(label, int)
+                    and 0 <= label < len(names)
+                ):
                     raise ValueError(f"bad {name} row {row!r}")
     elif kind == "images":
         if not isinstance(doc["path"], str) or not isinstance(doc["size"], int) or not _HEX64.fullmatch(doc["sha256"]):
             raise ValueError("path, size and sha256 of the .npz")
         for name, entry in splits.items():
             indices = entry["indices"]
-            if not (isinstance(entry["part"], str) and isinstance(indices, list)
-                    and all(isinstance(i, int) and i >= 0 for i in indices)):
+            if not (
+                isinstance(entry["part"], str)
+                and isinstance(indices, list)
+                and all(isinstance(i, int) and i >= 0 for i in indices)
+            ):
                 raise ValueError(f"bad {name} entry")
     elif kind == "dataset":
         for name, entry in splits.items():
@@ -261,13 +302,19 @@ def load_recorded(run, *, splits=None, progress: bool = False, doc: dict | None 
     """
     doc = doc if doc is not None else read(run)
     if doc is None:
-        raise FileNotFoundError(f"{_file(run)} does not exist (or records no split); the run was made by an older "
-                                f"ktoolkit or from data it cannot record.")
+        raise FileNotFoundError(
+            f"{_file(run)} does not exist (or records no split); the run was made by an older "
+            f"ktoolkit or from data it cannot record."
+        )
     wanted = [s for s in doc["splits"] if splits is None or s in splits]
     builder = {"paths": _rebuild_paths, "images": _rebuild_npz, "dataset": _rebuild_tfds}[doc["kind"]]
     rebuilt, counts = builder(doc, wanted, progress)
-    source = DataSource(str(doc["source"]), list(doc["class_names"]), {k: v for k, v in rebuilt.items() if len(v)},
-                        settings=dict(doc.get("settings") or {}))
+    source = DataSource(
+        str(doc["source"]),
+        list(doc["class_names"]),
+        {k: v for k, v in rebuilt.items() if len(v)},
+        settings=dict(doc.get("settings") or {}),
+    )
     return source, Verification(_file(run), str(doc.get("root") or doc["path"]), counts)
 
 
@@ -290,7 +337,7 @@ def _rebuild_paths(doc: dict, wanted, progress: bool):
     rebuilt, counts = {}, {}
     for name in wanted:
         keep, changed, missing = [], 0, 0
-        for i, (path, (_, size, digest, _label)) in enumerate(zip(files[name], rows[name])):
+        for i, (path, (_, _size, digest, _label)) in enumerate(zip(files[name], rows[name])):
             if path not in sizes:
                 missing += 1
             elif hashes.get(path) != digest or (name != "train" and digest in trained):
@@ -298,8 +345,9 @@ def _rebuild_paths(doc: dict, wanted, progress: bool):
             else:
                 keep.append(i)
         labels = np.array([rows[name][i][3] for i in keep], np.int64)
-        rebuilt[name] = Split(name, labels, paths=[files[name][i] for i in keep],
-                              hashes=[rows[name][i][2] for i in keep], part=name)
+        rebuilt[name] = Split(
+            name, labels, paths=[files[name][i] for i in keep], hashes=[rows[name][i][2] for i in keep], part=name
+        )
         counts[name] = {"recorded": len(rows[name]), "unchanged": len(keep), "changed": changed, "missing": missing}
     return rebuilt, counts
 
@@ -318,8 +366,9 @@ def _rebuild_npz(doc: dict, wanted, progress: bool):
         return {}, {n: {"recorded": c, "unchanged": 0, "changed": c, "missing": 0} for n, c in recorded.items()}
     loaded = _load_npz(path)
     if loaded.class_names != doc["class_names"]:
-        raise ValueError(f"{path} is the recorded file but its class names changed; the splits.json is not this "
-                         f"file's.")
+        raise ValueError(
+            f"{path} is the recorded file but its class names changed; the splits.json is not this file's."
+        )
     rebuilt = {}
     for name in wanted:
         entry = doc["splits"][name]
@@ -334,17 +383,26 @@ def _rebuild_tfds(doc: dict, wanted, progress: bool):
     from ktoolkit.data.sources import load_data
 
     settings = doc.get("settings") or {}
-    source = load_data(str(doc["source"]), val_fraction=settings.get("val_fraction", 0.1),
-                       test_fraction=settings.get("test_fraction", 0.1), seed=settings.get("seed", 0),
-                       data_dir=settings.get("data_dir"), progress=progress)
+    source = load_data(
+        str(doc["source"]),
+        val_fraction=settings.get("val_fraction", 0.1),
+        test_fraction=settings.get("test_fraction", 0.1),
+        seed=settings.get("seed", 0),
+        data_dir=settings.get("data_dir"),
+        progress=progress,
+    )
     rebuilt, counts = {}, {}
     for name in wanted:
         entry, split = doc["splits"][name], source.splits.get(name)
         same = split is not None and split.key == entry["key"] and len(split) == entry["count"]
         if same:
             rebuilt[name] = split
-        counts[name] = {"recorded": entry["count"], "unchanged": entry["count"] if same else 0,
-                        "changed": 0 if same else entry["count"], "missing": 0}
+        counts[name] = {
+            "recorded": entry["count"],
+            "unchanged": entry["count"] if same else 0,
+            "changed": 0 if same else entry["count"],
+            "missing": 0,
+        }
     return rebuilt, counts
 
 
@@ -393,8 +451,16 @@ class RunData:
     verification: Verification | None = None
 
 
-def data_for_run(run, data=None, *, val_fraction: float = 0.0, test_fraction: float = 0.0, exclude=None,
-                 verify=None, progress: bool = False) -> RunData:
+def data_for_run(
+    run,
+    data=None,
+    *,
+    val_fraction: float = 0.0,
+    test_fraction: float = 0.0,
+    exclude=None,
+    verify=None,
+    progress: bool = False,
+) -> RunData:
     """The data to evaluate or export a run's model on, held out as in training.
 
     * No ``data``, or ``data`` that is the recorded source: the split recorded in splits.json,
@@ -428,11 +494,21 @@ def data_for_run(run, data=None, *, val_fraction: float = 0.0, test_fraction: fl
             raise ValueError(f"{where} records no data (no splits.json or config.yaml); pass --data.")
         data = config.data
     if doc is None and config is not None and config.data and _same_path(data, config.data):
-        logger.warning("%s has no splits.json recording its split (it was made by an older ktoolkit), so the split is "
-                       "recomputed from the files in %s now and cannot be verified: images added or changed since "
-                       "training can be in the held-out split", run.root, data)
-        source = load_data(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed,
-                           data_dir=config.data_dir, progress=progress)
+        logger.warning(
+            "%s has no splits.json recording its split (it was made by an older ktoolkit), so the split is "
+            "recomputed from the files in %s now and cannot be verified: images added or changed since "
+            "training can be in the held-out split",
+            run.root,
+            data,
+        )
+        source = load_data(
+            data,
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+            data_dir=config.data_dir,
+            progress=progress,
+        )
         return RunData(source, True)
     source = load_data(data, val_fraction=val_fraction, test_fraction=test_fraction, progress=progress)
     if doc is not None:

@@ -20,10 +20,23 @@ logger = logging.getLogger(__name__)
 SHUFFLE_BUFFER_BYTES = 512 * 2**20
 
 
-def make_dataset(split: Split, *, num_classes: int, image_size, channels: int = 3, batch_size: int = 32,
-                 training: bool = False, shuffle: bool | None = None, seed: int = 0, cache=None,
-                 augment: AugmentConfig | str | None = None, deterministic: bool | None = None,
-                 one_hot: bool = True, drop_remainder: bool = False, shuffle_buffer: int | None = None):
+def make_dataset(
+    split: Split,
+    *,
+    num_classes: int,
+    image_size,
+    channels: int = 3,
+    batch_size: int = 32,
+    training: bool = False,
+    shuffle: bool | None = None,
+    seed: int = 0,
+    cache=None,
+    augment: AugmentConfig | str | None = None,
+    deterministic: bool | None = None,
+    one_hot: bool = True,
+    drop_remainder: bool = False,
+    shuffle_buffer: int | None = None,
+):
     """Makes the ``tf.data.Dataset`` of batches that trains or evaluates a model on a split.
 
     Order of the steps: (shuffle the file list), decode + resize in parallel, (cache), (shuffle),
@@ -74,11 +87,13 @@ def make_dataset(split: Split, *, num_classes: int, image_size, channels: int = 
     if isinstance(augment, str):
         augment = AugmentConfig.parse(augment)
     if augment is not None and not isinstance(augment, AugmentConfig):
-        raise TypeError(f"make_dataset: augment={augment!r} must be None, an AugmentConfig or a string such as "
-                         f"'flip,crop'.")
+        raise TypeError(
+            f"make_dataset: augment={augment!r} must be None, an AugmentConfig or a string such as 'flip,crop'."
+        )
     if training and augment and augment.mixes_labels and not one_hot:
-        raise ValueError(f"make_dataset: augment={str(augment)!r} mixes labels (MixUp/CutMix), which needs "
-                         f"one_hot=True.")
+        raise ValueError(
+            f"make_dataset: augment={str(augment)!r} mixes labels (MixUp/CutMix), which needs one_hot=True."
+        )
     shuffle = training if shuffle is None else bool(shuffle)
     n = len(split)
     image_bytes = height * width * channels
@@ -88,8 +103,10 @@ def make_dataset(split: Split, *, num_classes: int, image_size, channels: int = 
         ds = tf.data.Dataset.from_tensor_slices(([os.fsencode(p) for p in split.paths], split.labels))
     elif split.kind == "images":
         if split.images.ndim != 4 or split.images.shape[-1] not in (1, 2, 3, 4):
-            raise ValueError(f"make_dataset: the {split.name!r} split's images have shape {split.images.shape}; "
-                             f"expected (N, height, width, channels) with 1 to 4 channels.")
+            raise ValueError(
+                f"make_dataset: the {split.name!r} split's images have shape {split.images.shape}; "
+                f"expected (N, height, width, channels) with 1 to 4 channels."
+            )
         ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
     else:
         ds = split.dataset.map(lambda image, label: (image, tf.cast(label, tf.int64)))
@@ -136,8 +153,9 @@ def make_dataset(split: Split, *, num_classes: int, image_size, channels: int = 
         augmenter = Augmenter(augment, seed=seed)
         # One stateless seed per batch: reproducible and independent of parallelism.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2, drop_remainder=True)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(lambda batch, s: augmenter(batch[0], batch[1], s),
-                                                  num_parallel_calls=tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda batch, s: augmenter(batch[0], batch[1], s), num_parallel_calls=tf.data.AUTOTUNE
+        )
     ds = ds.prefetch(tf.data.AUTOTUNE)
     if deterministic is not None:
         options = tf.data.Options()
@@ -148,16 +166,20 @@ def make_dataset(split: Split, *, num_classes: int, image_size, channels: int = 
 
 def _check_args(split, num_classes, image_size, channels, batch_size, cache, shuffle_buffer):
     if not isinstance(split, Split):
-        raise TypeError(f"make_dataset: split must be a Split (e.g. load_data(...).splits['train']), "
-                         f"got {type(split).__name__}.")
+        raise TypeError(
+            f"make_dataset: split must be a Split (e.g. load_data(...).splits['train']), got {type(split).__name__}."
+        )
     if len(split) == 0:
         raise ValueError(f"make_dataset: the {split.name!r} split is empty; give it examples or use another split.")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"make_dataset: num_classes={num_classes!r} must be a positive integer "
-                         f"(len(source.class_names)).")
+        raise ValueError(
+            f"make_dataset: num_classes={num_classes!r} must be a positive integer (len(source.class_names))."
+        )
     if int(split.labels.max()) >= num_classes or int(split.labels.min()) < 0:
-        raise ValueError(f"make_dataset: the {split.name!r} split has labels {int(split.labels.min())}.."
-                         f"{int(split.labels.max())}, outside 0..{num_classes - 1} (num_classes={num_classes}).")
+        raise ValueError(
+            f"make_dataset: the {split.name!r} split has labels {int(split.labels.min())}.."
+            f"{int(split.labels.max())}, outside 0..{num_classes - 1} (num_classes={num_classes})."
+        )
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size or ())
     if len(size) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in size):
         raise ValueError(f"make_dataset: image_size={image_size!r} must be (height, width) in pixels, e.g. (224, 224).")
@@ -186,6 +208,7 @@ def _convert_channels(image, channels):
     if channels == 3:
         image = tf.cond(tf.equal(have, 1), lambda: tf.tile(image, [1, 1, 3]), lambda: image)
     else:
+
         def gray():
             weighted = tf.image.rgb_to_grayscale(tf.cast(image, tf.float32))
             return tf.cast(tf.clip_by_value(tf.round(weighted), 0.0, 255.0), tf.uint8)
@@ -206,8 +229,10 @@ def _cache_file(folder, split: Split, height: int, width: int, channels: int) ->
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"make_dataset: cache={folder!r} is not a folder that can be created ({err}); give a "
-                         f"writable folder or cache='memory'.") from None
+        raise ValueError(
+            f"make_dataset: cache={folder!r} is not a folder that can be created ({err}); give a "
+            f"writable folder or cache='memory'."
+        ) from None
     prefix = os.path.join(folder, f"{split.name}-{height}x{width}x{channels}-{split.fingerprint()}")
     # An interrupted first epoch leaves a lock file and no index; TensorFlow would then refuse to run
     # ("cache lockfile already exists"), so the partial files are removed and the cache rebuilt.

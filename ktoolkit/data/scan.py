@@ -179,9 +179,11 @@ def hash_files(paths, *, progress: bool = False) -> tuple[dict[str, str], dict[s
     hashes, errors = {}, {}
     workers = min(8, 2 * (os.cpu_count() or 1))
     size = max(1, min(256, -(-len(paths) // workers)))
-    chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(paths), desc="hashing", unit="file",
-                                                   disable=not progress, leave=False) as bar:
+    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
+    with (
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(total=len(paths), desc="hashing", unit="file", disable=not progress, leave=False) as bar,
+    ):
         for found in pool.map(batch, chunks):
             for path, digest, error in found:
                 if digest is None:
@@ -198,8 +200,10 @@ def _check(paths, stats, verdicts, progress):
 
     workers = min(8, 2 * (os.cpu_count() or 1))
     candidates = []
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(paths), desc="reading headers", unit="file",
-                                                   disable=not progress, leave=False) as bar:
+    with (
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(total=len(paths), desc="reading headers", unit="file", disable=not progress, leave=False) as bar,
+    ):
         for path, verdict in zip(paths, pool.map(lambda p: _read_header(p, stats[p].st_size), paths)):
             verdicts[path] = verdict
             if verdict.ok:
@@ -321,8 +325,11 @@ class _VerdictCache:
             try:
                 with open(self._shard_file(folder), encoding="utf-8") as f:
                     data = json.load(f)
-                if (data.get("format") == _CACHE_FORMAT and data.get("decoders") == self.decoders
-                        and data.get("folder") == folder):
+                if (
+                    data.get("format") == _CACHE_FORMAT
+                    and data.get("decoders") == self.decoders
+                    and data.get("folder") == folder
+                ):
                     entries = data["files"]
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # no cache yet, or an unreadable one: check the files again
@@ -353,12 +360,15 @@ class _VerdictCache:
                 target = self._shard_file(folder)
                 tmp = f"{target}.{os.getpid()}.tmp"
                 with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump({"format": _CACHE_FORMAT, "decoders": self.decoders, "folder": folder,
-                               "files": files}, f)
+                    json.dump({"format": _CACHE_FORMAT, "decoders": self.decoders, "folder": folder, "files": files}, f)
                 os.replace(tmp, target)
         except OSError as err:
-            logger.warning("Could not write the scan cache in %s (%s); the next scan checks every file again. "
-                           "Set KTOOLKIT_CACHE_DIR to a writable folder.", self.directory, err)
+            logger.warning(
+                "Could not write the scan cache in %s (%s); the next scan checks every file again. "
+                "Set KTOOLKIT_CACHE_DIR to a writable folder.",
+                self.directory,
+                err,
+            )
         self.touched.clear()
 
 
@@ -431,8 +441,12 @@ class ScanReport:
     @property
     def empty_folders(self) -> list[str]:
         """Class folders without a good image, relative to ``root`` (e.g. "test/cat")."""
-        return [c if split == UNSPLIT else f"{split}/{c}"
-                for split, by_class in self.images.items() for c, paths in by_class.items() if not paths]
+        return [
+            c if split == UNSPLIT else f"{split}/{c}"
+            for split, by_class in self.images.items()
+            for c, paths in by_class.items()
+            if not paths
+        ]
 
     def split_counts(self) -> dict[str, dict[str, int]]:
         """Good images per split and class: ``{"train": {"cat": 120, ...}, ...}``."""
@@ -485,9 +499,13 @@ class ScanReport:
         Args:
             max_bad: list at most this many bad files (the count is always given).
         """
-        lines = [(f"{self.root}: {_plural(self.num_images, 'good image')} in {_plural(len(self.class_names), 'class')}, "
-                  f"{_plural(len(self.bad_files), 'bad file')} ({self.checked:,} checked, {self.cached:,} from the "
-                  f"cache, {self.seconds:.1f} s)")]
+        lines = [
+            (
+                f"{self.root}: {_plural(self.num_images, 'good image')} in {_plural(len(self.class_names), 'class')}, "
+                f"{_plural(len(self.bad_files), 'bad file')} ({self.checked:,} checked, {self.cached:,} from the "
+                f"cache, {self.seconds:.1f} s)"
+            )
+        ]
         if self.layout == "splits":
             lines.append(f"Layout: split folders {', '.join(self.splits)}, each with one folder per class")
         else:
@@ -504,28 +522,42 @@ class ScanReport:
         if self.imbalance is not None and classes:
             big = max(classes, key=classes.get)
             small = min(classes, key=classes.get)
-            lines.append(f"Imbalance: {self.imbalance:.2f} (largest {big} {classes[big]:,}, "
-                         f"smallest {small} {classes[small]:,})")
+            lines.append(
+                f"Imbalance: {self.imbalance:.2f} (largest {big} {classes[big]:,}, smallest {small} {classes[small]:,})"
+            )
         if self.formats:
-            lines.append("Formats: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.formats.items()))
-                         + "; modes: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.modes.items())))
+            lines.append(
+                "Formats: "
+                + ", ".join(f"{k} {v:,}" for k, v in sorted(self.formats.items()))
+                + "; modes: "
+                + ", ".join(f"{k} {v:,}" for k, v in sorted(self.modes.items()))
+            )
         if self.min_size:
-            lines.append(f"Sizes (width x height): {self.min_size[0]}x{self.min_size[1]} to "
-                         f"{self.max_size[0]}x{self.max_size[1]}")
+            lines.append(
+                f"Sizes (width x height): {self.min_size[0]}x{self.min_size[1]} to "
+                f"{self.max_size[0]}x{self.max_size[1]}"
+            )
         if self.empty_folders:
-            lines.append(f"Empty class folders (no good image; classes without any are left out): "
-                         f"{', '.join(self.empty_folders)}")
+            lines.append(
+                f"Empty class folders (no good image; classes without any are left out): "
+                f"{', '.join(self.empty_folders)}"
+            )
         if self.ignored:
-            lines.append(f"Ignored {_plural(len(self.ignored), 'file')} outside the class folders: "
-                         + ", ".join(os.path.relpath(p, self.root) for p in self.ignored[:5])
-                         + (", ..." if len(self.ignored) > 5 else ""))
+            lines.append(
+                f"Ignored {_plural(len(self.ignored), 'file')} outside the class folders: "
+                + ", ".join(os.path.relpath(p, self.root) for p in self.ignored[:5])
+                + (", ..." if len(self.ignored) > 5 else "")
+            )
         if self.duplicates:
             same = len(self.duplicates) - len(self.conflicts)
-            lines.append(f"Duplicates: {_plural(len(self.duplicates), 'image')} stored more than once"
-                         + (f" ({same:,} within one class: kept once when a split is made)" if same else ""))
+            lines.append(
+                f"Duplicates: {_plural(len(self.duplicates), 'image')} stored more than once"
+                + (f" ({same:,} within one class: kept once when a split is made)" if same else "")
+            )
         if self.conflicts:
-            lines.append(f"Same image under two classes ({len(self.conflicts):,}; training refuses them, delete the "
-                         "wrong copy):")
+            lines.append(
+                f"Same image under two classes ({len(self.conflicts):,}; training refuses them, delete the wrong copy):"
+            )
             lines.extend("  " + " = ".join(os.path.relpath(p, self.root) for p in g) for g in self.conflicts[:max_bad])
         if self.bad_files:
             lines.append(f"Bad files ({len(self.bad_files):,}, skipped by load_data; fix or delete them):")
@@ -594,7 +626,8 @@ def scan_folder(root, *, progress: bool = False, use_cache: bool = True) -> Scan
     if not os.path.isdir(root):
         raise FileNotFoundError(
             f"scan_folder: root={root!r} is not a folder; give a folder with one subfolder per class "
-            f"(root/cat/1.jpg, root/dog/2.jpg).")
+            f"(root/cat/1.jpg, root/dog/2.jpg)."
+        )
     layout, folders, ignored = _find_class_folders(root)
     files: dict[str, dict[str, list[str]]] = {}
     for split, class_dirs in folders.items():
@@ -644,21 +677,25 @@ def _find_class_folders(root: str):
             raise ValueError(
                 f"{root} has no class folders; put the images in one subfolder per class "
                 f"({root}/cat/1.jpg, {root}/dog/2.jpg), or in train/ val/ test/ folders that each hold "
-                f"one subfolder per class (images without labels: `ktool pretrain --data {root}`).")
+                f"one subfolder per class (images without labels: `ktool pretrain --data {root}`)."
+            )
         return "classes", {UNSPLIT: {e.name: e.path for e in subdirs}}, [e.path for e in stray]
     others = [e.name for e in subdirs if e.name.lower() not in SPLIT_FOLDERS]
     if others:
         raise ValueError(
             f"{root} mixes split folders ({', '.join(e.name for e in split_dirs)}) with other folders "
             f"({', '.join(others)}); put every class folder inside train/ (and val/, test/), or rename the "
-            f"split folders if they are classes.")
+            f"split folders if they are classes."
+        )
     splits: dict[str, dict[str, str]] = {}
     ignored = [e.path for e in stray]
     for entry in split_dirs:
         split = SPLIT_FOLDERS[entry.name.lower()]
         if split in splits:
-            raise ValueError(f"{root} has two folders for the {split} split; keep one of "
-                             f"{', '.join(e.name for e in split_dirs if SPLIT_FOLDERS[e.name.lower()] == split)}.")
+            raise ValueError(
+                f"{root} has two folders for the {split} split; keep one of "
+                f"{', '.join(e.name for e in split_dirs if SPLIT_FOLDERS[e.name.lower()] == split)}."
+            )
         splits[split] = {}
         for sub in sorted(os.scandir(entry.path), key=lambda e: e.name):
             if is_hidden(sub.name):
@@ -669,8 +706,10 @@ def _find_class_folders(root: str):
             else:
                 ignored.append(sub.path)
     if "train" not in splits:
-        raise ValueError(f"{root} has {', '.join(e.name for e in split_dirs)} folders but no train/ folder; "
-                         f"add train/ with one subfolder per class.")
+        raise ValueError(
+            f"{root} has {', '.join(e.name for e in split_dirs)} folders but no train/ folder; "
+            f"add train/ with one subfolder per class."
+        )
     order = ("train", "val", "test")
     return "splits", {s: splits[s] for s in order if s in splits}, ignored
 
@@ -682,8 +721,10 @@ def _check_utf8(path: str):
         name.encode("utf-8")  # a byte that is not UTF-8 comes back from os.scandir as a lone surrogate
     except UnicodeEncodeError:
         shown = name.encode("utf-8", "surrogateescape")
-        raise ValueError(f"the class folder {os.path.dirname(path)}/{shown!r} has a name that is not valid UTF-8; "
-                         "rename it (class names go into labels.txt and the reports).") from None
+        raise ValueError(
+            f"the class folder {os.path.dirname(path)}/{shown!r} has a name that is not valid UTF-8; "
+            "rename it (class names go into labels.txt and the reports)."
+        ) from None
 
 
 def _walk_files(directory: str) -> list[str]:

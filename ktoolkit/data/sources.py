@@ -35,9 +35,12 @@ from ktoolkit.data.scan import (
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-_SOURCES = ("a folder with one subfolder per class (or train/val/test folders of class folders)",
-            "a CSV file of path,label rows", "an .npz file (x/y, x_train/y_train/x_test/y_test or images/labels)",
-            "tfds:NAME (a prepared TensorFlow Datasets dataset)")
+_SOURCES = (
+    "a folder with one subfolder per class (or train/val/test folders of class folders)",
+    "a CSV file of path,label rows",
+    "an .npz file (x/y, x_train/y_train/x_test/y_test or images/labels)",
+    "tfds:NAME (a prepared TensorFlow Datasets dataset)",
+)
 # How many bad files a log message lists (all of them are in DataSource.bad_files).
 _LOG_BAD = 20
 
@@ -74,8 +77,9 @@ class Split:
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
         given = [k for k in ("paths", "images", "dataset") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"Split {self.name!r}: give exactly one of paths, images or dataset (got "
-                             f"{', '.join(given) or 'none'}).")
+            raise ValueError(
+                f"Split {self.name!r}: give exactly one of paths, images or dataset (got {', '.join(given) or 'none'})."
+            )
         if self.paths is not None:
             self.paths = [os.fspath(p) for p in self.paths]
         if self.images is not None:
@@ -96,7 +100,7 @@ class Split:
 
     @property
     def kind(self) -> str:
-        """"paths", "images" or "dataset"."""
+        """ "paths", "images" or "dataset"."""
         return "paths" if self.paths is not None else "images" if self.images is not None else "dataset"
 
     def class_counts(self, num_classes: int) -> np.ndarray:
@@ -180,15 +184,16 @@ class DataSource:
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Examples per split and class: ``{"train": {"cat": 120, ...}, ...}``."""
-        return {s: dict(zip(self.class_names, split.class_counts(self.num_classes).tolist()))
-                for s, split in self.splits.items()}
+        return {
+            s: dict(zip(self.class_names, split.class_counts(self.num_classes).tolist()))
+            for s, split in self.splits.items()
+        }
 
     def summary(self) -> str:
         """One line: classes, split sizes, skipped files."""
         sizes = ", ".join(f"{name} {len(split):,}" for name, split in self.splits.items())
         shape = f", images {'x'.join(map(str, self.image_shape))}" if self.image_shape else ""
-        return (f"{self.origin}: {self.num_classes} classes, {sizes}{shape}; "
-                f"{len(self.bad_files)} bad files skipped")
+        return f"{self.origin}: {self.num_classes} classes, {sizes}{shape}; {len(self.bad_files)} bad files skipped"
 
     def to_dict(self) -> dict:
         """The class names, split counts and skipped files, to write next to a training run."""
@@ -201,9 +206,17 @@ class DataSource:
         }
 
 
-def load_data(source: str, *, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-              strict: bool = False, data_dir: str | None = None, progress: bool = False,
-              allow_unlabeled: bool = False) -> DataSource:
+def load_data(
+    source: str,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    strict: bool = False,
+    data_dir: str | None = None,
+    progress: bool = False,
+    allow_unlabeled: bool = False,
+) -> DataSource:
     """Loads a dataset and splits it into train, val and test.
 
     ``source`` is one of:
@@ -257,8 +270,10 @@ def load_data(source: str, *, val_fraction: float = 0.1, test_fraction: float = 
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise ValueError(f"load_data: {name}={value!r} must be a number in [0, 1), e.g. 0.1.")
     if val_fraction + test_fraction >= 1:
-        raise ValueError(f"load_data: val_fraction + test_fraction = {val_fraction + test_fraction:g} must be "
-                         f"below 1, to leave images for training.")
+        raise ValueError(
+            f"load_data: val_fraction + test_fraction = {val_fraction + test_fraction:g} must be "
+            f"below 1, to leave images for training."
+        )
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"load_data: source={source!r} must be a path or 'tfds:NAME'.")
     source = os.fspath(source)
@@ -276,8 +291,9 @@ def load_data(source: str, *, val_fraction: float = 0.1, test_fraction: float = 
     elif os.path.isfile(source) and source.lower().endswith(".npz"):
         loaded = _load_npz(source)
     elif os.path.exists(source):
-        raise ValueError(f"load_data: source={source!r} is a file of an unknown kind; give "
-                         + "; or ".join(_SOURCES) + ".")
+        raise ValueError(
+            f"load_data: source={source!r} is a file of an unknown kind; give " + "; or ".join(_SOURCES) + "."
+        )
     else:
         raise FileNotFoundError(f"load_data: source={source!r} does not exist; give " + "; or ".join(_SOURCES) + ".")
     return _finish(loaded, source, fractions, seed, strict, settings)
@@ -287,17 +303,24 @@ def _finish(loaded: _Loaded, source: str, fractions: dict, seed: int, strict: bo
     """Bad files (refused with ``strict``), duplicates, the split, and one warning for every problem."""
     problems = loaded.problems
     if loaded.bad_files and strict:
-        raise ValueError(f"load_data: {len(loaded.bad_files)} bad files in {source} (strict=True); fix or delete "
-                         f"them:\n" + "\n".join(f"  {b}" for b in loaded.bad_files))
+        raise ValueError(
+            f"load_data: {len(loaded.bad_files)} bad files in {source} (strict=True); fix or delete "
+            f"them:\n" + "\n".join(f"  {b}" for b in loaded.bad_files)
+        )
     if loaded.bad_files:
         listed = "\n".join(f"  {b}" for b in loaded.bad_files[:_LOG_BAD])
         more = len(loaded.bad_files) - _LOG_BAD
-        problems.insert(0, f"skipped {len(loaded.bad_files)} bad files (fix or delete them; strict=True makes "
-                           f"this an error):\n{listed}" + (f"\n  ... and {more} more (see DataSource.bad_files)"
-                                                           if more > 0 else ""))
+        problems.insert(
+            0,
+            f"skipped {len(loaded.bad_files)} bad files (fix or delete them; strict=True makes "
+            f"this an error):\n{listed}" + (f"\n  ... and {more} more (see DataSource.bad_files)" if more > 0 else ""),
+        )
     if not any(len(s) for s in loaded.splits.values()):
-        raise ValueError(f"load_data: {source} has no usable images"
-                         + (f" ({len(loaded.bad_files)} bad files)" if loaded.bad_files else "") + ".")
+        raise ValueError(
+            f"load_data: {source} has no usable images"
+            + (f" ({len(loaded.bad_files)} bad files)" if loaded.bad_files else "")
+            + "."
+        )
     # Duplicates only matter (and are only dropped) when something is held out: pre-split data or a fraction.
     held_out = len(loaded.splits) > 1 or any(fractions.values())
     problems.extend(_deduplicate(loaded, held_out))
@@ -307,8 +330,7 @@ def _finish(loaded: _Loaded, source: str, fractions: dict, seed: int, strict: bo
         problems.append("classes without training examples: " + ", ".join(loaded.class_names[i] for i in missing))
     if problems:
         logger.warning("%s: %s", source, "\n".join(problems))
-    return DataSource(source, loaded.class_names, splits, loaded.bad_files, loaded.image_shape, loaded.scan,
-                      settings)
+    return DataSource(source, loaded.class_names, splits, loaded.bad_files, loaded.image_shape, loaded.scan, settings)
 
 
 @dataclass
@@ -342,8 +364,10 @@ def _deduplicate(loaded: _Loaded, held_out: bool) -> list[str]:
         kept, kept_label = first[digest]
         if label != kept_label:
             names = loaded.class_names
-            raise ValueError(f"load_data: {kept} (label {names[kept_label]!r}) and {path} (label {names[label]!r}) "
-                             f"are the same image (identical bytes) with two labels; delete the wrong copy.")
+            raise ValueError(
+                f"load_data: {kept} (label {names[kept_label]!r}) and {path} (label {names[label]!r}) "
+                f"are the same image (identical bytes) with two labels; delete the wrong copy."
+            )
         dropped[name].append(i)
         pairs.append((path, kept))
     if not held_out or not pairs:
@@ -351,8 +375,12 @@ def _deduplicate(loaded: _Loaded, held_out: bool) -> list[str]:
     for name, indices in dropped.items():
         if indices:
             loaded.splits[name] = parts[name].subset(np.setdiff1d(np.arange(len(parts[name])), indices))
-    return [(f"left out {len(pairs)} duplicate images (identical bytes to an image kept under another name), so "
-             f"none is both trained on and held out; e.g. {pairs[0][0]} = {pairs[0][1]}")]
+    return [
+        (
+            f"left out {len(pairs)} duplicate images (identical bytes to an image kept under another name), so "
+            f"none is both trained on and held out; e.g. {pairs[0][0]} = {pairs[0][1]}"
+        )
+    ]
 
 
 def _complete_splits(splits: dict[str, Split], fractions: dict[str, float], seed: int, source: str):
@@ -361,8 +389,10 @@ def _complete_splits(splits: dict[str, Split], fractions: dict[str, float], seed
         whole = splits[UNSPLIT]
         parts = stratified_split(whole.labels, fractions, seed)
     elif "train" not in splits or not len(splits["train"]):
-        raise ValueError(f"load_data: {source} has no training examples (splits: "
-                         f"{', '.join(f'{k} {len(v)}' for k, v in splits.items())}); add a train split.")
+        raise ValueError(
+            f"load_data: {source} has no training examples (splits: "
+            f"{', '.join(f'{k} {len(v)}' for k, v in splits.items())}); add a train split."
+        )
     else:
         whole = splits["train"]
         parts = stratified_split(whole.labels, {s: f for s, f in fractions.items() if s not in splits}, seed)
@@ -415,11 +445,12 @@ def stratified_split(labels, fractions: dict[str, float], seed: int = 0) -> dict
         members = rng.permutation(np.flatnonzero(labels == cls))
         start = 0
         for name in fractions:
-            parts[name].append(members[start:start + quotas[name][c]])
+            parts[name].append(members[start : start + quotas[name][c]])
             start += quotas[name][c]
         parts["train"].append(members[start:])
-    return {name: np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64)
-            for name, p in parts.items()}
+    return {
+        name: np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64) for name, p in parts.items()
+    }
 
 
 def _load_folder(root: str, progress: bool) -> _Loaded:
@@ -433,12 +464,14 @@ def _load_folder(root: str, progress: bool) -> _Loaded:
             for path in by_class.get(name, ()):
                 paths.append(path)
                 labels.append(index[name])
-        splits[split] = Split(split, np.array(labels, np.int64), paths=paths, hashes=[report.hashes[p] for p in paths],
-                              part=split)
+        splits[split] = Split(
+            split, np.array(labels, np.int64), paths=paths, hashes=[report.hashes[p] for p in paths], part=split
+        )
     problems = []
     if report.empty_classes:
-        problems.append("class folders without a good image, left out of the classes: "
-                        + ", ".join(report.empty_classes))
+        problems.append(
+            "class folders without a good image, left out of the classes: " + ", ".join(report.empty_classes)
+        )
     return _Loaded(names, splits, list(report.bad_files), None, report, problems)
 
 
@@ -451,8 +484,9 @@ def _load_flat_folder(root: str, progress: bool) -> _Loaded:
     bad = [BadFile(p, verdicts[os.path.abspath(p)].reason) for p in files if not verdicts[os.path.abspath(p)].ok]
     name = os.path.basename(os.path.abspath(root))
     hashes = [result.hashes[os.path.abspath(p)] for p in good]
-    return _Loaded([name], {UNSPLIT: Split(UNSPLIT, np.zeros(len(good), np.int64), paths=good, hashes=hashes,
-                                           part=UNSPLIT)}, bad)
+    return _Loaded(
+        [name], {UNSPLIT: Split(UNSPLIT, np.zeros(len(good), np.int64), paths=good, hashes=hashes, part=UNSPLIT)}, bad
+    )
 
 
 _PATH_HEADERS = {"path", "file", "filename", "file_name", "filepath", "image", "image_path", "img"}
@@ -474,12 +508,17 @@ def _load_csv(path: str, progress: bool) -> _Loaded:
         paths, labels = by_split.setdefault(split, ([], []))
         paths.append(file)
         labels.append(label_of[label])
-    splits = {s: Split(s, np.array(labels, np.int64), paths=paths, hashes=[result.hashes[p] for p in paths], part=s)
-              for s, (paths, labels) in by_split.items()}
+    splits = {
+        s: Split(s, np.array(labels, np.int64), paths=paths, hashes=[result.hashes[p] for p in paths], part=s)
+        for s, (paths, labels) in by_split.items()
+    }
     if has_split_column and UNSPLIT in splits:
         raise ValueError(f"load_data: {path} mixes rows with and without a split.")
-    problems = [f"{repeated} rows list a file an earlier row lists (same label and split); each file is used once"
-                ] if repeated else []
+    problems = (
+        [f"{repeated} rows list a file an earlier row lists (same label and split); each file is used once"]
+        if repeated
+        else []
+    )
     return _Loaded(class_names, splits, bad, problems=problems)
 
 
@@ -487,8 +526,11 @@ def _csv_entries(path: str) -> tuple[list[tuple[str, str, str, int]], bool]:
     """The rows of a CSV as (absolute file, label, split, line), and whether it has a split column."""
     folder = os.path.dirname(os.path.abspath(path))
     with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [(n, [c.strip() for c in row]) for n, row in enumerate(csv.reader(f), start=1)
-                if row and any(c.strip() for c in row)]
+        rows = [
+            (n, [c.strip() for c in row])
+            for n, row in enumerate(csv.reader(f), start=1)
+            if row and any(c.strip() for c in row)
+        ]
     if not rows:
         raise ValueError(f"load_data: {path} is empty; write one 'path,label' row per image.")
     first = [c.lower() for c in rows[0][1]]
@@ -498,12 +540,16 @@ def _csv_entries(path: str) -> tuple[list[tuple[str, str, str, int]], bool]:
         label_col = next((i for i, c in enumerate(first) if c in _LABEL_HEADERS), None)
         split_col = first.index("split") if "split" in first else None
         if path_col is None or label_col is None:
-            raise ValueError(f"load_data: the header of {path} ({', '.join(rows[0][1])}) needs a path column "
-                             f"and a label column, e.g. 'path,label' (optionally ',split').")
+            raise ValueError(
+                f"load_data: the header of {path} ({', '.join(rows[0][1])}) needs a path column "
+                f"and a label column, e.g. 'path,label' (optionally ',split')."
+            )
         rows = rows[1:]
     elif len(first) != 2:
-        raise ValueError(f"load_data: {path} line {rows[0][0]} has {len(first)} columns; without a header each "
-                         f"row must be 'path,label' (add a header 'path,label,split' for a split column).")
+        raise ValueError(
+            f"load_data: {path} line {rows[0][0]} has {len(first)} columns; without a header each "
+            f"row must be 'path,label' (add a header 'path,label,split' for a split column)."
+        )
     width = max(path_col, label_col, split_col or 0) + 1
     entries = []
     for line, row in rows:
@@ -513,8 +559,10 @@ def _csv_entries(path: str) -> tuple[list[tuple[str, str, str, int]], bool]:
         if split_col is not None:
             split = SPLIT_FOLDERS.get(row[split_col].lower())
             if split is None:
-                raise ValueError(f"load_data: {path} line {line}: split {row[split_col]!r} must be one of "
-                                 f"{', '.join(SPLIT_FOLDERS)}.")
+                raise ValueError(
+                    f"load_data: {path} line {line}: split {row[split_col]!r} must be one of "
+                    f"{', '.join(SPLIT_FOLDERS)}."
+                )
         file = os.path.normpath(os.path.join(folder, os.path.expanduser(row[path_col])))
         entries.append((file, row[label_col], split, line))
     if not entries:
@@ -539,11 +587,15 @@ def _one_row_per_file(entries, path: str):
             continue
         _, label0, split0, line0 = first[key]
         if label != label0:
-            raise ValueError(f"load_data: {path} lines {line0} and {line} both list {file}, with the labels "
-                             f"{label0!r} and {label!r}; keep one row per image, with its label.")
+            raise ValueError(
+                f"load_data: {path} lines {line0} and {line} both list {file}, with the labels "
+                f"{label0!r} and {label!r}; keep one row per image, with its label."
+            )
         if split != split0:
-            raise ValueError(f"load_data: {path} lines {line0} and {line} put {file} in both the {split0} and "
-                             f"the {split} split; keep one row per image, so held-out images are never trained on.")
+            raise ValueError(
+                f"load_data: {path} lines {line0} and {line} put {file} in both the {split0} and "
+                f"the {split} split; keep one row per image, so held-out images are never trained on."
+            )
     return kept, len(entries) - len(kept)
 
 
@@ -570,8 +622,10 @@ def _check_class_indices(first_at: dict[int, str], where: str) -> None:
     values = sorted(first_at)
     at = {v: f" ({first_at[v]})" if first_at[v] else "" for v in values}
     if values and values[0] < 0:
-        raise ValueError(f"load_data: {where} has a negative label {values[0]}{at[values[0]]}; integer labels are "
-                         f"class indices 0..N-1.")
+        raise ValueError(
+            f"load_data: {where} has a negative label {values[0]}{at[values[0]]}; integer labels are "
+            f"class indices 0..N-1."
+        )
     n = len(values)
     if not values or values[-1] == n - 1:
         return
@@ -583,9 +637,11 @@ def _check_class_indices(first_at: dict[int, str], where: str) -> None:
         fix = "the labels start at 1; number the classes from 0 (subtract 1 from every label)"
     else:
         fix = f"{outside[0]} looks like a typo"
-    raise ValueError(f"load_data: {where} has label {named}, but its {n} distinct labels leave class "
-                     f"{', '.join(map(str, missing[:5]))}{' ...' if len(missing) > 5 else ''} without any example; "
-                     f"labels are class indices 0..N-1 with every class present (here 0..{n - 1}); {fix}.")
+    raise ValueError(
+        f"load_data: {where} has label {named}, but its {n} distinct labels leave class "
+        f"{', '.join(map(str, missing[:5]))}{' ...' if len(missing) > 5 else ''} without any example; "
+        f"labels are class indices 0..N-1 with every class present (here 0..{n - 1}); {fix}."
+    )
 
 
 _NPZ_LAYOUTS = (("x", "y"), ("images", "labels"))
@@ -596,13 +652,18 @@ def _load_npz(path: str) -> _Loaded:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except ValueError as err:
-        raise ValueError(f"load_data: {path} holds Python objects ({err}); save plain arrays, e.g. "
-                         f"class_names as np.array(names, dtype=str).") from None
+        raise ValueError(
+            f"load_data: {path} holds Python objects ({err}); save plain arrays, e.g. "
+            f"class_names as np.array(names, dtype=str)."
+        ) from None
     keys = set(arrays)
     pairs = {}
     if {"x_train", "y_train"} <= keys:
-        for split, (xk, yk) in {"train": ("x_train", "y_train"), "val": ("x_val", "y_val"),
-                                "test": ("x_test", "y_test")}.items():
+        for split, (xk, yk) in {
+            "train": ("x_train", "y_train"),
+            "val": ("x_val", "y_val"),
+            "test": ("x_test", "y_test"),
+        }.items():
             for x_key, y_key in ((xk, yk), (xk.replace("val", "valid"), yk.replace("val", "valid"))):
                 if x_key in keys and y_key in keys:
                     pairs[split] = (x_key, y_key)
@@ -610,16 +671,19 @@ def _load_npz(path: str) -> _Loaded:
     else:
         found = next((p for p in _NPZ_LAYOUTS if set(p) <= keys), None)
         if found is None:
-            raise ValueError(f"load_data: {path} has arrays {', '.join(sorted(keys)) or 'none'}; it needs x and y, "
-                             f"images and labels, or x_train, y_train, x_test, y_test (and optionally x_val, y_val).")
+            raise ValueError(
+                f"load_data: {path} has arrays {', '.join(sorted(keys)) or 'none'}; it needs x and y, "
+                f"images and labels, or x_train, y_train, x_test, y_test (and optionally x_val, y_val)."
+            )
         pairs[UNSPLIT] = found
     splits, shape = {}, None
     for split, (x_key, y_key) in pairs.items():
         images = _as_uint8_images(arrays[x_key], f"{path}[{x_key}]")
         labels = _as_labels(arrays[y_key], f"{path}[{y_key}]")
         if len(images) != len(labels):
-            raise ValueError(f"load_data: {path}: {x_key} has {len(images)} images but {y_key} has {len(labels)} "
-                             f"labels.")
+            raise ValueError(
+                f"load_data: {path}: {x_key} has {len(images)} images but {y_key} has {len(labels)} labels."
+            )
         if shape is not None and images.shape[1:] != shape:
             raise ValueError(f"load_data: {path}: {x_key} images are {images.shape[1:]} but the others are {shape}.")
         shape = images.shape[1:]
@@ -635,11 +699,15 @@ def _npz_class_names(path: str, arrays: dict, pairs: dict, splits: dict[str, Spl
         class_names = [str(n) for n in np.asarray(arrays["class_names"]).reshape(-1)]
         top = max((int(s.labels.max()) for s in splits.values() if len(s)), default=-1)
         if top >= len(class_names):
-            raise ValueError(f"load_data: {path} has label {top} but only {len(class_names)} class_names; labels are "
-                             f"indices into class_names.")
+            raise ValueError(
+                f"load_data: {path} has label {top} but only {len(class_names)} class_names; labels are "
+                f"indices into class_names."
+            )
         if len(class_names) > total:
-            raise ValueError(f"load_data: {path} has {len(class_names):,} class_names but only {total:,} images; keep "
-                             f"the names of the classes it has.")
+            raise ValueError(
+                f"load_data: {path} has {len(class_names):,} class_names but only {total:,} images; keep "
+                f"the names of the classes it has."
+            )
         return class_names
     first_at: dict[int, str] = {}
     for split, (_, y_key) in pairs.items():
@@ -656,11 +724,15 @@ def _as_uint8_images(x: np.ndarray, where: str) -> np.ndarray:
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"load_data: {where} has shape {x.shape}; images must be (N, height, width) or "
-                         f"(N, height, width, channels) with 1, 3 or 4 channels.")
+        raise ValueError(
+            f"load_data: {where} has shape {x.shape}; images must be (N, height, width) or "
+            f"(N, height, width, channels) with 1, 3 or 4 channels."
+        )
     if 0 in x.shape[1:3]:
-        raise ValueError(f"load_data: {where} has shape {x.shape}: images of zero size; each image needs at least "
-                         f"one row and one column of pixels.")
+        raise ValueError(
+            f"load_data: {where} has shape {x.shape}: images of zero size; each image needs at least "
+            f"one row and one column of pixels."
+        )
     if x.dtype == np.uint8:
         return x
     if x.dtype == np.uint16:
@@ -670,12 +742,16 @@ def _as_uint8_images(x: np.ndarray, where: str) -> np.ndarray:
             return x.astype(np.uint8)
         finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
         if not finite.all():
-            raise ValueError(f"load_data: {where} has NaN or infinite pixels in {int((~finite).sum())} images (the "
-                             f"first: image {int(np.argmin(finite))}); fix or drop them before saving the .npz.")
+            raise ValueError(
+                f"load_data: {where} has NaN or infinite pixels in {int((~finite).sum())} images (the "
+                f"first: image {int(np.argmin(finite))}); fix or drop them before saving the .npz."
+            )
         low, high = float(x.min()), float(x.max())
         if low < 0 or high > 255:
-            raise ValueError(f"load_data: {where} has pixel values {low:g}..{high:g}; float images must be in 0..1 or "
-                             f"0..255 (undo any normalization before saving).")
+            raise ValueError(
+                f"load_data: {where} has pixel values {low:g}..{high:g}; float images must be in 0..1 or "
+                f"0..255 (undo any normalization before saving)."
+            )
         scale = 255.0 if high <= 1.0 else 1.0
         return np.clip(x * scale, 0, 255).round().astype(np.uint8)
     if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
@@ -687,14 +763,15 @@ def _as_uint8_images(x: np.ndarray, where: str) -> np.ndarray:
 
 def _as_labels(y: np.ndarray, where: str) -> np.ndarray:
     if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating) or y.dtype == np.bool_):
-        raise ValueError(f"load_data: {where} has dtype {y.dtype}; labels are class indices 0..N-1 "
-                         f"(keep the names in a class_names array).")
+        raise ValueError(
+            f"load_data: {where} has dtype {y.dtype}; labels are class indices 0..N-1 "
+            f"(keep the names in a class_names array)."
+        )
     if y.ndim == 2 and y.shape[1] > 1:  # one-hot rows
         y = y.argmax(axis=1)
     y = y.reshape(-1)
     if y.size and np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y) & (y == np.round(y))):
-        raise ValueError(f"load_data: {where} has fractional, NaN or infinite labels; labels are class indices "
-                         f"0..N-1.")
+        raise ValueError(f"load_data: {where} has fractional, NaN or infinite labels; labels are class indices 0..N-1.")
     y = y.astype(np.int64)
     if y.size and y.min() < 0:
         raise ValueError(f"load_data: {where} has a negative label {y.min()}; labels are class indices 0..N-1.")
@@ -709,25 +786,32 @@ def _load_tfds(source: str, fractions, seed, data_dir, progress) -> DataSource:
     import tensorflow_datasets as tfds
     from tqdm.auto import tqdm
 
-    name = source[len("tfds:"):].strip()
+    name = source[len("tfds:") :].strip()
     if not name:
         raise ValueError("load_data: give the dataset after 'tfds:', e.g. 'tfds:mnist'.")
     where = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-    how = (f"On a machine with internet, run `tfds build {name.split(':')[0]} --data_dir DIR` (or "
-           f"tfds.builder({name.split(':')[0]!r}, data_dir=DIR).download_and_prepare()), then copy DIR's "
-           f"{name.split('/')[0].split(':')[0]}/ folder into {where} (or pass data_dir=DIR).")
+    how = (
+        f"On a machine with internet, run `tfds build {name.split(':')[0]} --data_dir DIR` (or "
+        f"tfds.builder({name.split(':')[0]!r}, data_dir=DIR).download_and_prepare()), then copy DIR's "
+        f"{name.split('/')[0].split(':')[0]}/ folder into {where} (or pass data_dir=DIR)."
+    )
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise FileNotFoundError(f"load_data: TFDS dataset {name!r} is not prepared in {where} (and ktoolkit never "
-                                f"downloads). {how}") from None
+        raise FileNotFoundError(
+            f"load_data: TFDS dataset {name!r} is not prepared in {where} (and ktoolkit never downloads). {how}"
+        ) from None
     if not builder.is_prepared():
-        raise FileNotFoundError(f"load_data: TFDS dataset {name!r} is not prepared in {builder.data_dir} (and "
-                                f"ktoolkit never downloads). {how}")
+        raise FileNotFoundError(
+            f"load_data: TFDS dataset {name!r} is not prepared in {builder.data_dir} (and "
+            f"ktoolkit never downloads). {how}"
+        )
     info = builder.info
     if not info.supervised_keys or len(info.supervised_keys) != 2:
-        raise ValueError(f"load_data: TFDS dataset {name!r} has no (image, label) supervised keys, so it is not an "
-                         f"image classification dataset.")
+        raise ValueError(
+            f"load_data: TFDS dataset {name!r} has no (image, label) supervised keys, so it is not an "
+            f"image classification dataset."
+        )
     image_key, label_key = info.supervised_keys
     label_feature = info.features[label_key]
     if not hasattr(label_feature, "names"):
@@ -742,21 +826,29 @@ def _load_tfds(source: str, fractions, seed, data_dir, progress) -> DataSource:
         if split is None or split in splits:
             continue
         # Labels only: the images are read but not decoded.
-        labels_ds = builder.as_dataset(split=tfds_split, shuffle_files=False,
-                                       decoders={image_key: tfds.decode.SkipDecoding()})
+        labels_ds = builder.as_dataset(
+            split=tfds_split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()}
+        )
         labels = []
-        with tqdm(total=info.splits[tfds_split].num_examples, desc=f"reading {tfds_split} labels", unit="example",
-                  disable=not progress, leave=False) as bar:
+        with tqdm(
+            total=info.splits[tfds_split].num_examples,
+            desc=f"reading {tfds_split} labels",
+            unit="example",
+            disable=not progress,
+            leave=False,
+        ) as bar:
             for batch in labels_ds.map(lambda ex: ex[label_key]).batch(4096):
                 labels.append(batch.numpy())
                 bar.update(len(labels[-1]))
         dataset = builder.as_dataset(split=tfds_split, shuffle_files=False, as_supervised=True)
         key = f"tfds:{info.full_name}:{tfds_split}"
-        splits[split] = Split(split, np.concatenate(labels) if labels else np.zeros(0, np.int64), dataset=dataset,
-                              key=key)
+        splits[split] = Split(
+            split, np.concatenate(labels) if labels else np.zeros(0, np.int64), dataset=dataset, key=key
+        )
     if not splits:
-        raise ValueError(f"load_data: TFDS dataset {name!r} has splits {', '.join(info.splits)} but none of train, "
-                         f"validation, test.")
+        raise ValueError(
+            f"load_data: TFDS dataset {name!r} has splits {', '.join(info.splits)} but none of train, validation, test."
+        )
     if "train" not in splits:
         raise ValueError(f"load_data: TFDS dataset {name!r} has no train split ({', '.join(info.splits)}).")
     splits = _complete_splits(splits, fractions, seed, source)

@@ -12,5 +12,15 @@ from ktoolkit.pretrain.config import DEFAULT_RECIPES, DEFAULT_VIEWS, METHODS, Pr
 from ktoolkit.pretrain.engine import PretrainResult, pretrain
 from ktoolkit.pretrain.linear_eval import LinearEvalResult, ProbeResult, linear_eval, linear_probe
 
-__all__ = ["DEFAULT_RECIPES", "DEFAULT_VIEWS", "METHODS", "LinearEvalResult", "PretrainConfig", "PretrainResult",
-           "ProbeResult", "linear_eval", "linear_probe", "pretrain"]
+__all__ = [
+    "DEFAULT_RECIPES",
+    "DEFAULT_VIEWS",
+    "METHODS",
+    "LinearEvalResult",
+    "PretrainConfig",
+    "PretrainResult",
+    "ProbeResult",
+    "linear_eval",
+    "linear_probe",
+    "pretrain",
+]

@@ -13,8 +13,11 @@ from ktoolkit.train.config import RunConfig
 METHODS = ("autoencoder", "denoising", "contrastive")
 NOISES = ("gaussian", "masking", "salt_pepper")  # recipes.autoencoder.NOISES, without importing TensorFlow
 # The recipe each method builds when none is given.
-DEFAULT_RECIPES = {"autoencoder": "conv_autoencoder", "denoising": "denoising_autoencoder",
-                   "contrastive": "contrastive_encoder"}
+DEFAULT_RECIPES = {
+    "autoencoder": "conv_autoencoder",
+    "denoising": "denoising_autoencoder",
+    "contrastive": "contrastive_encoder",
+}
 # SimCLR's invariances (Chen et al. 2020): random resized crops (which also scale), flips and colour.
 DEFAULT_VIEWS = "flip,crop=0.2,color=40"
 
@@ -84,7 +87,7 @@ class PretrainConfig(RunConfig):
     # Settings that may differ when an interrupted run is resumed (they do not change the result).
     RESUMABLE = ("epochs", "deterministic", "strict", "cache", "data_dir", "distribute")
 
-    def resolved(self) -> "PretrainConfig":
+    def resolved(self) -> PretrainConfig:
         """A copy with the method's defaults filled in (recipe, augment), as the run folder records it."""
         import dataclasses
 
@@ -93,7 +96,7 @@ class PretrainConfig(RunConfig):
             augment = DEFAULT_VIEWS if self.method == "contrastive" else "none"
         return dataclasses.replace(self, recipe=self.recipe or DEFAULT_RECIPES.get(self.method), augment=augment)
 
-    def validate(self) -> "PretrainConfig":
+    def validate(self) -> PretrainConfig:
         """Raises a ValueError naming the first bad field, its value and the valid ones."""
         bad = self._bad
         if self.method not in METHODS:
@@ -102,8 +105,11 @@ class PretrainConfig(RunConfig):
             bad("data", "give the images: a folder (class subfolders are optional), a CSV, an .npz or tfds:NAME.")
         self.check_common()
         if self.method == "contrastive" and self.batch_size < 2:
-            bad("batch_size", "contrastive learning needs at least 2 images per batch (the others are the negatives); "
-                              "use 64 or more.")
+            bad(
+                "batch_size",
+                "contrastive learning needs at least 2 images per batch (the others are the negatives); "
+                "use 64 or more.",
+            )
         if not self.temperature > 0:
             bad("temperature", "must be > 0, e.g. 0.5 (SimCLR on CIFAR-10) or 0.1.")
         if self.noise not in NOISES:
@@ -116,8 +122,11 @@ class PretrainConfig(RunConfig):
         if augment.mixes_labels:
             bad("augment", "mixup and cutmix mix labels, and pretraining has none; leave them out.")
         if self.method == "contrastive" and not augment:
-            bad("augment", f"contrastive learning needs random views of each image, e.g. {DEFAULT_VIEWS} "
-                           "(crop=0.3 alone for digits).")
+            bad(
+                "augment",
+                f"contrastive learning needs random views of each image, e.g. {DEFAULT_VIEWS} "
+                "(crop=0.3 alone for digits).",
+            )
         self._check_recipe()
         return self
 
@@ -128,16 +137,21 @@ class PretrainConfig(RunConfig):
         recipe = recipes.get(name)  # UnknownRecipeError with close matches
         if self.method == "contrastive":
             if recipe.task not in ("contrastive", "classification"):
-                raise ValueError(f"recipe={name!r} is an {recipe.task} model; --method contrastive takes "
-                                 "contrastive_encoder or a classification recipe as its backbone (e.g. resnet18).")
+                raise ValueError(
+                    f"recipe={name!r} is an {recipe.task} model; --method contrastive takes "
+                    "contrastive_encoder or a classification recipe as its backbone (e.g. resnet18)."
+                )
             return
         autoencoders = recipes.names(task="autoencoder")
         denoising = "noise" in recipe.options
         if recipe.task != "autoencoder":
-            raise ValueError(f"recipe={name!r} is not an autoencoder; --method {self.method} takes "
-                             f"{', '.join(autoencoders)}.")
+            raise ValueError(
+                f"recipe={name!r} is not an autoencoder; --method {self.method} takes {', '.join(autoencoders)}."
+            )
         if self.method == "denoising" and not denoising:
-            raise ValueError(f"recipe={name!r} has no noise layer; --method denoising takes "
-                             f"{', '.join(n for n in autoencoders if 'noise' in recipes.get(n).options)}.")
+            raise ValueError(
+                f"recipe={name!r} has no noise layer; --method denoising takes "
+                f"{', '.join(n for n in autoencoders if 'noise' in recipes.get(n).options)}."
+            )
         if self.method == "autoencoder" and denoising:
             raise ValueError(f"recipe={name!r} corrupts its inputs; use --method denoising with it.")

@@ -37,11 +37,11 @@ LINEAR_EVAL = "linear_eval"  # the default folder of `ktool linear-eval` inside 
 PROJECTED_IMAGES = 2000
 _METHODS = {
     "autoencoder": "autoencoder: the encoder's embedding must keep what the decoder needs to reconstruct the image "
-                   "(mean squared error)",
+    "(mean squared error)",
     "denoising": "denoising autoencoder (Vincent et al. 2008): the image is corrupted in training and the network "
-                 "reconstructs the clean one",
+    "reconstructs the clean one",
     "contrastive": "contrastive (SimCLR, Chen et al. 2020): two random views of each image are pulled together, the "
-                   "other images of the batch pushed away (NT-Xent loss)",
+    "other images of the batch pushed away (NT-Xent loss)",
 }
 
 
@@ -58,8 +58,9 @@ class PretrainResult:
 
 
 @run_command
-def pretrain(config: PretrainConfig | None = None, *, progress: bool = False, overwrite: bool = False,
-             **overrides) -> PretrainResult:
+def pretrain(
+    config: PretrainConfig | None = None, *, progress: bool = False, overwrite: bool = False, **overrides
+) -> PretrainResult:
     """Pretrains ``config.recipe`` with ``config.method`` on ``config.data`` and writes the run folder ``config.out``.
 
     Args:
@@ -94,13 +95,25 @@ def pretrain(config: PretrainConfig | None = None, *, progress: bool = False, ov
 
     recipe = recipes.get(config.recipe)
     source = resumed_source(run, progress) or load_data(
-        config.data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed,
-        strict=config.strict, data_dir=config.data_dir, progress=progress, allow_unlabeled=True)
+        config.data,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        strict=config.strict,
+        data_dir=config.data_dir,
+        progress=progress,
+        allow_unlabeled=True,
+    )
     image_size = tuple(config.image_size or recipe.input_shape[:2])
     channels = config.channels or recipe.input_shape[2]
     global_batch = config.batch_size * strategy.num_replicas_in_sync
-    log.info("%s; global batch %d = %d per replica x %d replica(s)", description, global_batch, config.batch_size,
-             strategy.num_replicas_in_sync)
+    log.info(
+        "%s; global batch %d = %d per replica x %d replica(s)",
+        description,
+        global_batch,
+        config.batch_size,
+        strategy.num_replicas_in_sync,
+    )
     if chief:
         write_run_header(run, config, source, image_size, channels)  # the classes only colour embeddings.png
     tf_keras.utils.set_random_seed(config.seed)
@@ -112,25 +125,41 @@ def pretrain(config: PretrainConfig | None = None, *, progress: bool = False, ov
     drop_last = contrastive and len(train_split) >= global_batch
 
     def dataset(split, training):
-        ds = make_dataset(split, num_classes=source.num_classes, image_size=image_size, channels=channels,
-                          batch_size=global_batch, training=training, seed=config.seed,
-                          cache=None if config.cache == "none" else config.cache,
-                          augment=augment if training and augment and not contrastive else None, one_hot=False,
-                          drop_remainder=drop_last and training, deterministic=config.deterministic or None)
+        ds = make_dataset(
+            split,
+            num_classes=source.num_classes,
+            image_size=image_size,
+            channels=channels,
+            batch_size=global_batch,
+            training=training,
+            seed=config.seed,
+            cache=None if config.cache == "none" else config.cache,
+            augment=augment if training and augment and not contrastive else None,
+            one_hot=False,
+            drop_remainder=drop_last and training,
+            deterministic=config.deterministic or None,
+        )
         if contrastive:
             return models.two_views(ds, augment, config.seed + (0 if training else 1), fixed=not training)
         return ds.map(lambda images, labels: (images, images / 255.0))  # labels are never read
 
     train_ds = dataset(train_split, True)
     val_ds = dataset(val_split, False) if val_split is not None else None
-    train_steps = config.steps_per_epoch or (len(train_split) // global_batch if drop_last
-                                             else -(-len(train_split) // global_batch))
+    train_steps = config.steps_per_epoch or (
+        len(train_split) // global_batch if drop_last else -(-len(train_split) // global_batch)
+    )
     if config.steps_per_epoch:
         train_ds = train_ds.repeat()
 
     with strategy.scope():
-        network = models.build_network(config.method, recipe, (*image_size, channels), noise=config.noise,
-                                       noise_strength=config.noise_strength, options=config.recipe_options)
+        network = models.build_network(
+            config.method,
+            recipe,
+            (*image_size, channels),
+            noise=config.noise,
+            noise_strength=config.noise_strength,
+            options=config.recipe_options,
+        )
         optimizer, schedule_callbacks = _optimizer(config, train_steps)
         if contrastive:
             model = models.SimCLR(network, config.temperature)
@@ -138,12 +167,28 @@ def pretrain(config: PretrainConfig | None = None, *, progress: bool = False, ov
         else:
             model = network
             model.compile(optimizer=optimizer, loss="mse")
-        log.info("pretraining %s (%s, %s parameters) on %d images without labels, %s, %d epochs", network.name,
-                 config.method, f"{network.count_params():,}", len(train_split),
-                 "x".join(map(str, (*image_size, channels))), config.epochs)
+        log.info(
+            "pretraining %s (%s, %s parameters) on %d images without labels, %s, %d epochs",
+            network.name,
+            config.method,
+            f"{network.count_params():,}",
+            len(train_split),
+            "x".join(map(str, (*image_size, channels))),
+            config.epochs,
+        )
         # No inference model: there is no best epoch to keep (no accuracy), the encoder is saved at the end.
-        history, resumed, _ = fit(run, model, None, train_ds, val_ds, epochs=config.epochs, steps=train_steps,
-                                  callbacks=schedule_callbacks, chief=chief, progress=progress)
+        history, resumed, _ = fit(
+            run,
+            model,
+            None,
+            train_ds,
+            val_ds,
+            epochs=config.epochs,
+            steps=train_steps,
+            callbacks=schedule_callbacks,
+            chief=chief,
+            progress=progress,
+        )
 
     encoder = models.transfer_encoder(network)
     for path, keras_model in ((run.last, network), (run.encoder, encoder)):
@@ -156,29 +201,66 @@ def pretrain(config: PretrainConfig | None = None, *, progress: bool = False, ov
         shown = val_split if val_split is not None else train_split
 
         def pixels(split):
-            return make_dataset(split, num_classes=source.num_classes, image_size=image_size, channels=channels,
-                                batch_size=64, one_hot=False)
+            return make_dataset(
+                split,
+                num_classes=source.num_classes,
+                image_size=image_size,
+                channels=channels,
+                batch_size=64,
+                one_hot=False,
+            )
 
         if not contrastive:
             measurements = reconstruction_errors(network, pixels(shown))
             first = shown.subset(np.arange(min(8, len(shown))))
             plot_reconstructions(network, next(iter(pixels(first)))[0], run.root / RECONSTRUCTIONS)
         sample = np.random.default_rng(config.seed).permutation(len(train_split))[:PROJECTED_IMAGES]
-        projected = plot_embeddings(encoder, train_split.subset(np.sort(sample)), source.class_names,
-                                    run.root / EMBEDDINGS, image_size=image_size, channels=channels)
+        projected = plot_embeddings(
+            encoder,
+            train_split.subset(np.sort(sample)),
+            source.class_names,
+            run.root / EMBEDDINGS,
+            image_size=image_size,
+            channels=channels,
+        )
         last = history[-1] if history else {}
         measurements.update({k: last[k] for k in ("loss", "val_loss") if k in last})
-        write_json(run.root / RESULT_FILE, {
-            "method": config.method, "recipe": config.recipe, "network": network.name,
-            "encoder": {"file": run.encoder.name, "input_shape": list(encoder.input_shape[1:]),
-                        "output_shape": list(encoder.output_shape[1:]), "parameters": encoder.count_params()},
-            "images": len(train_split), "measured_on": f"{shown.name} split ({len(shown)} images)",
-            "embeddings_plot": projected, "measurements": measurements,
-        })
-        finish(run, source.class_names, "val", None, history, started=started, extra_sections=report_sections(run),
-               title=f"{config.method} pretraining of {network.name} on {config.data}")
-    return PretrainResult(run=run, config=config, measurements=measurements, history=history,
-                          seconds=time.time() - started, resumed_from_epoch=resumed)
+        write_json(
+            run.root / RESULT_FILE,
+            {
+                "method": config.method,
+                "recipe": config.recipe,
+                "network": network.name,
+                "encoder": {
+                    "file": run.encoder.name,
+                    "input_shape": list(encoder.input_shape[1:]),
+                    "output_shape": list(encoder.output_shape[1:]),
+                    "parameters": encoder.count_params(),
+                },
+                "images": len(train_split),
+                "measured_on": f"{shown.name} split ({len(shown)} images)",
+                "embeddings_plot": projected,
+                "measurements": measurements,
+            },
+        )
+        finish(
+            run,
+            source.class_names,
+            "val",
+            None,
+            history,
+            started=started,
+            extra_sections=report_sections(run),
+            title=f"{config.method} pretraining of {network.name} on {config.data}",
+        )
+    return PretrainResult(
+        run=run,
+        config=config,
+        measurements=measurements,
+        history=history,
+        seconds=time.time() - started,
+        resumed_from_epoch=resumed,
+    )
 
 
 def reconstruction_errors(network, dataset) -> dict:
@@ -266,13 +348,20 @@ def plot_embeddings(encoder, split, class_names, path, *, image_size, channels) 
     share = pca.explained_variance_ratio_
     ax.set_xlabel(f"principal component 1 ({share[0]:.0%} of the variance)")
     ax.set_ylabel(f"principal component 2 ({share[1]:.0%})")
-    ax.set_title(f"{features.shape[1]}-d embeddings of {len(features)} training images"
-                 + (", coloured by class (not used in training)" if labelled else ""), fontsize=9)
+    ax.set_title(
+        f"{features.shape[1]}-d embeddings of {len(features)} training images"
+        + (", coloured by class (not used in training)" if labelled else ""),
+        fontsize=9,
+    )
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
-    return {"images": len(features), "dimensions": int(features.shape[1]), "coloured_by_class": labelled,
-            "explained_variance": [round(float(v), 4) for v in share]}
+    return {
+        "images": len(features),
+        "dimensions": int(features.shape[1]),
+        "coloured_by_class": labelled,
+        "explained_variance": [round(float(v), 4) for v in share],
+    }
 
 
 def report_sections(run: Run) -> list[tuple[str, str]]:
@@ -281,21 +370,33 @@ def report_sections(run: Run) -> list[tuple[str, str]]:
     result = json.loads((run.root / RESULT_FILE).read_text())
     encoder = result["encoder"]
     shape = encoder["output_shape"]
-    embedding = (f"{shape[0]}-d embedding" if len(shape) == 1 else
-                 f"{'x'.join(map(str, shape))} embedding map (average-pooled for linear evaluation)")
-    lines = [f"Method: **{result['method']}**, {_METHODS[result['method']]}.", "",
-             f"Trained on {result['images']:,} images without their labels. The encoder `{encoder['file']}` takes "
-             f"{'x'.join(map(str, encoder['input_shape']))} images (0..255 pixels) to a {embedding} "
-             f"({encoder['parameters']:,} parameters); "
-             f"use it with `ktool linear-eval --encoder {run.root}` and `ktool finetune --base {run.root}`.", ""]
+    embedding = (
+        f"{shape[0]}-d embedding"
+        if len(shape) == 1
+        else f"{'x'.join(map(str, shape))} embedding map (average-pooled for linear evaluation)"
+    )
+    lines = [
+        f"Method: **{result['method']}**, {_METHODS[result['method']]}.",
+        "",
+        f"Trained on {result['images']:,} images without their labels. The encoder `{encoder['file']}` takes "
+        f"{'x'.join(map(str, encoder['input_shape']))} images (0..255 pixels) to a {embedding} "
+        f"({encoder['parameters']:,} parameters); "
+        f"use it with `ktool linear-eval --encoder {run.root}` and `ktool finetune --base {run.root}`.",
+        "",
+    ]
     measured = result["measurements"]
     if measured:
         lines += [f"Measured on the {result['measured_on']}:", "", "| measurement | value |", "|---|---|"]
         lines += [f"| {name.replace('_', ' ')} | {value:.5f} |" for name, value in measured.items()]
     sections = [("Pretraining", "\n".join(lines))]
     if (run.root / RECONSTRUCTIONS).exists():
-        sections.append(("Reconstructions", "Validation images; rows: input, noisy input (denoising), output.\n\n"
-                                            f"![reconstructions]({RECONSTRUCTIONS})"))
+        sections.append(
+            (
+                "Reconstructions",
+                "Validation images; rows: input, noisy input (denoising), output.\n\n"
+                f"![reconstructions]({RECONSTRUCTIONS})",
+            )
+        )
     sections.append(("Embeddings", f"![embeddings]({EMBEDDINGS})"))
     linear = run.root / LINEAR_EVAL / "linear_eval.md"
     if linear.exists():

@@ -64,23 +64,41 @@ class LinearEvalResult:
         def probe(p):
             return None if p is None else {k: v for k, v in asdict(p).items() if k != "probe"}
 
-        return {"encoder": self.encoder, "data": self.data, "classes": list(self.classes),
-                "accuracy": self.accuracy, "random_accuracy": self.random_accuracy, "difference": self.difference,
-                "pretrained": probe(self.pretrained), "random": probe(self.random), "seconds": round(self.seconds, 1)}
+        return {
+            "encoder": self.encoder,
+            "data": self.data,
+            "classes": list(self.classes),
+            "accuracy": self.accuracy,
+            "random_accuracy": self.random_accuracy,
+            "difference": self.difference,
+            "pretrained": probe(self.pretrained),
+            "random": probe(self.random),
+            "seconds": round(self.seconds, 1),
+        }
 
     def markdown(self) -> str:
         p = self.pretrained
-        lines = [f"Linear evaluation on `{self.data}`: the encoder frozen, a logistic-regression classifier on its "
-                 f"{p.dimensions}-d features (layer `{p.layer}`) of the training split, C = {p.C:g} chosen on the "
-                 f"validation split; accuracy on the **{p.split}** split ({p.images:,} images, {len(self.classes)} "
-                 "classes).", "", f"| encoder | {p.split} accuracy | validation accuracy |", "|---|---|---|",
-                 f"| pretrained (`{self.encoder}`) | {p.accuracy:.2%} | {_percent(p.val_accuracy)} |"]
+        lines = [
+            f"Linear evaluation on `{self.data}`: the encoder frozen, a logistic-regression classifier on its "
+            f"{p.dimensions}-d features (layer `{p.layer}`) of the training split, C = {p.C:g} chosen on the "
+            f"validation split; accuracy on the **{p.split}** split ({p.images:,} images, {len(self.classes)} "
+            "classes).",
+            "",
+            f"| encoder | {p.split} accuracy | validation accuracy |",
+            "|---|---|---|",
+            f"| pretrained (`{self.encoder}`) | {p.accuracy:.2%} | {_percent(p.val_accuracy)} |",
+        ]
         if self.random is not None:
-            lines += [f"| same architecture, random initialization | {self.random.accuracy:.2%} | "
-                      f"{_percent(self.random.val_accuracy)} |",
-                      f"| difference | {100 * self.difference:+.1f} points | |"]
-        lines += ["", f"The encoder with this classifier on top (0..255 pixels in, class probabilities out): "
-                      f"`{self.folder / 'classifier.keras'}`."]
+            lines += [
+                f"| same architecture, random initialization | {self.random.accuracy:.2%} | "
+                f"{_percent(self.random.val_accuracy)} |",
+                f"| difference | {100 * self.difference:+.1f} points | |",
+            ]
+        lines += [
+            "",
+            f"The encoder with this classifier on top (0..255 pixels in, class probabilities out): "
+            f"`{self.folder / 'classifier.keras'}`.",
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -94,16 +112,27 @@ def resolve_encoder(encoder) -> tuple[Path, Run | None]:
     if path.is_dir():
         run = Run(path)
         if not run.encoder.exists():
-            raise FileNotFoundError(f"encoder={str(path)!r} has no {run.encoder.name}; give a `ktool pretrain` run "
-                                    "folder (finished) or a .keras file of an encoder.")
+            raise FileNotFoundError(
+                f"encoder={str(path)!r} has no {run.encoder.name}; give a `ktool pretrain` run "
+                "folder (finished) or a .keras file of an encoder."
+            )
         return run.encoder, run
     if not path.is_file():
         raise FileNotFoundError(f"encoder={str(path)!r} is neither a run folder nor a model file.")
     return path, None
 
 
-def linear_probe(model, source, *, layer: str | None = None, image_size=None, channels=None, batch_size: int = 64,
-                 cache=None, progress: bool = False) -> ProbeResult:
+def linear_probe(
+    model,
+    source,
+    *,
+    layer: str | None = None,
+    image_size=None,
+    channels=None,
+    batch_size: int = 64,
+    cache=None,
+    progress: bool = False,
+) -> ProbeResult:
     """Trains a linear classifier on ``model``'s frozen features at ``layer`` (default: its output,
     global-average-pooled when it is a map) of ``source``'s train split, C chosen on the val split,
     and measures it on the test split (else val, else train).
@@ -122,23 +151,53 @@ def linear_probe(model, source, *, layer: str | None = None, image_size=None, ch
     channels = channels or shape[2]
     if None in image_size or channels is None:
         raise ValueError(f"model {model.name!r} takes inputs of any size {shape}; give image_size and channels.")
-    features = {name: extract_features(model, [layer], split, image_size=image_size, channels=channels,
-                                       batch_size=batch_size, cache=cache, progress=progress)[layer]
-                for name, split in source.splits.items()}
+    features = {
+        name: extract_features(
+            model,
+            [layer],
+            split,
+            image_size=image_size,
+            channels=channels,
+            batch_size=batch_size,
+            cache=cache,
+            progress=progress,
+        )[layer]
+        for name, split in source.splits.items()
+    }
     labels = {name: split.labels for name, split in source.splits.items()}
     val = "val" if "val" in features else None
-    probe = fit_linear(features["train"], labels["train"], features.get(val), labels.get(val),
-                       num_classes=source.num_classes)
+    probe = fit_linear(
+        features["train"], labels["train"], features.get(val), labels.get(val), num_classes=source.num_classes
+    )
     split = next(name for name in ("test", "val", "train") if name in features)
-    return ProbeResult(layer, int(features["train"].shape[1]), split, len(labels[split]),
-                       probe.accuracy(features[split], labels[split]), probe.val_accuracy, probe.train_accuracy,
-                       probe.C, probe)
+    return ProbeResult(
+        layer,
+        int(features["train"].shape[1]),
+        split,
+        len(labels[split]),
+        probe.accuracy(features[split], labels[split]),
+        probe.val_accuracy,
+        probe.train_accuracy,
+        probe.C,
+        probe,
+    )
 
 
-def linear_eval(encoder, data, *, out=None, baseline: bool = True, val_fraction: float | None = None,
-                test_fraction: float | None = None, seed: int | None = None, batch_size: int = 64,
-                strict: bool = False, data_dir: str | None = None, cache: bool = True,
-                progress: bool = False) -> LinearEvalResult:
+def linear_eval(
+    encoder,
+    data,
+    *,
+    out=None,
+    baseline: bool = True,
+    val_fraction: float | None = None,
+    test_fraction: float | None = None,
+    seed: int | None = None,
+    batch_size: int = 64,
+    strict: bool = False,
+    data_dir: str | None = None,
+    cache: bool = True,
+    progress: bool = False,
+) -> LinearEvalResult:
     """Linear evaluation of ``encoder`` on the labelled ``data``, against its architecture at random init.
 
     Args:
@@ -181,12 +240,21 @@ def linear_eval(encoder, data, *, out=None, baseline: bool = True, val_fraction:
     model = recipes.load_model(path)
     source = _run_split(run, data, given, progress)
     if source is None:
-        source = load_data(data, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, strict=strict,
-                           data_dir=data_dir, progress=progress)
+        source = load_data(
+            data,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            strict=strict,
+            data_dir=data_dir,
+            progress=progress,
+        )
         source = _without_pretraining_images(run, source, data)
     if source.num_classes < 2:
-        raise ValueError(f"data={data!r} has {source.num_classes} class; linear evaluation needs labels: a folder with "
-                         "one subfolder per class, a CSV of path,label, or an .npz with labels.")
+        raise ValueError(
+            f"data={data!r} has {source.num_classes} class; linear evaluation needs labels: a folder with "
+            "one subfolder per class, a CSV of path,label, or an .npz with labels."
+        )
     feature_cache = FeatureCache() if cache else None
     pretrained = linear_probe(model, source, batch_size=batch_size, cache=feature_cache, progress=progress)
     log.info("pretrained encoder: %s accuracy %.2f%% (C=%g)", pretrained.split, 100 * pretrained.accuracy, pretrained.C)
@@ -201,8 +269,9 @@ def linear_eval(encoder, data, *, out=None, baseline: bool = True, val_fraction:
     from ktoolkit.report import write_report
 
     folder = Path(out) if out else (run.root / LINEAR_EVAL if run else path.with_name(f"{path.stem}_{LINEAR_EVAL}"))
-    result = LinearEvalResult(str(path), str(data), list(source.class_names), pretrained, random, folder,
-                              time.time() - started)
+    result = LinearEvalResult(
+        str(path), str(data), list(source.class_names), pretrained, random, folder, time.time() - started
+    )
     save_model(linear_classifier_model(model, pretrained.layer, pretrained.probe), folder / "classifier.keras")
     write_json(folder / "classes.json", list(source.class_names))
     write_text(folder / "labels.txt", "\n".join(source.class_names) + "\n")
@@ -238,6 +307,7 @@ def _without_pretraining_images(run, source, data):
         return source
     source, left_out = manifest.leave_out_training(source, doc, splits=("val", "test"))
     if left_out:
-        log.warning("%d held-out images of data=%s were training images of the pretraining run; left out", left_out,
-                    data)
+        log.warning(
+            "%d held-out images of data=%s were training images of the pretraining run; left out", left_out, data
+        )
     return source

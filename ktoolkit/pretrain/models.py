@@ -44,9 +44,10 @@ def transfer_encoder(network):
     names = [layer.name for layer in network.layers]
     if "noise" not in names:
         return encoder_of(network, name=f"{network.name}_encoder")
-    layers = network.layers[1:names.index("embedding") + 1]
-    return _chain(network.input_shape[1:], [layer for layer in layers if layer.name != "noise"],
-                  f"{network.name}_encoder")
+    layers = network.layers[1 : names.index("embedding") + 1]
+    return _chain(
+        network.input_shape[1:], [layer for layer in layers if layer.name != "noise"], f"{network.name}_encoder"
+    )
 
 
 def _chain(input_shape, layers, name):
@@ -70,8 +71,10 @@ def _check_chain(model):
         inbound = layer._inbound_nodes[0].inbound_layers
         inbound = inbound if not isinstance(inbound, (list, tuple)) else inbound[0] if len(inbound) == 1 else None
         if inbound is not previous:
-            raise ValueError(f"{model.name}: layer {layer.name!r} does not follow {previous.name!r}; pretraining puts "
-                             "a scaling layer in front of autoencoders, which must be a chain of layers.")
+            raise ValueError(
+                f"{model.name}: layer {layer.name!r} does not follow {previous.name!r}; pretraining puts "
+                "a scaling layer in front of autoencoders, which must be a chain of layers."
+            )
 
 
 class SimCLR(tf_keras.Model):

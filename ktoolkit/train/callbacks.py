@@ -79,8 +79,13 @@ class RunLog(tf_keras.callbacks.Callback):
             self.started_at_epoch = epoch
             self._rows = [row for row in read_history(self.run.history) if row["epoch"] < epoch]
             if epoch:
-                log.info("resuming at epoch %d of %d (epochs 1-%d restored from %s)", epoch + 1, self.epochs, epoch,
-                         self.run.backup)
+                log.info(
+                    "resuming at epoch %d of %d (epochs 1-%d restored from %s)",
+                    epoch + 1,
+                    self.epochs,
+                    epoch,
+                    self.run.backup,
+                )
 
     def on_train_batch_end(self, batch, logs=None):
         # Every worker sees the same (all-reduced) loss, so all of them stop at the same batch.
@@ -95,8 +100,11 @@ class RunLog(tf_keras.callbacks.Callback):
                 write_json(self.run.state, state)
             return
         now = time.perf_counter()
-        row = {"epoch": epoch, "lr": current_learning_rate(self.model.optimizer),
-               "seconds": round(now - self._previous_end, 3)}
+        row = {
+            "epoch": epoch,
+            "lr": current_learning_rate(self.model.optimizer),
+            "seconds": round(now - self._previous_end, 3),
+        }
         self._previous_end = now
         row.update({k: float(v) for k, v in (logs or {}).items() if k != "learning_rate" and _finite(v)})
         self._rows.append(row)
@@ -110,8 +118,13 @@ class RunLog(tf_keras.callbacks.Callback):
         if self._rows is None:  # no epoch ran: the checkpoint was of the last one (killed before the report)
             self._rows = [row for row in read_history(self.run.history) if row["epoch"] < self.epochs]
             self.started_at_epoch = len(self._rows)
-            log.info("resuming at epoch %d of %d (epochs 1-%d restored from %s): nothing left to train",
-                     self.started_at_epoch + 1, self.epochs, self.started_at_epoch, self.run.backup)
+            log.info(
+                "resuming at epoch %d of %d (epochs 1-%d restored from %s): nothing left to train",
+                self.started_at_epoch + 1,
+                self.epochs,
+                self.started_at_epoch,
+                self.run.backup,
+            )
 
     def _check_loss(self, logs):
         loss = (logs or {}).get("loss")

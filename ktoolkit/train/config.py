@@ -80,8 +80,9 @@ def _as_size(name, value, length: int) -> tuple:
     """(height, width) from HEIGHT (a square) or [HEIGHT, WIDTH] of whole numbers >= 1."""
     items = [value] * length if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
     if not isinstance(items, (list, tuple)) or len(items) != length:
-        raise ConfigError(name, value, f"must be HEIGHT,WIDTH: {length} whole numbers, e.g. [224, 224] "
-                                       f"(not {_kind(value)}).")
+        raise ConfigError(
+            name, value, f"must be HEIGHT,WIDTH: {length} whole numbers, e.g. [224, 224] (not {_kind(value)})."
+        )
     try:
         size = tuple(_as_int(name, v) for v in items)
     except ConfigError:
@@ -169,8 +170,10 @@ class RunConfig:
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
             bad("image_size", "must be HEIGHT,WIDTH, e.g. 224,224.")
         if self.image_size is not None and max(self.image_size) > MAX_IMAGE_SIDE:
-            bad("image_size", f"at most {MAX_IMAGE_SIDE} pixels a side (one batch would not fit in memory); "
-                              "train at e.g. 224,224.")
+            bad(
+                "image_size",
+                f"at most {MAX_IMAGE_SIDE} pixels a side (one batch would not fit in memory); train at e.g. 224,224.",
+            )
         if not 0 <= self.seed < 2**32:  # what NumPy's and Python's random generators take
             bad("seed", "must be a whole number in [0, 2**32), e.g. 0.")
         if not self.out:
@@ -185,16 +188,21 @@ class RunConfig:
 
         reserved = sorted({"input_shape", "num_classes"} & set(self.recipe_options))
         if reserved:
-            self._bad("recipe_options", f"{', '.join(reserved)} come from the run (--image-size, --channels and the "
-                                        "data's classes); leave them out.")
+            self._bad(
+                "recipe_options",
+                f"{', '.join(reserved)} come from the run (--image-size, --channels and the "
+                "data's classes); leave them out.",
+            )
         params = inspect.signature(recipe.builder).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return
         taken = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
         unknown = sorted(set(self.recipe_options) - set(params))
         if unknown:
-            self._bad("recipe_options", f"{recipe.name} has no option {', '.join(unknown)}; its options are "
-                                        f"{', '.join(taken)}.")
+            self._bad(
+                "recipe_options",
+                f"{recipe.name} has no option {', '.join(unknown)}; its options are {', '.join(taken)}.",
+            )
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -214,9 +222,13 @@ class RunConfig:
         if unknown:
             import difflib
 
-            hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, names, 1)) else u for u in unknown]
-            raise ValueError((f"{where}: " if where else "") + f"unknown {cls.KIND} setting(s): {', '.join(hints)}; "
-                             f"the settings are {', '.join(sorted(names))}.")
+            hints = [
+                f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, names, 1)) else u for u in unknown
+            ]
+            raise ValueError(
+                (f"{where}: " if where else "") + f"unknown {cls.KIND} setting(s): {', '.join(hints)}; "
+                f"the settings are {', '.join(sorted(names))}."
+            )
 
     @classmethod
     def from_dict(cls, values: dict):
@@ -260,25 +272,30 @@ def read_settings(path) -> dict:
     with open(path, "rb") as f:
         data = f.read(MAX_CONFIG_BYTES + 1)  # bounded even for /dev/zero or a file that grows
     if len(data) > MAX_CONFIG_BYTES:
-        raise ValueError(f"config file {path} is over {MAX_CONFIG_BYTES // 2**20} MiB; a settings file is a few "
-                         "lines of name: value (like a run's config.yaml): is it the right file?")
+        raise ValueError(
+            f"config file {path} is over {MAX_CONFIG_BYTES // 2**20} MiB; a settings file is a few "
+            "lines of name: value (like a run's config.yaml): is it the right file?"
+        )
     try:
         values = yaml.safe_load(data)
     except yaml.YAMLError as err:
-        raise ValueError(f"config file {path}: {_yaml_problem(err)}; settings are `name: value` lines, like a "
-                         "run's config.yaml.") from None
+        raise ValueError(
+            f"config file {path}: {_yaml_problem(err)}; settings are `name: value` lines, like a run's config.yaml."
+        ) from None
     except RecursionError:
         raise ValueError(f"config file {path} is nested too deeply to be a settings file.") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must be a mapping of setting: value, like the config.yaml of a run "
-                         f"(it is {_kind(values)}).")
+        raise ValueError(
+            f"config file {path} must be a mapping of setting: value, like the config.yaml of a run "
+            f"(it is {_kind(values)})."
+        )
     return values
 
 
 def _yaml_problem(err) -> str:
-    """"YAML syntax error at line 3, column 5: ..." from a yaml.YAMLError (lines counted from 1)."""
+    """ "YAML syntax error at line 3, column 5: ..." from a yaml.YAMLError (lines counted from 1)."""
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
     problem = getattr(err, "problem", None) or getattr(err, "reason", None) or str(err).splitlines()[0]
     if mark is None and hasattr(err, "position"):  # yaml.reader.ReaderError: bytes that are not text
@@ -350,7 +367,7 @@ class TrainConfig(RunConfig):
     steps_per_epoch: int | None = None
     recipe_options: dict = field(default_factory=dict)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raises a ValueError naming the first bad field, its value and the valid ones."""
         bad = self._bad
         if not self.data:
@@ -368,9 +385,11 @@ class TrainConfig(RunConfig):
         recipe = recipes.get(self.recipe)  # UnknownRecipeError with close matches
         self.check_recipe_options(recipe)
         if recipe.task != "classification":
-            raise ValueError(f"recipe={self.recipe!r} is {'an' if recipe.task[0] in 'aeiou' else 'a'} {recipe.task} "
-                             "model, trained without labels; `ktool train` trains classifiers "
-                             f"({', '.join(recipes.names(task='classification')[:4])}, ...).")
+            raise ValueError(
+                f"recipe={self.recipe!r} is {'an' if recipe.task[0] in 'aeiou' else 'a'} {recipe.task} "
+                "model, trained without labels; `ktool train` trains classifiers "
+                f"({', '.join(recipes.names(task='classification')[:4])}, ...)."
+            )
         return self
 
     KIND = "training"

@@ -67,7 +67,9 @@ class TrainResult:
 
 
 @run_command
-def train(config: TrainConfig | None = None, *, progress: bool = False, overwrite: bool = False, **overrides) -> TrainResult:
+def train(
+    config: TrainConfig | None = None, *, progress: bool = False, overwrite: bool = False, **overrides
+) -> TrainResult:
     """Trains ``config.recipe`` on ``config.data`` and writes the run folder ``config.out``.
 
     Args:
@@ -86,8 +88,14 @@ def train(config: TrainConfig | None = None, *, progress: bool = False, overwrit
             a ktoolkit run; RunLockedError: another command is writing ``out``.
     """
     start = start_run(config or TrainConfig(), overrides, overwrite=overwrite, progress=progress)
-    config, run, strategy, description, chief, source = (start.config, start.run, start.strategy, start.description,
-                                                         start.chief, start.source)
+    config, run, strategy, description, chief, source = (
+        start.config,
+        start.run,
+        start.strategy,
+        start.description,
+        start.chief,
+        start.source,
+    )
     started = start.started
     import tensorflow as tf
     import tf_keras
@@ -103,7 +111,9 @@ def train(config: TrainConfig | None = None, *, progress: bool = False, overwrit
 
     replicas = strategy.num_replicas_in_sync
     global_batch = config.batch_size * replicas
-    log.info("%s; global batch %d = %d per replica x %d replica(s)", description, global_batch, config.batch_size, replicas)
+    log.info(
+        "%s; global batch %d = %d per replica x %d replica(s)", description, global_batch, config.batch_size, replicas
+    )
 
     if chief:
         write_run_header(run, config, source, image_size, channels)
@@ -121,10 +131,18 @@ def train(config: TrainConfig | None = None, *, progress: bool = False, overwrit
         split = source.splits.get(split_name)
         if split is None or len(split) == 0:
             return None
-        return make_dataset(split, num_classes=num_classes, image_size=image_size, channels=channels,
-                            batch_size=global_batch, training=training, seed=config.seed,
-                            cache=cache, augment=augment if training else None,
-                            deterministic=config.deterministic or None)
+        return make_dataset(
+            split,
+            num_classes=num_classes,
+            image_size=image_size,
+            channels=channels,
+            batch_size=global_batch,
+            training=training,
+            seed=config.seed,
+            cache=cache,
+            augment=augment if training else None,
+            deterministic=config.deterministic or None,
+        )
 
     train_ds, val_ds, test_ds = dataset("train", True), dataset("val", False), dataset("test", False)
     if train_ds is None:
@@ -136,26 +154,50 @@ def train(config: TrainConfig | None = None, *, progress: bool = False, overwrit
             model, loss_weights = _build(recipe, config, num_classes, image_size, channels)
             optimizer, schedule_callbacks = _optimizer(config, train_steps)
             outputs = list(model.output_names)
-            compile_metrics = ["accuracy"] + ([tf_keras.metrics.TopKCategoricalAccuracy(5, name="top5")] if num_classes > 5 else [])
+            compile_metrics = ["accuracy"] + (
+                [tf_keras.metrics.TopKCategoricalAccuracy(5, name="top5")] if num_classes > 5 else []
+            )
             model.compile(
                 optimizer=optimizer,
-                loss={name: tf_keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing) for name in outputs},
+                loss={
+                    name: tf_keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+                    for name in outputs
+                },
                 loss_weights=loss_weights,
                 metrics={"predictions": compile_metrics},
                 jit_compile=config.jit,
             )
-        inference = model if len(outputs) == 1 else tf_keras.Model(model.inputs, model.get_layer("predictions").output,
-                                                                 name=model.name)
+        inference = (
+            model
+            if len(outputs) == 1
+            else tf_keras.Model(model.inputs, model.get_layer("predictions").output, name=model.name)
+        )
 
         train_ds, val_ds = _targets(train_ds, outputs), _targets(val_ds, outputs)
         if config.steps_per_epoch:
             train_ds = train_ds.repeat()
-        log.info("training %s (%s parameters) on %d images, %d classes, %s, %d epochs", recipe.name,
-                 f"{model.count_params():,}", len(source.splits["train"]), num_classes,
-                 "x".join(map(str, (*image_size, channels))), config.epochs)
-        history, resumed, best_model = fit(run, model, inference, train_ds, val_ds, epochs=config.epochs,
-                                           steps=train_steps, callbacks=schedule_callbacks,
-                                           early_stopping=config.early_stopping, chief=chief, progress=progress)
+        log.info(
+            "training %s (%s parameters) on %d images, %d classes, %s, %d epochs",
+            recipe.name,
+            f"{model.count_params():,}",
+            len(source.splits["train"]),
+            num_classes,
+            "x".join(map(str, (*image_size, channels))),
+            config.epochs,
+        )
+        history, resumed, best_model = fit(
+            run,
+            model,
+            inference,
+            train_ds,
+            val_ds,
+            epochs=config.epochs,
+            steps=train_steps,
+            callbacks=schedule_callbacks,
+            early_stopping=config.early_stopping,
+            chief=chief,
+            progress=progress,
+        )
     finally:
         if config.mixed_precision:
             tf_keras.mixed_precision.set_global_policy("float32")
@@ -164,10 +206,24 @@ def train(config: TrainConfig | None = None, *, progress: bool = False, overwrit
     metrics = {}
     if chief:
         eval_split, eval_ds = ("test", test_ds) if test_ds is not None else ("val", dataset("val", False))
-        metrics = finish(run, class_names, eval_split, eval_ds, history, title=f"{recipe.name} on {config.data}",
-                         started=started, progress=progress)
-    return TrainResult(run=run, config=config, metrics=metrics, history=history,
-                       seconds=time.time() - started, resumed_from_epoch=resumed)
+        metrics = finish(
+            run,
+            class_names,
+            eval_split,
+            eval_ds,
+            history,
+            title=f"{recipe.name} on {config.data}",
+            started=started,
+            progress=progress,
+        )
+    return TrainResult(
+        run=run,
+        config=config,
+        metrics=metrics,
+        history=history,
+        seconds=time.time() - started,
+        resumed_from_epoch=resumed,
+    )
 
 
 @dataclass
@@ -196,11 +252,18 @@ def start_run(config, overrides: dict, *, overwrite: bool, progress: bool) -> Ru
     started = time.time()
     run, strategy, description, chief = open_run(config, overwrite)
     source = resumed_source(run, progress) or load_data(
-        config.data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed,
-        strict=config.strict, data_dir=config.data_dir, progress=progress)
+        config.data,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        strict=config.strict,
+        data_dir=config.data_dir,
+        progress=progress,
+    )
     if source.num_classes < 2:
-        raise ValueError(f"data={config.data!r} has {source.num_classes} class(es) with images; "
-                         "a classifier needs at least 2.")
+        raise ValueError(
+            f"data={config.data!r} has {source.num_classes} class(es) with images; a classifier needs at least 2."
+        )
     return RunStart(config, run, strategy, description, chief, source, started)
 
 
@@ -216,13 +279,19 @@ def resumed_source(run: Run, progress: bool = False):
     source, verification = manifest.load_recorded(run, progress=progress, doc=doc)
     changed = {name: c for name, c in verification.counts.items() if c["unchanged"] != c["recorded"]}
     if changed:
-        counts = ", ".join(f"{name}: {c['changed']} changed, {c['missing']} missing of {c['recorded']}"
-                           for name, c in changed.items())
-        raise ValueError(f"out={str(run.root)!r} holds an interrupted run whose images changed since it started "
-                         f"({counts}, under {verification.root}); restore them to resume, or pass --overwrite to "
-                         f"start over on the images there now.")
-    log.info("resuming on the split recorded in %s (%d images); images added since are not used", run.splits,
-             sum(len(split) for split in source.splits.values()))
+        counts = ", ".join(
+            f"{name}: {c['changed']} changed, {c['missing']} missing of {c['recorded']}" for name, c in changed.items()
+        )
+        raise ValueError(
+            f"out={str(run.root)!r} holds an interrupted run whose images changed since it started "
+            f"({counts}, under {verification.root}); restore them to resume, or pass --overwrite to "
+            f"start over on the images there now."
+        )
+    log.info(
+        "resuming on the split recorded in %s (%d images); images added since are not used",
+        run.splits,
+        sum(len(split) for split in source.splits.values()),
+    )
     return source
 
 
@@ -250,8 +319,20 @@ def open_run(config, overwrite: bool):
     return run, strategy, description, chief
 
 
-def fit(run: Run, model, inference, train_ds, val_ds, *, epochs: int, steps: int, callbacks=(), early_stopping: int = 0,
-        chief: bool = True, progress: bool = False):
+def fit(
+    run: Run,
+    model,
+    inference,
+    train_ds,
+    val_ds,
+    *,
+    epochs: int,
+    steps: int,
+    callbacks=(),
+    early_stopping: int = 0,
+    chief: bool = True,
+    progress: bool = False,
+):
     """``model.fit`` with the run folder's crash recovery: history.csv, best.keras, the checkpoint.
 
     Call it inside the strategy scope. Returns (history rows, epoch resumed from, the BestModel callback,
@@ -279,19 +360,29 @@ def fit(run: Run, model, inference, train_ds, val_ds, *, epochs: int, steps: int
         *callbacks,
     ]
     if early_stopping:
-        all_callbacks.append(tf_keras.callbacks.EarlyStopping(
-            monitor="val_loss" if val_ds is not None else "loss", patience=early_stopping))
+        all_callbacks.append(
+            tf_keras.callbacks.EarlyStopping(
+                monitor="val_loss" if val_ds is not None else "loss", patience=early_stopping
+            )
+        )
     if chief:
         all_callbacks.append(tf_keras.callbacks.TensorBoard(str(run.tensorboard), write_graph=False, profile_batch=0))
-    model.fit(train_ds, validation_data=val_ds, epochs=epochs, steps_per_epoch=steps, callbacks=all_callbacks,
-              verbose=(1 if progress else 0))
+    model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        steps_per_epoch=steps,
+        callbacks=all_callbacks,
+        verbose=(1 if progress else 0),
+    )
     if run_log.failed:
         if chief:  # a checkpoint of NaN weights is nothing to resume from
             shutil.rmtree(run.backup, ignore_errors=True)
         raise NonFiniteLossError(
             f"out={str(run.root)!r}: training stopped: the {run_log.failed}; the run is marked failed in state.json. "
             f"Lower the learning rate (--lr, the rate was {run_log.failed_lr:g}) or check the data, then start again "
-            "with --overwrite or a new --out.")
+            "with --overwrite or a new --out."
+        )
     return run_log.rows, run_log.started_at_epoch, best_model
 
 
@@ -309,8 +400,19 @@ def save_final(run: Run, inference, best_model, chief: bool = True):
             save_elsewhere(inference)
 
 
-def finish(run: Run, class_names, eval_split: str, eval_ds, history, *, title: str, started: float,
-           progress: bool = False, extra_sections=None, evaluation=None) -> dict:
+def finish(
+    run: Run,
+    class_names,
+    eval_split: str,
+    eval_ds,
+    history,
+    *,
+    title: str,
+    started: float,
+    progress: bool = False,
+    extra_sections=None,
+    evaluation=None,
+) -> dict:
     """Evaluates best.keras on ``eval_ds`` (or saves ``evaluation``, made by the caller), draws the curves,
     marks the run complete, writes the report, and only then removes the checkpoint: killed before,
     the same command resumes after the last epoch and finishes (a complete run without report.md
@@ -352,8 +454,12 @@ def prepare_run_folder(run: Run, config, overwrite: bool) -> RunLock:
             kept = run.remove_own_files()
             log.info("out=%r: the previous run's files were removed", str(run.root))
             if kept:
-                log.warning("out=%r: kept %d file(s) ktoolkit did not write: %s", str(run.root), len(kept),
-                            ", ".join(kept[:20]) + (", ..." if len(kept) > 20 else ""))
+                log.warning(
+                    "out=%r: kept %d file(s) ktoolkit did not write: %s",
+                    str(run.root),
+                    len(kept),
+                    ", ".join(kept[:20]) + (", ..." if len(kept) > 20 else ""),
+                )
         if decision != "resume":
             lock.marker = run.mark()
     except BaseException as err:
@@ -386,15 +492,19 @@ def check_run_folder(run: Run, config, overwrite: bool, *, test_lock: bool = Tru
         raise RunExistsError(
             f"out={str(root)!r} has files and is not a ktoolkit run (no state.json with ktoolkit's {MARKER} marker; "
             "the run folders of older ktoolkit versions are treated the same), so ktoolkit will not write there, with "
-            "or without --overwrite; nothing was changed: choose a new --out.")
+            "or without --overwrite; nothing was changed: choose a new --out."
+        )
     if overwrite:
         return "overwrite"
     if state.get("failed"):
-        raise RunExistsError(f"out={str(root)!r} holds a run that failed ({state['failed']}); choose a new --out, or "
-                             "pass --overwrite to start it again.")
+        raise RunExistsError(
+            f"out={str(root)!r} holds a run that failed ({state['failed']}); choose a new --out, or "
+            "pass --overwrite to start it again."
+        )
     if state.get("complete") and run.report_md.exists():
         raise RunExistsError(
-            f"out={str(root)!r} holds a finished run; choose a new --out, or pass --overwrite to replace it.")
+            f"out={str(root)!r} holds a finished run; choose a new --out, or pass --overwrite to replace it."
+        )
     if run.config.exists():
         previous = type(config).from_yaml(run.config).to_dict()
         current = config.to_dict()
@@ -419,8 +529,10 @@ def _check_place(root: Path, config) -> None:
     except (KeyError, RuntimeError):  # no home folder known
         home = None
     if resolved in (Path(resolved.anchor), home):
-        raise ValueError(f"{name} is {'the root' if resolved == Path(resolved.anchor) else 'your home'} folder; a run "
-                         "fills --out with its own files: choose a folder for this run, e.g. runs/NAME.")
+        raise ValueError(
+            f"{name} is {'the root' if resolved == Path(resolved.anchor) else 'your home'} folder; a run "
+            "fills --out with its own files: choose a folder for this run, e.g. runs/NAME."
+        )
     existing = path
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
@@ -428,8 +540,10 @@ def _check_place(root: Path, config) -> None:
         where = "" if existing == path else f" {existing}"
         raise ValueError(f"{name}:{where} is a file; choose a folder (a new one, or a ktoolkit run folder).")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{name}: cannot write in {existing} (permission denied); choose a folder you can write to, "
-                         "or fix its permissions.")
+        raise ValueError(
+            f"{name}: cannot write in {existing} (permission denied); choose a folder you can write to, "
+            "or fix its permissions."
+        )
     for setting in ("data", "data_dir", "base", "weights"):
         value = getattr(config, setting, None)
         if not isinstance(value, str) or not value or value.startswith("tfds:"):
@@ -439,11 +553,15 @@ def _check_place(root: Path, config) -> None:
         given = Path(value).expanduser().resolve()
         flag = "--" + setting.replace("_", "-")
         if resolved == given or resolved in given.parents:
-            raise ValueError(f"{name} is {'the' if resolved == given else 'a folder above the'} {flag} {value!r}: the "
-                             "run would write its files among yours; choose an --out outside it, e.g. runs/NAME.")
+            raise ValueError(
+                f"{name} is {'the' if resolved == given else 'a folder above the'} {flag} {value!r}: the "
+                "run would write its files among yours; choose an --out outside it, e.g. runs/NAME."
+            )
         if setting == "data" and given.is_dir() and given in resolved.parents:
-            raise ValueError(f"{name} is inside the {flag} folder {value!r}: its images (curves.png, ...) would be "
-                             "read as a class of your data next time; choose an --out outside it, e.g. runs/NAME.")
+            raise ValueError(
+                f"{name} is inside the {flag} folder {value!r}: its images (curves.png, ...) would be "
+                "read as a class of your data next time; choose an --out outside it, e.g. runs/NAME."
+            )
 
 
 def _make_folders(root: Path) -> list[Path]:
@@ -482,8 +600,10 @@ def _build(recipe, config: TrainConfig, num_classes, image_size, channels):
     try:
         model = recipe.build(input_shape=(*image_size, channels), num_classes=num_classes, **options)
     except TypeError as err:  # an option the builder does not take (builders with **options check late)
-        raise ValueError(f"recipe_options={dict(config.recipe_options)!r}: {recipe.name} does not take them "
-                         f"({err}); see `ktool recipes show {recipe.name}` and the builder's docstring.") from None
+        raise ValueError(
+            f"recipe_options={dict(config.recipe_options)!r}: {recipe.name} does not take them "
+            f"({err}); see `ktool recipes show {recipe.name}` and the builder's docstring."
+        ) from None
     weights = {name: (1.0 if name == "predictions" else float(aux_weight or 0.0)) for name in model.output_names}
     return model, weights
 
@@ -496,12 +616,16 @@ def _optimizer(config: TrainConfig, steps_per_epoch: int):
     callbacks = []
     if config.schedule == "step":
         lr = tf_keras.optimizers.schedules.PiecewiseConstantDecay(
-            [int(total * 0.5), int(total * 0.75)], [config.lr, config.lr * 0.1, config.lr * 0.01])
+            [int(total * 0.5), int(total * 0.75)], [config.lr, config.lr * 0.1, config.lr * 0.01]
+        )
     elif config.schedule == "cosine":
         lr = tf_keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=max(1, total))
     elif config.schedule == "reduce-on-plateau":
-        callbacks.append(tf_keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.2, patience=max(2, config.epochs // 10), min_lr=config.lr * 1e-3))
+        callbacks.append(
+            tf_keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=0.2, patience=max(2, config.epochs // 10), min_lr=config.lr * 1e-3
+            )
+        )
     wd = config.weight_decay or None
     opt = {
         "sgd": lambda: tf_keras.optimizers.SGD(lr, momentum=config.momentum, weight_decay=wd),

@@ -37,28 +37,46 @@ class Advice:
         ]
         if self.batchnorm is not None:
             bn = self.batchnorm
-            out.append(f"batch-norm similarity {bn.similarity:.3f} = exp(-KL {bn.first_kl:.3f} at {bn.layers[0][0]}) "
-                       f"on {bn.images} images (mean KL over all {len(bn.layers)} BN layers: {bn.mean_kl:.3f})")
+            out.append(
+                f"batch-norm similarity {bn.similarity:.3f} = exp(-KL {bn.first_kl:.3f} at {bn.layers[0][0]}) "
+                f"on {bn.images} images (mean KL over all {len(bn.layers)} BN layers: {bn.mean_kl:.3f})"
+            )
         if self.probes:
-            out.append("linear probes by depth (held-out accuracy): " + ", ".join(
-                f"{p.layer} {p.val_accuracy:.1%}" for p in self.probes))
+            out.append(
+                "linear probes by depth (held-out accuracy): "
+                + ", ".join(f"{p.layer} {p.val_accuracy:.1%}" for p in self.probes)
+            )
             best = best_probe(self.probes)
-            out.append(f"probe ratio top/best {self.probes[-1].val_accuracy / max(best.val_accuracy, 1e-9):.3f} "
-                       f"(best: {best.layer})")
+            out.append(
+                f"probe ratio top/best {self.probes[-1].val_accuracy / max(best.val_accuracy, 1e-9):.3f} "
+                f"(best: {best.layer})"
+            )
         out.append(f"similarity used: {self.similarity_source}")
         out += self.decision.reasons()
         return out
 
     def to_dict(self) -> dict:
         return {
-            "base": self.base, "weights": self.weights, "classes": self.classes, "train_images": self.train_images,
-            "images_per_class": self.images_per_class, "similarity": self.similarity,
-            "similarity_source": self.similarity_source, "decision": self.decision.to_dict(),
-            "batchnorm": None if self.batchnorm is None else {
-                "similarity": self.batchnorm.similarity, "first_kl": self.batchnorm.first_kl,
+            "base": self.base,
+            "weights": self.weights,
+            "classes": self.classes,
+            "train_images": self.train_images,
+            "images_per_class": self.images_per_class,
+            "similarity": self.similarity,
+            "similarity_source": self.similarity_source,
+            "decision": self.decision.to_dict(),
+            "batchnorm": None
+            if self.batchnorm is None
+            else {
+                "similarity": self.batchnorm.similarity,
+                "first_kl": self.batchnorm.first_kl,
                 "mean_kl": self.batchnorm.mean_kl,
-                "images": self.batchnorm.images, "layers": self.batchnorm.layers},
-            "probes": [vars(p) for p in self.probes], "best_cut": self.best_cut, "seconds": round(self.seconds, 1),
+                "images": self.batchnorm.images,
+                "layers": self.batchnorm.layers,
+            },
+            "probes": [vars(p) for p in self.probes],
+            "best_cut": self.best_cut,
+            "seconds": round(self.seconds, 1),
         }
 
 
@@ -80,14 +98,32 @@ def load_images(split, image_size, channels) -> np.ndarray:
     """The split's images as one float32 array (N, H, W, C), 0..255."""
     from ktoolkit.data import make_dataset
 
-    dataset = make_dataset(split, num_classes=int(split.labels.max()) + 1, image_size=image_size, channels=channels,
-                           batch_size=64, training=False, one_hot=False, cache=None)
+    dataset = make_dataset(
+        split,
+        num_classes=int(split.labels.max()) + 1,
+        image_size=image_size,
+        channels=channels,
+        batch_size=64,
+        training=False,
+        one_hot=False,
+        cache=None,
+    )
     return np.concatenate([np.asarray(x) for x, _ in dataset]) if len(split) else np.zeros((0, *image_size, channels))
 
 
-def advise(base, source, *, small_threshold: float | None = None, similarity_threshold: float | None = None,
-           similarity_images: int = 256, probe_images_per_class: int = 100, seed: int = 0, cache=None,
-           whole_split_limit: int = 50_000, progress: bool = False) -> Advice:
+def advise(
+    base,
+    source,
+    *,
+    small_threshold: float | None = None,
+    similarity_threshold: float | None = None,
+    similarity_images: int = 256,
+    probe_images_per_class: int = 100,
+    seed: int = 0,
+    cache=None,
+    whole_split_limit: int = 50_000,
+    progress: bool = False,
+) -> Advice:
     """Measures size and similarity of ``source`` (a DataSource) for ``base`` (a transfer.bases.Base).
 
     Similarity: the batch-norm similarity when the base has batch normalization, else the linear-probe
@@ -96,9 +132,9 @@ def advise(base, source, *, small_threshold: float | None = None, similarity_thr
     When the data is small (the linear quadrants) and its train and validation splits hold at most
     ``whole_split_limit`` images, their features are computed whole and cached for the classifier.
     """
-    from recipes import transfer
     from ktoolkit.transfer.features import extract_features, model_key
     from ktoolkit.transfer.similarity import batchnorm_distance, probe_depths, probe_ratio
+    from recipes import transfer
 
     started = time.time()
     train = source.splits["train"]
@@ -108,8 +144,12 @@ def advise(base, source, *, small_threshold: float | None = None, similarity_thr
     key = model_key(base.model)
     picked = sample_indices(train.labels, max(1, similarity_images // source.num_classes), seed)
     sample = train.subset(picked)
-    bn = batchnorm_distance(base.model, load_images(sample, base.image_size, base.channels), cache=cache,
-                            key=f"{key}-{sample.fingerprint()}-{tuple(base.image_size)}-{base.channels}")
+    bn = batchnorm_distance(
+        base.model,
+        load_images(sample, base.image_size, base.channels),
+        cache=cache,
+        key=f"{key}-{sample.fingerprint()}-{tuple(base.image_size)}-{base.channels}",
+    )
 
     # The probes: up to probe_images_per_class training images per class, scored on the validation split
     # (or on a fifth of those images held out). When the data is small, the linear strategies will need
@@ -132,8 +172,13 @@ def advise(base, source, *, small_threshold: float | None = None, similarity_thr
             return {k: v[idx] for k, v in extract_features(base.model, base.groups, split, **kwargs).items()}
         return extract_features(base.model, base.groups, split.subset(idx), **kwargs)
 
-    probes = probe_depths(features(train, train_idx), train.labels[train_idx], features(val, val_idx),
-                          val.labels[val_idx], source.num_classes)
+    probes = probe_depths(
+        features(train, train_idx),
+        train.labels[train_idx],
+        features(val, val_idx),
+        val.labels[val_idx],
+        source.num_classes,
+    )
     best_cut = best_probe(probes).layer
 
     if bn is not None:
@@ -142,7 +187,23 @@ def advise(base, source, *, small_threshold: float | None = None, similarity_thr
         similarity, kind, threshold = probe_ratio(probes), "probes", transfer.PROBE_RATIO_THRESHOLD
     if similarity_threshold is not None:
         threshold = similarity_threshold
-    decision = transfer.decide(per_class, similarity, similarity_threshold=threshold,
-                               small_threshold=transfer.SMALL_IMAGES_PER_CLASS if small_threshold is None else small_threshold)
-    return Advice(base.name, base.weights, source.num_classes, len(train), per_class, similarity, kind, decision,
-                  bn, probes, best_cut, time.time() - started)
+    decision = transfer.decide(
+        per_class,
+        similarity,
+        similarity_threshold=threshold,
+        small_threshold=transfer.SMALL_IMAGES_PER_CLASS if small_threshold is None else small_threshold,
+    )
+    return Advice(
+        base.name,
+        base.weights,
+        source.num_classes,
+        len(train),
+        per_class,
+        similarity,
+        kind,
+        decision,
+        bn,
+        probes,
+        best_cut,
+        time.time() - started,
+    )

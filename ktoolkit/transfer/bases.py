@@ -99,17 +99,20 @@ def load_base(name: str, *, weights: str | None = None, image_size=None) -> Base
     if key in APPLICATIONS:
         return _from_application(key, weights or "imagenet", image_size)
     if str(name).endswith((".keras", ".h5")) or os.sep in str(name):
-        raise FileNotFoundError(f"--base {name}: no such run folder; give a run folder (runs/NAME), an application "
-                                f"({', '.join(APPLICATIONS)}) or a recipe name.")
+        raise FileNotFoundError(
+            f"--base {name}: no such run folder; give a run folder (runs/NAME), an application "
+            f"({', '.join(APPLICATIONS)}) or a recipe name."
+        )
     try:
         recipe = recipes.get(key)
     except recipes.UnknownRecipeError:
         import difflib
 
         close = difflib.get_close_matches(key, list(dict.fromkeys([*APPLICATIONS, *recipes.names()])), 4, 0.6)
-        raise ValueError(f"--base {name!r} is not a keras.applications base ({', '.join(APPLICATIONS)}), a recipe "
-                         "(`ktool recipes`) or a run folder"
-                         + (f"; did you mean {', '.join(close)}?" if close else ".")) from None
+        raise ValueError(
+            f"--base {name!r} is not a keras.applications base ({', '.join(APPLICATIONS)}), a recipe "
+            "(`ktool recipes`) or a run folder" + (f"; did you mean {', '.join(close)}?" if close else ".")
+        ) from None
     return _from_recipe(recipe, weights or "none", image_size)
 
 
@@ -128,21 +131,28 @@ def check_base(name: str, weights: str | None = None):
     key = str(name).lower().replace("-", "_")
     if not path.exists() and key not in APPLICATIONS:
         if str(name).endswith((".keras", ".h5")) or os.sep in str(name):
-            raise FileNotFoundError(f"--base {name}: no such run folder; give a run folder (runs/NAME), an "
-                                    f"application ({', '.join(APPLICATIONS)}) or a recipe name.")
+            raise FileNotFoundError(
+                f"--base {name}: no such run folder; give a run folder (runs/NAME), an "
+                f"application ({', '.join(APPLICATIONS)}) or a recipe name."
+            )
         try:
             recipes.get(key)
         except recipes.UnknownRecipeError:
             import difflib
 
             close = difflib.get_close_matches(key, list(dict.fromkeys([*APPLICATIONS, *recipes.names()])), 4, 0.6)
-            raise ValueError(f"--base {name!r} is not a keras.applications base ({', '.join(APPLICATIONS)}), a "
-                             "recipe (`ktool recipes`) or a run folder"
-                             + (f"; did you mean {', '.join(close)}?" if close else ".")) from None
-    if weights is not None and str(weights).lower() not in ("imagenet", "none", "run") \
-            and not Path(os.path.expanduser(str(weights))).is_file():
-        raise FileNotFoundError(f"--weights {weights}: no such file; give imagenet, none, or the path of a .h5 or "
-                                ".keras weights file.")
+            raise ValueError(
+                f"--base {name!r} is not a keras.applications base ({', '.join(APPLICATIONS)}), a "
+                "recipe (`ktool recipes`) or a run folder" + (f"; did you mean {', '.join(close)}?" if close else ".")
+            ) from None
+    if (
+        weights is not None
+        and str(weights).lower() not in ("imagenet", "none", "run")
+        and not Path(os.path.expanduser(str(weights))).is_file()
+    ):
+        raise FileNotFoundError(
+            f"--weights {weights}: no such file; give imagenet, none, or the path of a .h5 or .keras weights file."
+        )
 
 
 def _size(image_size, default: int, minimum: int, name: str) -> tuple:
@@ -195,8 +205,11 @@ def _download(key: str, build):
         file = url.group(0).rsplit("/", 1)[-1] if url else f"the {key} no-top weights file"
         # where tf_keras looks (it does not read KERAS_HOME): ~/.keras, or /tmp/.keras when that is not writable
         home = Path("~/.keras").expanduser()
-        cache = (home if os.access(home, os.W_OK) or not home.exists() and os.access(home.parent, os.W_OK)
-                 else Path("/tmp/.keras")) / "models"
+        cache = (
+            home
+            if os.access(home, os.W_OK) or not home.exists() and os.access(home.parent, os.W_OK)
+            else Path("/tmp/.keras")
+        ) / "models"
         raise ValueError(
             f"--weights imagenet: the {key} weights could not be downloaded ({_reason(text)}). "
             f"Put {file} in {cache}/ (the Keras cache: Keras then finds it without a download)"
@@ -215,24 +228,31 @@ def _load_weights_file(model, weights, name: str):
 
     path = Path(os.path.expanduser(str(weights)))
     if not path.is_file():
-        raise FileNotFoundError(f"--weights {weights}: no such file; give imagenet, none, or the path of a .h5 or "
-                                f".keras weights file for {name}.")
+        raise FileNotFoundError(
+            f"--weights {weights}: no such file; give imagenet, none, or the path of a .h5 or "
+            f".keras weights file for {name}."
+        )
     try:
         how = load_weights_file(model, str(path), label=f"--weights {path}")
     except WeightsMismatchError as err:
-        raise ValueError(f"--weights {path}: the file does not fit {name} ({err}); give the no-top (or full) "
-                         f"weights file of {name}.") from None
+        raise ValueError(
+            f"--weights {path}: the file does not fit {name} ({err}); give the no-top (or full) weights file of {name}."
+        ) from None
     log.info("--weights %s: loaded into %s %s", path, name, how)
 
 
 def _from_recipe(recipe, weights: str, image_size) -> Base:
     lowered = str(weights).lower()
     if lowered == "imagenet":
-        raise ValueError(f"--weights imagenet: recipe {recipe.name!r} has no ImageNet download; use a keras.applications "
-                         f"base ({', '.join(APPLICATIONS)}), --weights PATH, or --weights none.")
+        raise ValueError(
+            f"--weights imagenet: recipe {recipe.name!r} has no ImageNet download; use a keras.applications "
+            f"base ({', '.join(APPLICATIONS)}), --weights PATH, or --weights none."
+        )
     if recipe.task != "classification":
-        raise ValueError(f"--base {recipe.name}: a {recipe.task} recipe; pretrain it with `ktool pretrain` and pass "
-                         "the run folder as --base.")
+        raise ValueError(
+            f"--base {recipe.name}: a {recipe.task} recipe; pretrain it with `ktool pretrain` and pass "
+            "the run folder as --base."
+        )
     size = _size(image_size, recipe.input_shape[0], recipe.min_size, recipe.name)
     channels = recipe.input_shape[2]
     model = recipe.build(input_shape=(*size, channels), include_top=False)
@@ -249,8 +269,9 @@ def _from_run(path: Path, weights, image_size) -> Base:
     from ktoolkit.transfer.features import cut_points
 
     if weights not in (None, "run"):
-        raise ValueError(f"--weights {weights}: --base {path} is a run folder, which brings its own weights; "
-                         "leave --weights out.")
+        raise ValueError(
+            f"--weights {weights}: --base {path} is a run folder, which brings its own weights; leave --weights out."
+        )
     run = Run(path)
     if run.encoder.exists():
         model, what = recipes.load_model(run.encoder), "encoder"
@@ -274,5 +295,7 @@ def _finish(name, model, weights, pretrained, size, channels, preprocessing) -> 
     groups = cut_points(model)
     if not groups or groups[-1] != model.layers[-1].name:
         groups.append(model.layers[-1].name)
-    log.info("base %s: %s parameters, weights %s, %d cut points", name, f"{model.count_params():,}", weights, len(groups))
+    log.info(
+        "base %s: %s parameters, weights %s, %d cut points", name, f"{model.count_params():,}", weights, len(groups)
+    )
     return Base(str(name), model, str(weights), pretrained, tuple(size), channels, preprocessing, groups)

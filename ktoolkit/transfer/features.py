@@ -47,8 +47,7 @@ def cut_points(model) -> list[str]:
     cuts, furthest = [], 0  # furthest: the furthest consumer of any layer before layer i
     for i, layer in enumerate(layers):
         shape = _output_shape(layer)
-        if (furthest <= i and i > 0 and shape is not None and len(shape) == 4
-                and type(layer).__name__ not in _NOT_CUTS):
+        if furthest <= i and i > 0 and shape is not None and len(shape) == 4 and type(layer).__name__ not in _NOT_CUTS:
             cuts.append((layer.name, tuple(shape[1:3])))
         furthest = max(furthest, reach[i])
     ends = [name for k, (name, size) in enumerate(cuts) if k + 1 == len(cuts) or cuts[k + 1][1] != size]
@@ -86,7 +85,9 @@ def feature_model(model, layers):
         if len(x.shape) == 4:
             x = tf_keras.layers.GlobalAveragePooling2D(name=f"{name}_features")(x)
         elif len(x.shape) != 2:
-            raise ValueError(f"layer={name!r} has output shape {tuple(x.shape)}; features need an image-shaped or flat layer.")
+            raise ValueError(
+                f"layer={name!r} has output shape {tuple(x.shape)}; features need an image-shaped or flat layer."
+            )
         outputs.append(x)
     return tf_keras.Model(model.inputs, outputs, name=f"{model.name}_features")
 
@@ -95,7 +96,11 @@ def feature_model(model, layers):
 class FeatureCache:
     """Feature arrays on disk, one .npy file per (model, layer, data, image size)."""
 
-    root: Path = field(default_factory=lambda: Path(os.environ.get("KTOOLKIT_CACHE_DIR", "~/.cache/ktoolkit")).expanduser() / "features")
+    root: Path = field(
+        default_factory=lambda: (
+            Path(os.environ.get("KTOOLKIT_CACHE_DIR", "~/.cache/ktoolkit")).expanduser() / "features"
+        )
+    )
     hits: int = 0
     misses: int = 0
 
@@ -123,8 +128,18 @@ class FeatureCache:
                 np.save(f, array)
 
 
-def extract_features(model, layers, split, *, image_size, channels, batch_size: int = 64,
-                     cache: FeatureCache | None = None, key: str | None = None, progress: bool = False) -> dict:
+def extract_features(
+    model,
+    layers,
+    split,
+    *,
+    image_size,
+    channels,
+    batch_size: int = 64,
+    cache: FeatureCache | None = None,
+    key: str | None = None,
+    progress: bool = False,
+) -> dict:
     """Features of ``split``'s images at each of ``layers``: ``{layer: array (N, D)}`` in split order.
 
     Cached layers are read from ``cache``; the others are computed in one pass over the data.
@@ -138,15 +153,24 @@ def extract_features(model, layers, split, *, image_size, channels, batch_size: 
         key = key or model_key(model)
         for name in layers:
             keys[name] = hashlib.sha1(
-                f"{key}|{name}|{split.fingerprint()}|{tuple(image_size)}|{channels}".encode()).hexdigest()[:24]
+                f"{key}|{name}|{split.fingerprint()}|{tuple(image_size)}|{channels}".encode()
+            ).hexdigest()[:24]
             cached = cache.load(keys[name])
             if cached is not None and len(cached) == len(split):
                 result[name] = cached
     todo = [name for name in layers if name not in result]
     if todo:
         started = time.time()
-        dataset = make_dataset(split, num_classes=int(split.labels.max()) + 1, image_size=image_size, channels=channels,
-                               batch_size=batch_size, training=False, one_hot=False, cache=None)
+        dataset = make_dataset(
+            split,
+            num_classes=int(split.labels.max()) + 1,
+            image_size=image_size,
+            channels=channels,
+            batch_size=batch_size,
+            training=False,
+            one_hot=False,
+            cache=None,
+        )
         dataset = dataset.map(lambda x, y: x)
         outputs = feature_model(model, todo).predict(dataset, verbose=1 if progress else 0)
         outputs = outputs if isinstance(outputs, list) else [outputs]
@@ -182,8 +206,9 @@ class LinearProbe:
         return float((self.predict_proba(features).argmax(1) == np.asarray(labels)).mean())
 
 
-def fit_linear(train_x, train_y, val_x=None, val_y=None, *, num_classes: int | None = None, Cs=C_GRID,
-               max_iter: int = 300) -> LinearProbe:
+def fit_linear(
+    train_x, train_y, val_x=None, val_y=None, *, num_classes: int | None = None, Cs=C_GRID, max_iter: int = 300
+) -> LinearProbe:
     """Fits logistic regression on features, picking the inverse regularization C on the validation split.
 
     Without validation data, C=1 (features are standardized, so that is a sensible scale).
@@ -214,11 +239,21 @@ def fit_linear(train_x, train_y, val_x=None, val_y=None, *, num_classes: int | N
         kernel = np.zeros((z.shape[1], num_classes))
         bias = np.full(num_classes, -1e4)  # classes absent from training are never predicted
         coef = clf.coef_ if len(clf.classes_) > 2 else np.vstack([-clf.coef_[0] / 2, clf.coef_[0] / 2])
-        intercept = clf.intercept_ if len(clf.classes_) > 2 else np.array([-clf.intercept_[0] / 2, clf.intercept_[0] / 2])
+        intercept = (
+            clf.intercept_ if len(clf.classes_) > 2 else np.array([-clf.intercept_[0] / 2, clf.intercept_[0] / 2])
+        )
         kernel[:, clf.classes_] = (coef / scale).T
         bias[clf.classes_] = intercept - (coef * (mean / scale)).sum(axis=1)
-        probe = LinearProbe(kernel.astype(np.float32), bias.astype(np.float32), C, 0.0, None, 0.0,
-                            mean.astype(np.float32), scale.astype(np.float32))
+        probe = LinearProbe(
+            kernel.astype(np.float32),
+            bias.astype(np.float32),
+            C,
+            0.0,
+            None,
+            0.0,
+            mean.astype(np.float32),
+            scale.astype(np.float32),
+        )
         probe.train_accuracy = probe.accuracy(train_x, train_y)
         if has_val:
             probe.val_accuracy = probe.accuracy(np.asarray(val_x, np.float64), val_y)

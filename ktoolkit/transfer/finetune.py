@@ -92,13 +92,16 @@ class FinetuneConfig(RunConfig):
     KIND = "finetune"
     RESUMABLE = TrainConfig.RESUMABLE
 
-    def validate(self) -> "FinetuneConfig":
+    def validate(self) -> FinetuneConfig:
         """Raises a ValueError naming the first bad field, its value and the valid ones."""
         bad = self._bad
         if not self.data:
             bad("data", "give the training data: a folder with one subfolder per class, a CSV, an .npz or tfds:NAME.")
         if not self.base:
-            bad("base", "give a base: mobilenet_v2, resnet50, vgg16, ... (`ktool finetune --help`), a recipe or a run folder.")
+            bad(
+                "base",
+                "give a base: mobilenet_v2, resnet50, vgg16, ... (`ktool finetune --help`), a recipe or a run folder.",
+            )
         self.check_common()
         if self.strategy not in STRATEGY_CHOICES:
             bad("strategy", f"use one of {', '.join(STRATEGY_CHOICES)}.")
@@ -116,8 +119,11 @@ class FinetuneConfig(RunConfig):
         if self.early_stopping < 0:
             bad("early_stopping", "is a patience in epochs; 0 turns it off.")
         if self.cut is not None and not _LAYER_NAME.fullmatch(self.cut):
-            bad("cut", "is not a layer name (letters, digits and _ . / -); give a layer of the base, e.g. "
-                       "block_13_expand_relu, or leave it out for the best held-out probe.")
+            bad(
+                "cut",
+                "is not a layer name (letters, digits and _ . / -); give a layer of the base, e.g. "
+                "block_13_expand_relu, or leave it out for the best held-out probe.",
+            )
         from ktoolkit.data.augment import AugmentConfig
         from ktoolkit.transfer.bases import check_base
 
@@ -136,8 +142,9 @@ class FinetuneResult(TrainResult):
 
 
 @run_command  # releases the run folder's lock when it ends
-def finetune(config: FinetuneConfig | None = None, *, progress: bool = False, overwrite: bool = False,
-             **overrides) -> FinetuneResult:
+def finetune(
+    config: FinetuneConfig | None = None, *, progress: bool = False, overwrite: bool = False, **overrides
+) -> FinetuneResult:
     """Runs transfer learning as ``config`` says; see the module docstring. Raises like ``train``."""
     import tf_keras
 
@@ -148,8 +155,14 @@ def finetune(config: FinetuneConfig | None = None, *, progress: bool = False, ov
     from ktoolkit.transfer.features import FeatureCache, extract_features, fit_linear, linear_classifier_model
 
     start = start_run(config or FinetuneConfig(), overrides, overwrite=overwrite, progress=progress)
-    config, run, dist, chief, source, started = (start.config, start.run, start.strategy, start.chief, start.source,
-                                                 start.started)
+    config, run, dist, chief, source, started = (
+        start.config,
+        start.run,
+        start.strategy,
+        start.chief,
+        start.source,
+        start.started,
+    )
     class_names = list(source.class_names)
     num_classes = len(class_names)
     tf_keras.utils.set_random_seed(config.seed)
@@ -159,31 +172,55 @@ def finetune(config: FinetuneConfig | None = None, *, progress: bool = False, ov
         write_run_header(run, config, source, base.image_size, base.channels)
 
     cache = FeatureCache()
-    advice = advise(base, source, small_threshold=config.small_threshold,
-                    similarity_threshold=config.similarity_threshold, seed=config.seed, cache=cache, progress=progress)
+    advice = advise(
+        base,
+        source,
+        small_threshold=config.small_threshold,
+        similarity_threshold=config.similarity_threshold,
+        seed=config.seed,
+        cache=cache,
+        progress=progress,
+    )
     strategy, why = _choose(config, base, advice)
     log.info("strategy %s: %s", strategy, why)
     splits = {name: split for name, split in source.splits.items() if len(split)}
     feature_kwargs = dict(image_size=base.image_size, channels=base.channels, cache=cache, progress=progress)
 
     def probe_at(layer):
-        feats = {s: extract_features(base.model, [layer], splits[s], **feature_kwargs)[layer] for s in ("train", "val")
-                 if s in splits}
-        return fit_linear(feats["train"], splits["train"].labels, feats.get("val"),
-                          splits["val"].labels if "val" in splits else None, num_classes=num_classes)
+        feats = {
+            s: extract_features(base.model, [layer], splits[s], **feature_kwargs)[layer]
+            for s in ("train", "val")
+            if s in splits
+        }
+        return fit_linear(
+            feats["train"],
+            splits["train"].labels,
+            feats.get("val"),
+            splits["val"].labels if "val" in splits else None,
+            num_classes=num_classes,
+        )
 
     history, resumed = [], 0
     if strategy in ("linear", "linear-early"):
         layer = base.top if strategy == "linear" else _check_cut(config.cut or advice.best_cut, base)
         probe = probe_at(layer)
-        model = linear_classifier_model(base.model, layer, probe, name=f"{_model_name(base)}_{strategy.replace('-', '_')}")
+        model = linear_classifier_model(
+            base.model, layer, probe, name=f"{_model_name(base)}_{strategy.replace('-', '_')}"
+        )
         if chief:
             save_model(model, run.best)
             copy_file(run.best, run.last)  # no epochs: the last model is the best one
-        plan = {"strategy": strategy, "features": layer, "feature_dims": int(probe.kernel.shape[0]),
-                "trained": "logistic regression on cached features (the base is frozen and cut at the features layer)",
-                "C": probe.C, "train_accuracy": probe.train_accuracy, "val_accuracy": probe.val_accuracy,
-                "classifier_seconds": round(probe.seconds, 2), "feature_cache": {"hits": cache.hits, "misses": cache.misses}}
+        plan = {
+            "strategy": strategy,
+            "features": layer,
+            "feature_dims": int(probe.kernel.shape[0]),
+            "trained": "logistic regression on cached features (the base is frozen and cut at the features layer)",
+            "C": probe.C,
+            "train_accuracy": probe.train_accuracy,
+            "val_accuracy": probe.val_accuracy,
+            "classifier_seconds": round(probe.seconds, 2),
+            "feature_cache": {"hits": cache.hits, "misses": cache.misses},
+        }
     else:
         # finetune: the head starts as the linear classifier on the frozen features. Not for full: once batch
         # normalization trains, the features move away from the ones that classifier was fit on.
@@ -194,10 +231,18 @@ def finetune(config: FinetuneConfig | None = None, *, progress: bool = False, ov
         def dataset(name, training):
             if name not in splits:
                 return None
-            return make_dataset(splits[name], num_classes=num_classes, image_size=base.image_size, channels=base.channels,
-                                batch_size=global_batch, training=training, seed=config.seed,
-                                cache=None if config.cache == "none" else config.cache,
-                                augment=augment if training else None, deterministic=config.deterministic or None)
+            return make_dataset(
+                splits[name],
+                num_classes=num_classes,
+                image_size=base.image_size,
+                channels=base.channels,
+                batch_size=global_batch,
+                training=training,
+                seed=config.seed,
+                cache=None if config.cache == "none" else config.cache,
+                augment=augment if training else None,
+                deterministic=config.deterministic or None,
+            )
 
         train_ds, val_ds = dataset("train", True), dataset("val", False)
         steps = config.steps_per_epoch or max(1, -(-len(splits["train"]) // global_batch))
@@ -207,27 +252,63 @@ def finetune(config: FinetuneConfig | None = None, *, progress: bool = False, ov
             model, plan = _trainable_model(base, strategy, config, num_classes, probe, steps)
         inference = tf_keras.Model(model.inputs, model.outputs, name=model.name)
         with dist.scope():
-            history, resumed, best_model = fit(run, model, inference, train_ds, val_ds, epochs=config.epochs, steps=steps,
-                                               callbacks=plan.pop("_callbacks"), early_stopping=config.early_stopping,
-                                               chief=chief, progress=progress)
+            history, resumed, best_model = fit(
+                run,
+                model,
+                inference,
+                train_ds,
+                val_ds,
+                epochs=config.epochs,
+                steps=steps,
+                callbacks=plan.pop("_callbacks"),
+                early_stopping=config.early_stopping,
+                chief=chief,
+                progress=progress,
+            )
         save_final(run, inference, best_model, chief)
 
     metrics = {}
     if chief:
-        write_json(run.root / "decision.json", {"strategy": strategy, "why": why, "advice": advice.to_dict(), "plan": plan})
+        write_json(
+            run.root / "decision.json", {"strategy": strategy, "why": why, "advice": advice.to_dict(), "plan": plan}
+        )
         _plot_probes(advice.probes, run.root / "probes.png", title=f"linear probes: {base.name} on {config.data}")
         eval_name = "test" if "test" in splits else "val"
         eval_ds, evaluation = None, None
         if eval_name in splits and strategy in ("linear", "linear-early"):
             evaluation = _evaluate_linear(model, probe, base, layer, splits[eval_name], class_names, feature_kwargs)
         elif eval_name in splits:
-            eval_ds = make_dataset(splits[eval_name], num_classes=num_classes, image_size=base.image_size,
-                                   channels=base.channels, batch_size=64, training=False)
-        metrics = finish(run, class_names, eval_name, eval_ds, history, title=f"{base.name} ({strategy}) on {config.data}",
-                         started=started, progress=progress, extra_sections=_report_sections(advice, strategy, why, plan),
-                         evaluation=evaluation)
-    return FinetuneResult(run=run, config=config, metrics=metrics, history=history, seconds=time.time() - started,
-                          resumed_from_epoch=resumed, strategy=strategy, advice=advice, plan=plan)
+            eval_ds = make_dataset(
+                splits[eval_name],
+                num_classes=num_classes,
+                image_size=base.image_size,
+                channels=base.channels,
+                batch_size=64,
+                training=False,
+            )
+        metrics = finish(
+            run,
+            class_names,
+            eval_name,
+            eval_ds,
+            history,
+            title=f"{base.name} ({strategy}) on {config.data}",
+            started=started,
+            progress=progress,
+            extra_sections=_report_sections(advice, strategy, why, plan),
+            evaluation=evaluation,
+        )
+    return FinetuneResult(
+        run=run,
+        config=config,
+        metrics=metrics,
+        history=history,
+        seconds=time.time() - started,
+        resumed_from_epoch=resumed,
+        strategy=strategy,
+        advice=advice,
+        plan=plan,
+    )
 
 
 def _evaluate_linear(model, probe, base, layer, split, class_names, feature_kwargs):
@@ -242,16 +323,21 @@ def _evaluate_linear(model, probe, base, layer, split, class_names, feature_kwar
     from_features = probe.predict_proba(extract_features(base.model, [layer], split, **feature_kwargs)[layer])
     check = split.subset(np.arange(min(32, len(split))))
     from_model = np.asarray(model.predict_on_batch(load_images(check, base.image_size, base.channels)))
-    gap = float(np.abs(from_model - from_features[:len(check)]).max())
+    gap = float(np.abs(from_model - from_features[: len(check)]).max())
     if gap > 1e-3:
-        raise RuntimeError(f"the saved linear classifier differs from the probe it was folded from by {gap:.2g} in "
-                           "probability on the first test images; this is a bug, please report it.")
+        raise RuntimeError(
+            f"the saved linear classifier differs from the probe it was folded from by {gap:.2g} in "
+            "probability on the first test images; this is a bug, please report it."
+        )
     return evaluate_predictions(from_features, np.asarray(split.labels).astype(int), class_names)
 
 
 def _choose(config, base, advice) -> tuple[str, str]:
     if config.strategy != "auto":
-        return config.strategy, f"asked for (--strategy {config.strategy}); the data's quadrant is {advice.decision.quadrant}"
+        return (
+            config.strategy,
+            f"asked for (--strategy {config.strategy}); the data's quadrant is {advice.decision.quadrant}",
+        )
     if not base.pretrained:
         return "full", "weights none: there is nothing pretrained to transfer, so the whole network trains from scratch"
     return advice.decision.strategy, "; ".join(advice.decision.reasons())
@@ -263,9 +349,11 @@ def _check_cut(layer: str, base) -> str:
         import difflib
 
         close = difflib.get_close_matches(layer, names, 3)
-        raise ValueError(f"--cut {layer}: {base.name} has no such layer"
-                         + (f" (did you mean {', '.join(close)}?)" if close else "")
-                         + f"; its cut points are {', '.join(base.groups)}.")
+        raise ValueError(
+            f"--cut {layer}: {base.name} has no such layer"
+            + (f" (did you mean {', '.join(close)}?)" if close else "")
+            + f"; its cut points are {', '.join(base.groups)}."
+        )
     return layer
 
 
@@ -305,8 +393,8 @@ def _trainable_model(base, strategy, config, num_classes, probe, steps):
     model = GroupedLearningRates(base.model.inputs, outputs, name=f"{_model_name(base)}_{strategy}")
     groups = group_of_layers(model, base.groups)
     if strategy == "finetune":
-        trained = base.groups[-config.unfreeze:] + ["head"]
-        rates = {g: lr * config.lr_decay ** k for k, g in enumerate(reversed(trained))}
+        trained = base.groups[-config.unfreeze :] + ["head"]
+        rates = {g: lr * config.lr_decay**k for k, g in enumerate(reversed(trained))}
     else:
         rates = {g: lr for g in [*base.groups, "head"]}
     for layer in model.layers:
@@ -324,19 +412,30 @@ def _trainable_model(base, strategy, config, num_classes, probe, steps):
         callbacks = callbacks or cbs
     model.set_groups({g: optimizers[r] for g, r in rates.items()}, groups)
     metrics = ["accuracy"] + ([tf_keras.metrics.TopKCategoricalAccuracy(5, name="top5")] if num_classes > 5 else [])
-    model.compile(optimizer=optimizers[max(rates.values())],
-                  loss=tf_keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing), metrics=metrics)
+    model.compile(
+        optimizer=optimizers[max(rates.values())],
+        loss=tf_keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=metrics,
+    )
     trainable = sum(int(w.shape.num_elements()) for w in model.trainable_weights)
     frozen_layers = [layer.name for layer in model.layers if not layer.trainable and layer.weights]
     plan = {
         "strategy": strategy,
-        "groups": [{"group": g, "learning_rate": rates.get(g), "trainable": g in rates,
-                    "layers": sum(1 for n in groups.values() if n == g)} for g in [*base.groups, "head"]],
+        "groups": [
+            {
+                "group": g,
+                "learning_rate": rates.get(g),
+                "trainable": g in rates,
+                "layers": sum(1 for n in groups.values() if n == g),
+            }
+            for g in [*base.groups, "head"]
+        ],
         "trainable_parameters": trainable,
         "frozen_parameters": int(model.count_params() - trainable),
         "frozen_layers_with_weights": len(frozen_layers),
         "head_initialized_from": "linear classifier on the cached top features" if probe is not None else "random",
-        "optimizer": config.optimizer, "epochs": config.epochs,
+        "optimizer": config.optimizer,
+        "epochs": config.epochs,
         "_callbacks": callbacks,
     }
     return model, plan
@@ -380,20 +479,27 @@ def _rate(value) -> str:
 def _report_sections(advice, strategy, why, plan) -> list[tuple[str, str]]:
     decision = "\n".join(f"- {line}" for line in advice.lines()) + f"\n\n**Strategy: {strategy}** ({why})."
     probes = "| cut point | features | held-out accuracy | training accuracy |\n|---|---|---|---|\n" + "\n".join(
-        f"| {p.layer} | {p.dims} | {p.val_accuracy:.1%} | {p.train_accuracy:.1%} |" for p in advice.probes)
+        f"| {p.layer} | {p.dims} | {p.val_accuracy:.1%} | {p.train_accuracy:.1%} |" for p in advice.probes
+    )
     probes += "\n\n![probes by depth](probes.png)"
     if "groups" in plan:
-        rows = "\n".join(f"| {g['group']} | {g['layers']} | {'yes' if g['trainable'] else 'frozen'} | "
-                         f"{_rate(g['learning_rate'])} |" for g in plan["groups"])
+        rows = "\n".join(
+            f"| {g['group']} | {g['layers']} | {'yes' if g['trainable'] else 'frozen'} | {_rate(g['learning_rate'])} |"
+            for g in plan["groups"]
+        )
         bn = "; batch normalization stays in inference mode in every group" if plan["strategy"] == "finetune" else ""
-        body = (f"{plan['trainable_parameters']:,} trainable and {plan['frozen_parameters']:,} frozen parameters; "
-                f"head initialized from the {plan['head_initialized_from']}; {plan['optimizer']}, {plan['epochs']} epochs. "
-                f"Frozen layers run in inference mode{bn}.\n\n"
-                "| group (ends at) | layers | trains | learning rate |\n|---|---|---|---|\n" + rows)
+        body = (
+            f"{plan['trainable_parameters']:,} trainable and {plan['frozen_parameters']:,} frozen parameters; "
+            f"head initialized from the {plan['head_initialized_from']}; {plan['optimizer']}, {plan['epochs']} epochs. "
+            f"Frozen layers run in inference mode{bn}.\n\n"
+            "| group (ends at) | layers | trains | learning rate |\n|---|---|---|---|\n" + rows
+        )
     else:
-        body = (f"Base frozen and cut at `{plan['features']}` ({plan['feature_dims']} features); {plan['trained']}: "
-                f"C={plan['C']:g}, training accuracy {plan['train_accuracy']:.1%}"
-                + (f", validation {plan['val_accuracy']:.1%}" if plan['val_accuracy'] is not None else "")
-                + f", fit in {plan['classifier_seconds']:.1f} s; feature cache {plan['feature_cache']['hits']} hit(s), "
-                f"{plan['feature_cache']['misses']} miss(es).")
+        body = (
+            f"Base frozen and cut at `{plan['features']}` ({plan['feature_dims']} features); {plan['trained']}: "
+            f"C={plan['C']:g}, training accuracy {plan['train_accuracy']:.1%}"
+            + (f", validation {plan['val_accuracy']:.1%}" if plan["val_accuracy"] is not None else "")
+            + f", fit in {plan['classifier_seconds']:.1f} s; feature cache {plan['feature_cache']['hits']} hit(s), "
+            f"{plan['feature_cache']['misses']} miss(es)."
+        )
     return [("Transfer-learning decision", decision), ("Plan", body), ("Linear probes by depth", probes)]

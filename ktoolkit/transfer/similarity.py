@@ -43,12 +43,16 @@ class BatchNormDistance:
 
 
 def _bn_layers(model):
-    return [layer for layer in model.layers
-            if type(layer).__name__ in ("BatchNormalization", "SyncBatchNormalization") and layer.moving_mean is not None]
+    return [
+        layer
+        for layer in model.layers
+        if type(layer).__name__ in ("BatchNormalization", "SyncBatchNormalization") and layer.moving_mean is not None
+    ]
 
 
-def batchnorm_distance(model, images: np.ndarray, batch_size: int = 32, *, cache=None,
-                       key: str | None = None) -> BatchNormDistance | None:
+def batchnorm_distance(
+    model, images: np.ndarray, batch_size: int = 32, *, cache=None, key: str | None = None
+) -> BatchNormDistance | None:
     """Compares the statistics of ``images`` (N, H, W, C, 0..255) inside ``model`` with its BN layers'.
 
     Returns None when the model has no batch normalization. With a ``cache`` (features.FeatureCache) and
@@ -72,7 +76,7 @@ def batchnorm_distance(model, images: np.ndarray, batch_size: int = 32, *, cache
         probe = tf_keras.Model(model.inputs, outputs)
         sums = None
         for start in range(0, len(images), batch_size):  # predict_on_batch: one compiled graph, not layer by layer
-            batch = probe.predict_on_batch(np.asarray(images[start:start + batch_size], np.float32))
+            batch = probe.predict_on_batch(np.asarray(images[start : start + batch_size], np.float32))
             batch = [np.asarray(b, np.float64).sum(axis=0) for b in batch]
             sums = batch if sums is None else [s + b for s, b in zip(sums, batch)]
         stats = np.concatenate(sums) / len(images)
@@ -80,15 +84,21 @@ def batchnorm_distance(model, images: np.ndarray, batch_size: int = 32, *, cache
             cache.save(f"bnstats-{key}", stats)
     layers, offset = [], 0
     for bn, size in zip(bns, sizes):
-        mean, square = stats[offset:offset + size], stats[offset + size:offset + 2 * size]
+        mean, square = stats[offset : offset + size], stats[offset + size : offset + 2 * size]
         offset += 2 * size
-        var = np.maximum(square - mean ** 2, 1e-6)
+        var = np.maximum(square - mean**2, 1e-6)
         mu, sigma2 = np.asarray(bn.moving_mean, np.float64), np.asarray(bn.moving_variance, np.float64) + bn.epsilon
         kl = 0.5 * (var / sigma2 + (mean - mu) ** 2 / sigma2 - 1.0 - np.log(var / sigma2))
         layers.append((bn.name, float(np.median(kl))))
     first_kl, mean_kl = layers[0][1], float(np.mean([k for _, k in layers]))
-    return BatchNormDistance(similarity=float(np.exp(-first_kl)), first_kl=first_kl, mean_kl=mean_kl, layers=layers,
-                             images=len(images), seconds=time.time() - started)
+    return BatchNormDistance(
+        similarity=float(np.exp(-first_kl)),
+        first_kl=first_kl,
+        mean_kl=mean_kl,
+        layers=layers,
+        images=len(images),
+        seconds=time.time() - started,
+    )
 
 
 @dataclass
