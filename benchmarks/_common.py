@@ -7,7 +7,8 @@ import statistics
 import time
 from pathlib import Path
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+from recipes import _keras  # noqa: F401  (sets TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"

@@ -14,7 +14,7 @@
 
 ResNet-18 has random weights (latency and size do not depend on them); the digits and flowers5
 models are trained here, and their numbers come from `ktool export`'s own pipeline
-(tflite_export.export). The 224x224 speed models have no run to export and are converted directly.
+(ktoolkit.export). The 224x224 speed models have no run to export and are converted directly.
 
     python benchmarks/bench_export.py [--flowers ../shared/data/flowers5] [--weights ../shared/weights]
                                       [--work /tmp/bench_export] [--skip-flowers]
@@ -126,7 +126,7 @@ def summarize(result):
 
 
 def digits_accuracy(digits, work):
-    from tflite_export import export
+    from ktoolkit.export import export
 
     run = train_digits(digits, work, "lenet5_digits", "lenet5", {"activation": "relu", "subsampling": "max"})
     result = export(
@@ -137,7 +137,7 @@ def digits_accuracy(digits, work):
 
 def compression(digits, work):
     """prune-cluster-int8 on LeNet-5 and LeNet-300-100 (the mlp recipe with 300 and 100 hidden units)."""
-    from tflite_export import export
+    from ktoolkit.export import export
 
     rows = {}
     for name, recipe, options, sparsity, clusters, epochs in (
@@ -182,9 +182,9 @@ def flowers(folder, weights, work, size):
     import yaml
 
     from ktoolkit.data import load_data, make_dataset
+    from ktoolkit.export import export
     from ktoolkit.io import save_model, write_json, write_text
     from recipes.layers import custom_layers
-    from tflite_export import export
 
     run = work / "mobilenet_v2_flowers"
     if not (run / "best.keras").exists():

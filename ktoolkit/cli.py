@@ -887,7 +887,7 @@ def export_cmd(verbose, **options):
     _check_data(options["data"])
     _check_out(options["out"])
     _setup_logging(verbose)
-    from tflite_export import export
+    from ktoolkit.export import export
 
     result = export(**options, progress=_interactive())
     rows = [("mode", "file", "size", "accuracy", "drop", "agreement", "latency", "")]

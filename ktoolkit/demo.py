@@ -39,7 +39,7 @@ class DemoResult:
     report: Path
     base_accuracy: float | None
     finetune: object  # FinetuneResult
-    export: object  # tflite_export.ExportResult
+    export: object  # ktoolkit.export.ExportResult
     latency: list = field(default_factory=list)  # benchmark rows
     seconds: float = 0.0
 
@@ -95,9 +95,10 @@ def demo(
         epochs: epochs of the finetune/full strategies, and of quantization-aware training if int8
             post-training quantization misses the accuracy budget.
     """
+    from ktoolkit.export import export
     from ktoolkit.train import TrainConfig, train
     from ktoolkit.transfer.finetune import FinetuneConfig, finetune
-    from tflite_export import benchmark, export
+    from tflite_export import benchmark
 
     started = time.time()
     root = Path(out)

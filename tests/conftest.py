@@ -2,7 +2,8 @@
 
 import os
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+from recipes import _keras  # noqa: F401  (sets TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402

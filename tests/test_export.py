@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 import recipes
 from ktoolkit.cli import main
-from tflite_export import export, open_model
+from ktoolkit.export import export
+from tflite_export import open_model
 from tflite_export.metadata import read_metadata
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
@@ -50,7 +51,7 @@ def run(digits_npz, tmp_path_factory):
 @pytest.fixture(scope="session")
 def heldout(run):
     """The run's held-out test images and labels (the split export verifies on)."""
-    from tflite_export.source import load_source
+    from ktoolkit.export.source import load_source
 
     source = load_source(run)
     batches = list(source.dataset("test"))
@@ -282,7 +283,7 @@ def test_mixed_precision_models_are_rebuilt_in_float32():
     import tf_keras
 
     from tflite_export.convert import to_tflite
-    from tflite_export.source import prepare_model
+    from tflite_export.prepare import prepare_model
 
     tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
@@ -324,7 +325,7 @@ def test_auxiliary_heads_are_dropped():
     """GoogLeNet's training build has outputs predictions, aux1, aux2; the exported file has one."""
     import tf_keras
 
-    from tflite_export.source import prepare_model
+    from tflite_export.prepare import prepare_model
 
     inputs = tf_keras.Input((8, 8, 3))
     x = tf_keras.layers.Flatten()(tf_keras.layers.Conv2D(4, 3)(inputs))
@@ -384,9 +385,9 @@ def test_a_nested_base_is_exported_and_compressed_layer_by_layer(run, digits_npz
     head: exported as float32 and int8, and pruned, where pruning must reach the layers inside the base."""
     import tf_keras
 
+    from ktoolkit.export.source import load_source
     from ktoolkit.io import save_model
     from tflite_export.compress import compress
-    from tflite_export.source import load_source
 
     lenet = recipes.load_model(Path(run) / "best.keras")
     base = tf_keras.Model(lenet.inputs, lenet.get_layer("f6").output, name="base")

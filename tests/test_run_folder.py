@@ -312,7 +312,7 @@ def test_a_resumed_run_keeps_the_split_it_started_with(tmp_path):
 
 def test_evaluate_and_export_into_a_locked_run_fail_at_once(pngs, tmp_path):
     from ktoolkit.evaluate import evaluate_run
-    from tflite_export import export
+    from ktoolkit.export import export
 
     out = tmp_path / "run"
     train(data=str(pngs), out=str(out), **TINY)

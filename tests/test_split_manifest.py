@@ -278,8 +278,8 @@ def test_the_scan_cache_rechecks_a_file_corrupted_in_place_with_its_date_restore
 
 def test_evaluate_and_export_use_the_recorded_split(tmp_path, caplog):
     from ktoolkit.evaluate import evaluate_run
+    from ktoolkit.export.source import load_source
     from ktoolkit.train import train
-    from tflite_export.source import load_source
 
     data = make_folder(tmp_path / "data")
     result = train(

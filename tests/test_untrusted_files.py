@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from ktoolkit.cli import main
-from tflite_export import export, open_model
+from ktoolkit.export import export
+from tflite_export import open_model
 from tflite_export.metadata import ModelInfo, add_metadata, packed_labels, read_metadata
 from tflite_export.untrusted import (
     MAX_LABELS_BYTES,
@@ -131,7 +132,7 @@ def test_a_model_named_like_a_path_writes_only_inside_out(tmp_path):
 
 
 def test_a_folder_that_is_not_a_saved_model_is_not_deleted(tmp_path):
-    from tflite_export.export import _remove_previous
+    from ktoolkit.export.workflow import _remove_previous
 
     folder = tmp_path / "tiny_float32.saved_model"
     folder.mkdir()
@@ -162,7 +163,7 @@ def test_a_setting_the_modes_ignore_is_refused(mode, fmt, setting, flag, tmp_pat
 
 
 def test_a_setting_one_of_the_modes_uses_is_accepted():
-    from tflite_export.export import TUNABLE_DEFAULTS, _modes, _tunables
+    from ktoolkit.export.workflow import TUNABLE_DEFAULTS, _modes, _tunables
 
     given = dict.fromkeys(TUNABLE_DEFAULTS)
     assert _tunables(_modes("int8", "prune"), "tflite", {**given, "sparsity": 0.5})["sparsity"] == 0.5

@@ -44,7 +44,8 @@ def compress(
         model: a float32 tf_keras classifier (nested models, e.g. a keras.applications base inside a
             transfer model, are flattened first: tfmot only wraps top-level layers).
         steps: the steps to run, a subsequence of :data:`STEPS`.
-        source: the :class:`~tflite_export.source.ExportSource` whose training split fine-tunes.
+        source: the :class:`~ktoolkit.export.source.ExportSource` (or any object with its ``dataset``,
+            ``data.splits`` and ``calibration_images``) whose training split fine-tunes.
         epochs: fine-tuning epochs per step.
         steps_per_epoch: cap on the batches per epoch (None: the whole training split).
         batch_size: fine-tuning batch size.

@@ -9,7 +9,6 @@ onnxruntime (plus numpy and Pillow).
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -279,8 +278,7 @@ class SavedModelRunner(Runner):
     kind = "saved_model"
 
     def __init__(self, folder):
-        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-        import tensorflow as tf
+        import tensorflow as tf  # tf_keras already chosen: importing tflite_export ran recipes._keras
 
         self.folder = Path(folder)
         self._serve = tf.saved_model.load(str(folder)).signatures["serving_default"]

@@ -3,6 +3,15 @@
 Images leave the pipeline as float32 in 0..255: every ktoolkit model normalizes its input itself.
 Between decoding and batching they are uint8, so the cache and the shuffle buffer take a quarter
 of the memory float32 would.
+
+Decoding uses ``tf.io.decode_image`` with ``expand_animations=False`` (JPEG, PNG, BMP, GIF's first
+frame, WebP; 16-bit PNGs are scaled to 8 bits) in the file's own channels, which are then converted
+to ``channels`` (alpha dropped, gray copied to RGB, RGB weighted to gray): decode_image's own
+conversion fails for CMYK JPEG, GIF, BMP and WebP to one channel and RGBA WebP to three. Then
+bilinear ``tf.image.resize`` to ``image_size`` (the aspect ratio is not kept). A file that still
+fails to decode (changed since :func:`load_data` checked it) is skipped with a logged warning
+instead of stopping an epoch, and the epoch is topped up with the first images of the next pass, so
+every epoch has ``len(split)`` examples and the dataset's cardinality is known.
 """
 
 from __future__ import annotations
@@ -39,16 +48,8 @@ def make_dataset(
 ):
     """Makes the ``tf.data.Dataset`` of batches that trains or evaluates a model on a split.
 
-    Order of the steps: (shuffle the file list), decode + resize in parallel, (cache), (shuffle),
-    batch, (augment, in training), prefetch. Decoding uses ``tf.io.decode_image`` with
-    ``expand_animations=False`` (JPEG, PNG, BMP, GIF's first frame, WebP; 16-bit PNGs are scaled to
-    8 bits) in the file's own channels, which are then converted to ``channels`` (alpha dropped, gray
-    copied to RGB, RGB weighted to gray): decode_image's own conversion fails for CMYK JPEG, GIF, BMP
-    and WebP to one channel and RGBA WebP to three. Then bilinear ``tf.image.resize`` to
-    ``image_size`` (the aspect ratio is not kept). A file that still fails to decode (changed since
-    :func:`load_data` checked it) is skipped with a logged warning instead of stopping an epoch, and
-    the epoch is topped up with the first images of the next pass, so every epoch has ``len(split)``
-    examples and the dataset's cardinality is known.
+    Steps: (shuffle the file list), decode + resize in parallel, (cache), (shuffle), batch, (augment), prefetch;
+    how files are decoded and resized, and what happens to one that fails to decode: see the module docstring.
 
     Args:
         split: a :class:`Split` of :func:`load_data`.
@@ -57,33 +58,40 @@ def make_dataset(
         channels: 3 (RGB) or 1 (grayscale).
         batch_size: examples per batch.
         training: augment (when ``augment`` is given) and, by default, shuffle.
-        shuffle: shuffle every epoch, seeded; default: ``training``. Without a cache the file list is
-            shuffled before decoding; with a cache, the decoded images after it.
+        shuffle: shuffle every epoch, seeded; default: ``training``. Without a cache the file list is shuffled
+            before decoding; with a cache, the decoded images after it.
         seed: seed of the shuffle and of the augmentation (each epoch differs, every run is the same).
-        cache: None; "memory" keeps the decoded, resized images in memory after the first epoch; a
-            folder path keeps them in files there, one set per split, image size and content (a
-            changed split gets new files).
+        cache: None; "memory" keeps the decoded, resized images in memory after the first epoch; a folder path
+            keeps them in files there, one set per split, image size and content (a changed split gets new files).
         augment: an :class:`AugmentConfig`, or its string (``"flip,crop"``); used when ``training``.
-        deterministic: ``tf.data.Options.deterministic`` (None: TensorFlow's default, deterministic);
-            False lets parallel steps return elements out of order, a little faster.
-        one_hot: labels as one-hot float32 (batch, num_classes); else int64 (batch,). MixUp and
-            CutMix need one-hot labels.
+        deterministic: ``tf.data.Options.deterministic`` (None: TensorFlow's default, deterministic); False lets
+            parallel steps return elements out of order, a little faster.
+        one_hot: labels as one-hot float32 (batch, num_classes); else int64 (batch,). MixUp and CutMix need
+            one-hot labels.
         drop_remainder: drop the last incomplete batch.
-        shuffle_buffer: shuffle buffer size; default the whole split, or as many decoded images as
-            fit in :data:`SHUFFLE_BUFFER_BYTES` when shuffling after decoding.
+        shuffle_buffer: shuffle buffer size; default the whole split, or as many decoded images as fit in
+            :data:`SHUFFLE_BUFFER_BYTES` when shuffling after decoding.
 
     Returns:
-        A ``tf.data.Dataset`` of ``(images, labels)``: images float32 (batch, height, width,
-        channels) in 0..255; labels as chosen by ``one_hot``.
+        A ``tf.data.Dataset`` of ``(images, labels)``: float32 (batch, height, width, channels) in 0..255; labels per ``one_hot``.
 
     Raises:
-        ValueError: a bad argument (the message names it and the valid values), an empty split, or
-            labels outside ``0..num_classes - 1``.
-        TypeError: ``split`` is not a :class:`Split` or ``augment`` not a config or string.
+        ValueError: a bad argument (the message names it and the valid values), an empty split, or labels outside
+            ``0..num_classes - 1``. TypeError: ``split`` is not a :class:`Split` or ``augment`` not a config or string.
     """
-    import tensorflow as tf
-
     height, width = _check_args(split, num_classes, image_size, channels, batch_size, cache, shuffle_buffer)
+    augment = _check_augment(augment, training, one_hot)
+    shuffle = training if shuffle is None else bool(shuffle)
+    early_shuffle = shuffle and cache is None and split.kind != "dataset"  # with a cache: after it
+    ds = _examples(split, early_shuffle, seed, shuffle_buffer)
+    ds = _decoded(ds, split, (height, width, channels), cache, shuffle and not early_shuffle, seed, shuffle_buffer)
+    return _batched(
+        ds, num_classes, batch_size, seed, augment if training else None, deterministic, one_hot, drop_remainder
+    )
+
+
+def _check_augment(augment, training: bool, one_hot: bool):
+    """``augment`` as an AugmentConfig (or None); MixUp and CutMix in training need one-hot labels."""
     if isinstance(augment, str):
         augment = AugmentConfig.parse(augment)
     if augment is not None and not isinstance(augment, AugmentConfig):
@@ -94,9 +102,13 @@ def make_dataset(
         raise ValueError(
             f"make_dataset: augment={str(augment)!r} mixes labels (MixUp/CutMix), which needs one_hot=True."
         )
-    shuffle = training if shuffle is None else bool(shuffle)
-    n = len(split)
-    image_bytes = height * width * channels
+    return augment
+
+
+def _examples(split: Split, early_shuffle: bool, seed: int, shuffle_buffer):
+    """The split's (path, label), (image, label) or TFDS examples, int64 labels; shuffled here when
+    ``early_shuffle`` (before decoding: file names move, not pixels)."""
+    import tensorflow as tf
 
     if split.kind == "paths":
         # File names as bytes: a name that is not valid UTF-8 still reaches the file system unchanged.
@@ -110,11 +122,18 @@ def make_dataset(
         ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
     else:
         ds = split.dataset.map(lambda image, label: (image, tf.cast(label, tf.int64)))
-    # Shuffling before decoding moves file names, not pixels; with a cache it must come after it.
-    early_shuffle = shuffle and cache is None and split.kind != "dataset"
     if early_shuffle:
         source_bytes = 64 if split.kind == "paths" else max(1, split.images[0].nbytes)
-        ds = ds.shuffle(_buffer(n, source_bytes, shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(_buffer(len(split), source_bytes, shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
+    return ds
+
+
+def _decoded(ds, split: Split, shape, cache, shuffle: bool, seed: int, shuffle_buffer):
+    """Decoded (files), converted to ``channels``, resized and rounded to uint8 in parallel; bad files skipped
+    (the epoch topped up); then cached in memory or in files when ``cache`` says so, and shuffled if ``shuffle``."""
+    import tensorflow as tf
+
+    height, width, channels = shape
 
     def prepare(image_or_path, label):
         if split.kind == "paths":
@@ -135,13 +154,21 @@ def make_dataset(
         # with a warning, and the epoch is topped up from the next pass over the files, so it still
         # has len(split) examples and the cardinality stays known (Keras then re-creates the
         # iterator every epoch). If every file fails, the dataset is empty rather than endless.
-        ds = ds.ignore_errors(log_warning=True).repeat().take(n)
+        ds = ds.ignore_errors(log_warning=True).repeat().take(len(split))
     if cache == "memory":
         ds = ds.cache()
     elif cache is not None:
         ds = ds.cache(_cache_file(cache, split, height, width, channels))
-    if shuffle and not early_shuffle:
-        ds = ds.shuffle(_buffer(n, image_bytes, shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
+    if shuffle:
+        buffer = _buffer(len(split), height * width * channels, shuffle_buffer)
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    return ds
+
+
+def _batched(ds, num_classes: int, batch_size: int, seed: int, augment, deterministic, one_hot, drop_remainder):
+    """Batched, float32 images and (one-hot) labels, augmented (``augment`` not None), prefetched."""
+    import tensorflow as tf
+
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE)
 
     def to_float(images, labels):
@@ -149,7 +176,7 @@ def make_dataset(
         return images, tf.one_hot(labels, num_classes, dtype=tf.float32) if one_hot else labels
 
     ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
-    if training and augment:
+    if augment:
         augmenter = Augmenter(augment, seed=seed)
         # One stateless seed per batch: reproducible and independent of parallelism.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2, drop_remainder=True)

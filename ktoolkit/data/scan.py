@@ -637,6 +637,14 @@ def scan_folder(root, *, progress: bool = False, use_cache: bool = True) -> Scan
     every = [p for by_class in files.values() for paths in by_class.values() for p in paths]
     result = check_images(every, progress=progress, use_cache=use_cache)
     report = ScanReport(root, layout, {}, ignored=sorted(ignored), checked=result.checked, cached=result.cached)
+    _sort_verdicts(report, files, result)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _sort_verdicts(report: ScanReport, files: dict, result) -> None:
+    """Fills ``report`` from the verdicts of ``check_images``: the good images per split and class, the bad
+    files with their reasons, the hashes, and the formats, modes and smallest/largest sizes of the good ones."""
     formats, modes, sizes = {}, {}, []
     for split, by_class in files.items():
         report.images[split] = {}
@@ -658,8 +666,6 @@ def scan_folder(root, *, progress: bool = False, use_cache: bool = True) -> Scan
     if sizes:
         report.min_size = min(sizes, key=lambda s: (s[0] * s[1], s))
         report.max_size = max(sizes, key=lambda s: (s[0] * s[1], s))
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def _find_class_folders(root: str):

@@ -80,40 +80,56 @@ def pretrain(
     config = dataclasses.replace(config or PretrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
     config = config.resolved().validate()
     started = time.time()
-    from ktoolkit.train.engine import _optimizer, finish, fit, open_run, resumed_source, write_run_header
+    from ktoolkit.train.engine import open_run
 
     # the folder checked, the strategy made (first: see ktoolkit.train.engine), the folder locked
     run, strategy, description, chief = open_run(config, overwrite)
+    data = _data(config, run, strategy, description, chief, progress)
+    network, history, resumed = _fit_network(config, run, strategy, data, chief, progress)
+    encoder = _save_networks(run, network, chief)
+    measurements = {}
+    if chief:  # the checkpoint stays until finish() has marked the run complete
+        measurements = _finish_pretrain(config, run, data, network, encoder, history, started)
+    return PretrainResult(
+        run=run,
+        config=config,
+        measurements=measurements,
+        history=history,
+        seconds=time.time() - started,
+        resumed_from_epoch=resumed,
+    )
 
-    import numpy as np
+
+@dataclass
+class _Data:
+    """The images pretraining reads (labels, where there are any, only colour embeddings.png) and their batches."""
+
+    source: object
+    recipe: object
+    image_size: tuple
+    channels: int
+    train_split: object
+    val_split: object
+    train_ds: object
+    val_ds: object
+    steps: int
+
+
+def _data(config: PretrainConfig, run: Run, strategy, description: str, chief: bool, progress: bool) -> _Data:
+    """The images (resumed or loaded, class folders optional), the run header, the seed and the datasets: pixels
+    to pixels for the autoencoders, two views of each image for contrastive learning."""
     import tf_keras
 
     import recipes
-    from ktoolkit.data import AugmentConfig, load_data, make_dataset
+    from ktoolkit.data import AugmentConfig
     from ktoolkit.pretrain import models
-    from ktoolkit.train.callbacks import save_elsewhere
+    from ktoolkit.train.engine import _global_batch, repeat_for_steps, split_dataset, steps_per_epoch, write_run_header
 
     recipe = recipes.get(config.recipe)
-    source = resumed_source(run, progress) or load_data(
-        config.data,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
-        seed=config.seed,
-        strict=config.strict,
-        data_dir=config.data_dir,
-        progress=progress,
-        allow_unlabeled=True,
-    )
+    source = _images(config, run, progress)
     image_size = tuple(config.image_size or recipe.input_shape[:2])
     channels = config.channels or recipe.input_shape[2]
-    global_batch = config.batch_size * strategy.num_replicas_in_sync
-    log.info(
-        "%s; global batch %d = %d per replica x %d replica(s)",
-        description,
-        global_batch,
-        config.batch_size,
-        strategy.num_replicas_in_sync,
-    )
+    global_batch = _global_batch(config, strategy, description)
     if chief:
         write_run_header(run, config, source, image_size, channels)  # the classes only colour embeddings.png
     tf_keras.utils.set_random_seed(config.seed)
@@ -123,45 +139,64 @@ def pretrain(
     train_split, val_split = source.splits["train"], source.splits.get("val")
     # NT-Xent compares the views of one batch: a last batch of one image would have no negatives.
     drop_last = contrastive and len(train_split) >= global_batch
+    shape = dict(num_classes=source.num_classes, image_size=image_size, channels=channels, batch_size=global_batch)
 
     def dataset(split, training):
-        ds = make_dataset(
+        ds = split_dataset(
             split,
-            num_classes=source.num_classes,
-            image_size=image_size,
-            channels=channels,
-            batch_size=global_batch,
+            config,
             training=training,
-            seed=config.seed,
-            cache=None if config.cache == "none" else config.cache,
-            augment=augment if training and augment and not contrastive else None,
+            augment=augment if augment and not contrastive else None,
             one_hot=False,
             drop_remainder=drop_last and training,
-            deterministic=config.deterministic or None,
+            **shape,
         )
+        if ds is None:
+            return None
         if contrastive:
             return models.two_views(ds, augment, config.seed + (0 if training else 1), fixed=not training)
         return ds.map(lambda images, labels: (images, images / 255.0))  # labels are never read
 
-    train_ds = dataset(train_split, True)
-    val_ds = dataset(val_split, False) if val_split is not None else None
-    train_steps = config.steps_per_epoch or (
-        len(train_split) // global_batch if drop_last else -(-len(train_split) // global_batch)
+    steps = steps_per_epoch(config, len(train_split), global_batch, drop_remainder=drop_last)
+    train_ds = repeat_for_steps(config, dataset(train_split, True))
+    val_ds = dataset(val_split, False)
+    return _Data(source, recipe, image_size, channels, train_split, val_split, train_ds, val_ds, steps)
+
+
+def _images(config: PretrainConfig, run: Run, progress: bool):
+    """A resumed run's recorded split, or the data loaded and split (a folder without class folders too)."""
+    from ktoolkit.data import load_data
+    from ktoolkit.train.engine import resumed_source
+
+    return resumed_source(run, progress) or load_data(
+        config.data,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        strict=config.strict,
+        data_dir=config.data_dir,
+        progress=progress,
+        allow_unlabeled=True,
     )
-    if config.steps_per_epoch:
-        train_ds = train_ds.repeat()
+
+
+def _fit_network(config: PretrainConfig, run: Run, strategy, data: _Data, chief: bool, progress: bool):
+    """Inside the strategy scope: the method's network built and compiled, then train's ``fit`` (no inference
+    model: there is no best epoch to keep without accuracy). Returns (network, history, epoch resumed from)."""
+    from ktoolkit.pretrain import models
+    from ktoolkit.train.engine import _optimizer, fit
 
     with strategy.scope():
         network = models.build_network(
             config.method,
-            recipe,
-            (*image_size, channels),
+            data.recipe,
+            (*data.image_size, data.channels),
             noise=config.noise,
             noise_strength=config.noise_strength,
             options=config.recipe_options,
         )
-        optimizer, schedule_callbacks = _optimizer(config, train_steps)
-        if contrastive:
+        optimizer, schedule_callbacks = _optimizer(config, data.steps)
+        if config.method == "contrastive":
             model = models.SimCLR(network, config.temperature)
             model.compile(optimizer=optimizer)
         else:
@@ -172,23 +207,29 @@ def pretrain(
             network.name,
             config.method,
             f"{network.count_params():,}",
-            len(train_split),
-            "x".join(map(str, (*image_size, channels))),
+            len(data.train_split),
+            "x".join(map(str, (*data.image_size, data.channels))),
             config.epochs,
         )
-        # No inference model: there is no best epoch to keep (no accuracy), the encoder is saved at the end.
         history, resumed, _ = fit(
             run,
             model,
             None,
-            train_ds,
-            val_ds,
+            data.train_ds,
+            data.val_ds,
             epochs=config.epochs,
-            steps=train_steps,
+            steps=data.steps,
             callbacks=schedule_callbacks,
             chief=chief,
             progress=progress,
         )
+    return network, history, resumed
+
+
+def _save_networks(run: Run, network, chief: bool):
+    """last.keras (the whole network) and encoder.keras; returns the encoder."""
+    from ktoolkit.pretrain import models
+    from ktoolkit.train.callbacks import save_elsewhere
 
     encoder = models.transfer_encoder(network)
     for path, keras_model in ((run.last, network), (run.encoder, encoder)):
@@ -196,71 +237,79 @@ def pretrain(
             save_model(keras_model, path)
         else:
             save_elsewhere(keras_model)  # saving is a collective op under MultiWorkerMirroredStrategy
+    return encoder
+
+
+def _finish_pretrain(config: PretrainConfig, run: Run, data: _Data, network, encoder, history, started) -> dict:
+    """On the chief: reconstructions and their errors (autoencoders), the embeddings' projection,
+    pretrain.json, then train's ``finish`` (curves, report, the run marked complete). Returns the measurements."""
+    import numpy as np
+
+    from ktoolkit.data import make_dataset
+    from ktoolkit.train.engine import finish
+
+    train_split, source = data.train_split, data.source
+    shown = data.val_split if data.val_split is not None else train_split
+
+    def pixels(split):
+        return make_dataset(
+            split,
+            num_classes=source.num_classes,
+            image_size=data.image_size,
+            channels=data.channels,
+            batch_size=64,
+            one_hot=False,
+        )
+
     measurements = {}
-    if chief:  # the checkpoint stays until finish() has marked the run complete
-        shown = val_split if val_split is not None else train_split
-
-        def pixels(split):
-            return make_dataset(
-                split,
-                num_classes=source.num_classes,
-                image_size=image_size,
-                channels=channels,
-                batch_size=64,
-                one_hot=False,
-            )
-
-        if not contrastive:
-            measurements = reconstruction_errors(network, pixels(shown))
-            first = shown.subset(np.arange(min(8, len(shown))))
-            plot_reconstructions(network, next(iter(pixels(first)))[0], run.root / RECONSTRUCTIONS)
-        sample = np.random.default_rng(config.seed).permutation(len(train_split))[:PROJECTED_IMAGES]
-        projected = plot_embeddings(
-            encoder,
-            train_split.subset(np.sort(sample)),
-            source.class_names,
-            run.root / EMBEDDINGS,
-            image_size=image_size,
-            channels=channels,
-        )
-        last = history[-1] if history else {}
-        measurements.update({k: last[k] for k in ("loss", "val_loss") if k in last})
-        write_json(
-            run.root / RESULT_FILE,
-            {
-                "method": config.method,
-                "recipe": config.recipe,
-                "network": network.name,
-                "encoder": {
-                    "file": run.encoder.name,
-                    "input_shape": list(encoder.input_shape[1:]),
-                    "output_shape": list(encoder.output_shape[1:]),
-                    "parameters": encoder.count_params(),
-                },
-                "images": len(train_split),
-                "measured_on": f"{shown.name} split ({len(shown)} images)",
-                "embeddings_plot": projected,
-                "measurements": measurements,
-            },
-        )
-        finish(
-            run,
-            source.class_names,
-            "val",
-            None,
-            history,
-            started=started,
-            extra_sections=report_sections(run),
-            title=f"{config.method} pretraining of {network.name} on {config.data}",
-        )
-    return PretrainResult(
-        run=run,
-        config=config,
-        measurements=measurements,
-        history=history,
-        seconds=time.time() - started,
-        resumed_from_epoch=resumed,
+    if config.method != "contrastive":
+        measurements = reconstruction_errors(network, pixels(shown))
+        first = shown.subset(np.arange(min(8, len(shown))))
+        plot_reconstructions(network, next(iter(pixels(first)))[0], run.root / RECONSTRUCTIONS)
+    sample = np.random.default_rng(config.seed).permutation(len(train_split))[:PROJECTED_IMAGES]
+    projected = plot_embeddings(
+        encoder,
+        train_split.subset(np.sort(sample)),
+        source.class_names,
+        run.root / EMBEDDINGS,
+        image_size=data.image_size,
+        channels=data.channels,
     )
+    last = history[-1] if history else {}
+    measurements.update({k: last[k] for k in ("loss", "val_loss") if k in last})
+    write_json(
+        run.root / RESULT_FILE, _result(config, run, network, encoder, train_split, shown, projected, measurements)
+    )
+    finish(
+        run,
+        source.class_names,
+        "val",
+        None,
+        history,
+        started=started,
+        extra_sections=report_sections(run),
+        title=f"{config.method} pretraining of {network.name} on {config.data}",
+    )
+    return measurements
+
+
+def _result(config: PretrainConfig, run: Run, network, encoder, train_split, shown, projected, measurements) -> dict:
+    """The contents of pretrain.json."""
+    return {
+        "method": config.method,
+        "recipe": config.recipe,
+        "network": network.name,
+        "encoder": {
+            "file": run.encoder.name,
+            "input_shape": list(encoder.input_shape[1:]),
+            "output_shape": list(encoder.output_shape[1:]),
+            "parameters": encoder.count_params(),
+        },
+        "images": len(train_split),
+        "measured_on": f"{shown.name} split ({len(shown)} images)",
+        "embeddings_plot": projected,
+        "measurements": measurements,
+    }
 
 
 def reconstruction_errors(network, dataset) -> dict:

@@ -88,75 +88,79 @@ def train(
             a ktoolkit run; RunLockedError: another command is writing ``out``.
     """
     start = start_run(config or TrainConfig(), overrides, overwrite=overwrite, progress=progress)
-    config, run, strategy, description, chief, source = (
-        start.config,
-        start.run,
-        start.strategy,
-        start.description,
-        start.chief,
-        start.source,
+    import recipes
+
+    recipe = recipes.get(start.config.recipe)
+    setup = _setup(start, recipe)
+    model, inference, history, resumed, best_model = _build_and_fit(start, recipe, setup, progress)
+    save_final(start.run, inference, best_model, start.chief)
+    metrics = _finish_train(start, recipe, setup, history, progress) if start.chief else {}
+    return TrainResult(
+        run=start.run,
+        config=start.config,
+        metrics=metrics,
+        history=history,
+        seconds=time.time() - start.started,
+        resumed_from_epoch=resumed,
     )
-    started = start.started
+
+
+@dataclass
+class _Setup:
+    """What train() decided before building the model: the image shape, the batches and their datasets."""
+
+    class_names: list
+    image_size: tuple
+    channels: int
+    global_batch: int
+    train_ds: object
+    val_ds: object
+    test_ds: object
+    steps: int
+
+
+def _setup(start: RunStart, recipe) -> _Setup:
+    """The run header, the precision policy and seed, and the datasets of every split."""
     import tensorflow as tf
     import tf_keras
 
-    import recipes
-    from ktoolkit.data import AugmentConfig, make_dataset
+    from ktoolkit.data import AugmentConfig
 
-    recipe = recipes.get(config.recipe)
+    config, source = start.config, start.source
     class_names = list(source.class_names)
-    num_classes = len(class_names)
     image_size = tuple(config.image_size or recipe.input_shape[:2])
     channels = config.channels or recipe.input_shape[2]
-
-    replicas = strategy.num_replicas_in_sync
-    global_batch = config.batch_size * replicas
-    log.info(
-        "%s; global batch %d = %d per replica x %d replica(s)", description, global_batch, config.batch_size, replicas
-    )
-
-    if chief:
-        write_run_header(run, config, source, image_size, channels)
-
+    global_batch = _global_batch(config, start.strategy, start.description)
+    if start.chief:
+        write_run_header(start.run, config, source, image_size, channels)
     if config.mixed_precision:
         policy = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
         tf_keras.mixed_precision.set_global_policy(policy)
         log.info("mixed precision: %s compute, float32 variables", policy)
     tf_keras.utils.set_random_seed(config.seed)
-
     augment = None if config.augment in ("", "none", None) else AugmentConfig.parse(config.augment)
-    cache = None if config.cache == "none" else config.cache
-
-    def dataset(split_name, training):
-        split = source.splits.get(split_name)
-        if split is None or len(split) == 0:
-            return None
-        return make_dataset(
-            split,
-            num_classes=num_classes,
-            image_size=image_size,
-            channels=channels,
-            batch_size=global_batch,
-            training=training,
-            seed=config.seed,
-            cache=cache,
-            augment=augment if training else None,
-            deterministic=config.deterministic or None,
-        )
-
-    train_ds, val_ds, test_ds = dataset("train", True), dataset("val", False), dataset("test", False)
+    shape = dict(num_classes=len(class_names), image_size=image_size, channels=channels, batch_size=global_batch)
+    train_ds = split_dataset(source.splits.get("train"), config, training=True, augment=augment, **shape)
+    val_ds = split_dataset(source.splits.get("val"), config, training=False, **shape)
+    test_ds = split_dataset(source.splits.get("test"), config, training=False, **shape)
     if train_ds is None:
         raise ValueError(f"data={config.data!r}: the training split is empty.")
-    train_steps = config.steps_per_epoch or max(1, -(-len(source.splits["train"]) // global_batch))
+    steps = steps_per_epoch(config, len(source.splits["train"]), global_batch)
+    return _Setup(class_names, image_size, channels, global_batch, train_ds, val_ds, test_ds, steps)
 
+
+def _build_and_fit(start: RunStart, recipe, setup: _Setup, progress: bool):
+    """Inside the strategy scope: the recipe built and compiled, then ``fit``. Returns (model, inference model,
+    history, epoch resumed from, BestModel); the precision policy is float32 again afterwards."""
+    import tf_keras
+
+    config, strategy = start.config, start.strategy
+    num_classes = len(setup.class_names)
     try:
         with strategy.scope():
-            model, loss_weights = _build(recipe, config, num_classes, image_size, channels)
-            optimizer, schedule_callbacks = _optimizer(config, train_steps)
+            model, loss_weights = _build(recipe, config, num_classes, setup.image_size, setup.channels)
+            optimizer, schedule_callbacks = _optimizer(config, setup.steps)
             outputs = list(model.output_names)
-            compile_metrics = ["accuracy"] + (
-                [tf_keras.metrics.TopKCategoricalAccuracy(5, name="top5")] if num_classes > 5 else []
-            )
             model.compile(
                 optimizer=optimizer,
                 loss={
@@ -164,7 +168,7 @@ def train(
                     for name in outputs
                 },
                 loss_weights=loss_weights,
-                metrics={"predictions": compile_metrics},
+                metrics={"predictions": classifier_metrics(num_classes)},
                 jit_compile=config.jit,
             )
         inference = (
@@ -172,58 +176,100 @@ def train(
             if len(outputs) == 1
             else tf_keras.Model(model.inputs, model.get_layer("predictions").output, name=model.name)
         )
-
-        train_ds, val_ds = _targets(train_ds, outputs), _targets(val_ds, outputs)
-        if config.steps_per_epoch:
-            train_ds = train_ds.repeat()
+        train_ds = repeat_for_steps(config, _targets(setup.train_ds, outputs))
+        val_ds = _targets(setup.val_ds, outputs)
         log.info(
             "training %s (%s parameters) on %d images, %d classes, %s, %d epochs",
             recipe.name,
             f"{model.count_params():,}",
-            len(source.splits["train"]),
+            len(start.source.splits["train"]),
             num_classes,
-            "x".join(map(str, (*image_size, channels))),
+            "x".join(map(str, (*setup.image_size, setup.channels))),
             config.epochs,
         )
         history, resumed, best_model = fit(
-            run,
+            start.run,
             model,
             inference,
             train_ds,
             val_ds,
             epochs=config.epochs,
-            steps=train_steps,
+            steps=setup.steps,
             callbacks=schedule_callbacks,
             early_stopping=config.early_stopping,
-            chief=chief,
+            chief=start.chief,
             progress=progress,
         )
     finally:
         if config.mixed_precision:
             tf_keras.mixed_precision.set_global_policy("float32")
+    return model, inference, history, resumed, best_model
 
-    save_final(run, inference, best_model, chief)
-    metrics = {}
-    if chief:
-        eval_split, eval_ds = ("test", test_ds) if test_ds is not None else ("val", dataset("val", False))
-        metrics = finish(
-            run,
-            class_names,
-            eval_split,
-            eval_ds,
-            history,
-            title=f"{recipe.name} on {config.data}",
-            started=started,
-            progress=progress,
-        )
-    return TrainResult(
-        run=run,
-        config=config,
-        metrics=metrics,
-        history=history,
-        seconds=time.time() - started,
-        resumed_from_epoch=resumed,
+
+def _finish_train(start: RunStart, recipe, setup: _Setup, history, progress: bool) -> dict:
+    """On the chief: the best model evaluated on the test split (val without one), and the report."""
+    eval_split, eval_ds = ("test", setup.test_ds) if setup.test_ds is not None else ("val", setup.val_ds)
+    return finish(
+        start.run,
+        setup.class_names,
+        eval_split,
+        eval_ds,
+        history,
+        title=f"{recipe.name} on {start.config.data}",
+        started=start.started,
+        progress=progress,
     )
+
+
+def _global_batch(config, strategy, description: str) -> int:
+    """``config.batch_size`` per replica, times the replicas (logged with the strategy's description)."""
+    replicas = strategy.num_replicas_in_sync
+    global_batch = config.batch_size * replicas
+    log.info(
+        "%s; global batch %d = %d per replica x %d replica(s)", description, global_batch, config.batch_size, replicas
+    )
+    return global_batch
+
+
+def split_dataset(split, config, *, num_classes, image_size, channels, batch_size, training, augment=None, **options):
+    """``make_dataset`` for one split with the run's settings (seed, cache, determinism; ``augment`` in
+    training only), or None for a split that is missing or empty. ``options`` go to ``make_dataset``."""
+    from ktoolkit.data import make_dataset
+
+    if split is None or len(split) == 0:
+        return None
+    return make_dataset(
+        split,
+        num_classes=num_classes,
+        image_size=image_size,
+        channels=channels,
+        batch_size=batch_size,
+        training=training,
+        seed=config.seed,
+        cache=None if config.cache == "none" else config.cache,
+        augment=augment if training else None,
+        deterministic=config.deterministic or None,
+        **options,
+    )
+
+
+def steps_per_epoch(config, examples: int, global_batch: int, *, drop_remainder: bool = False) -> int:
+    """``config.steps_per_epoch``, or the batches of one pass over ``examples`` (at least 1)."""
+    if config.steps_per_epoch:
+        return config.steps_per_epoch
+    return max(1, examples // global_batch if drop_remainder else -(-examples // global_batch))
+
+
+def repeat_for_steps(config, train_ds):
+    """The training dataset, repeated when ``config.steps_per_epoch`` fixes the epoch's length."""
+    return train_ds.repeat() if config.steps_per_epoch else train_ds
+
+
+def classifier_metrics(num_classes: int) -> list:
+    """The metrics every classifier is compiled with: accuracy, and top-5 accuracy above 5 classes."""
+    import tf_keras
+
+    return ["accuracy"] + ([tf_keras.metrics.TopKCategoricalAccuracy(5, name="top5")] if num_classes > 5 else [])
 
 
 @dataclass
@@ -342,11 +388,37 @@ def fit(
     Raises:
         NonFiniteLossError: the loss became NaN or infinite; state.json says so ("failed").
     """
-    import tf_keras
-
-    from ktoolkit.train.callbacks import BestModel, RunLog
+    from ktoolkit.train.callbacks import RunLog
 
     run_log = RunLog(run, epochs, write=chief)
+    best_model, all_callbacks = _fit_callbacks(run, model, inference, val_ds, run_log, callbacks, early_stopping, chief)
+    model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        steps_per_epoch=steps,
+        callbacks=all_callbacks,
+        verbose=(1 if progress else 0),
+    )
+    if run_log.failed:
+        if chief:  # a checkpoint of NaN weights is nothing to resume from
+            shutil.rmtree(run.backup, ignore_errors=True)
+        raise NonFiniteLossError(
+            f"out={str(run.root)!r}: training stopped: the {run_log.failed}; the run is marked failed in state.json. "
+            f"Lower the learning rate (--lr, the rate was {run_log.failed_lr:g}) or check the data, then start again "
+            "with --overwrite or a new --out."
+        )
+    return run_log.rows, run_log.started_at_epoch, best_model
+
+
+def _fit_callbacks(run: Run, model, inference, val_ds, run_log, callbacks, early_stopping: int, chief: bool):
+    """``fit``'s callbacks, in the order that keeps a killed run consistent: RunLog, BestModel (when there is an
+    ``inference`` model), BackupAndRestore, the caller's, EarlyStopping, TensorBoard. Returns (BestModel or
+    None, the callbacks)."""
+    import tf_keras
+
+    from ktoolkit.train.callbacks import BestModel
+
     best_model = None  # inference None: nothing to pick a best model by (e.g. pretraining without labels)
     if inference is not None:
         main = "" if len(model.output_names) == 1 else "predictions_"
@@ -367,23 +439,7 @@ def fit(
         )
     if chief:
         all_callbacks.append(tf_keras.callbacks.TensorBoard(str(run.tensorboard), write_graph=False, profile_batch=0))
-    model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=epochs,
-        steps_per_epoch=steps,
-        callbacks=all_callbacks,
-        verbose=(1 if progress else 0),
-    )
-    if run_log.failed:
-        if chief:  # a checkpoint of NaN weights is nothing to resume from
-            shutil.rmtree(run.backup, ignore_errors=True)
-        raise NonFiniteLossError(
-            f"out={str(run.root)!r}: training stopped: the {run_log.failed}; the run is marked failed in state.json. "
-            f"Lower the learning rate (--lr, the rate was {run_log.failed_lr:g}) or check the data, then start again "
-            "with --overwrite or a new --out."
-        )
-    return run_log.rows, run_log.started_at_epoch, best_model
+    return best_model, all_callbacks
 
 
 def save_final(run: Run, inference, best_model, chief: bool = True):

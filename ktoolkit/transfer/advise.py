@@ -132,31 +132,84 @@ def advise(
     When the data is small (the linear quadrants) and its train and validation splits hold at most
     ``whole_split_limit`` images, their features are computed whole and cached for the classifier.
     """
-    from ktoolkit.transfer.features import extract_features, model_key
-    from ktoolkit.transfer.similarity import batchnorm_distance, probe_depths, probe_ratio
+    from ktoolkit.transfer.features import model_key
     from recipes import transfer
 
     started = time.time()
     train = source.splits["train"]
     counts = train.class_counts(source.num_classes)
     per_class = float(np.median(counts[counts > 0])) if counts.any() else 0.0
-
     key = model_key(base.model)
+    bn = _batchnorm_similarity(base, source, similarity_images, seed, cache, key)
+    small = per_class < (transfer.SMALL_IMAGES_PER_CLASS if small_threshold is None else small_threshold)
+    whole = small and len(train) + len(source.splits.get("val") or []) <= whole_split_limit
+    probes = _probes(base, source, probe_images_per_class, seed, whole, progress, cache=cache, key=key)
+    best_cut = best_probe(probes).layer
+
+    similarity, kind, decision = _decide(bn, probes, per_class, small_threshold, similarity_threshold)
+    return Advice(
+        base.name,
+        base.weights,
+        source.num_classes,
+        len(train),
+        per_class,
+        similarity,
+        kind,
+        decision,
+        bn,
+        probes,
+        best_cut,
+        time.time() - started,
+    )
+
+
+def _decide(bn, probes, per_class: float, small_threshold, similarity_threshold):
+    """The similarity (batch norm where the base has it, else the probes' ratio) and recipes.transfer's decision.
+    Returns (similarity, its kind, the decision)."""
+    from ktoolkit.transfer.similarity import probe_ratio
+    from recipes import transfer
+
+    if bn is not None:
+        similarity, kind, threshold = bn.similarity, "batchnorm", transfer.SIMILARITY_THRESHOLD
+    else:
+        similarity, kind, threshold = probe_ratio(probes), "probes", transfer.PROBE_RATIO_THRESHOLD
+    if similarity_threshold is not None:
+        threshold = similarity_threshold
+    decision = transfer.decide(
+        per_class,
+        similarity,
+        similarity_threshold=threshold,
+        small_threshold=transfer.SMALL_IMAGES_PER_CLASS if small_threshold is None else small_threshold,
+    )
+    return similarity, kind, decision
+
+
+def _batchnorm_similarity(base, source, similarity_images: int, seed: int, cache, key: str):
+    """The batch-norm statistics distance on a stratified sample of training images (None without batch norm)."""
+    from ktoolkit.transfer.similarity import batchnorm_distance
+
+    train = source.splits["train"]
     picked = sample_indices(train.labels, max(1, similarity_images // source.num_classes), seed)
     sample = train.subset(picked)
-    bn = batchnorm_distance(
+    return batchnorm_distance(
         base.model,
         load_images(sample, base.image_size, base.channels),
         cache=cache,
         key=f"{key}-{sample.fingerprint()}-{tuple(base.image_size)}-{base.channels}",
     )
 
-    # The probes: up to probe_images_per_class training images per class, scored on the validation split
-    # (or on a fifth of those images held out). When the data is small, the linear strategies will need
-    # the features of the whole splits anyway: one pass computes (and caches) every cut point, and the
-    # probes use their share of it.
-    small = per_class < (transfer.SMALL_IMAGES_PER_CLASS if small_threshold is None else small_threshold)
-    whole = small and len(train) + len(source.splits.get("val") or []) <= whole_split_limit
+
+def _probes(base, source, probe_images_per_class: int, seed: int, whole: bool, progress: bool, *, cache, key: str):
+    """The linear probes at every cut point of ``base``.
+
+    Up to ``probe_images_per_class`` training images per class, scored on the validation split (or on a
+    fifth of those images held out). When ``whole`` (the data is small), the linear strategies will need
+    the features of the whole splits anyway: one pass computes (and caches) every cut point, and the
+    probes use their share of it."""
+    from ktoolkit.transfer.features import extract_features
+    from ktoolkit.transfer.similarity import probe_depths
+
+    train = source.splits["train"]
     train_idx = sample_indices(train.labels, probe_images_per_class, seed)
     val = source.splits.get("val")
     if val is None or len(val) == 0:
@@ -172,38 +225,10 @@ def advise(
             return {k: v[idx] for k, v in extract_features(base.model, base.groups, split, **kwargs).items()}
         return extract_features(base.model, base.groups, split.subset(idx), **kwargs)
 
-    probes = probe_depths(
+    return probe_depths(
         features(train, train_idx),
         train.labels[train_idx],
         features(val, val_idx),
         val.labels[val_idx],
         source.num_classes,
-    )
-    best_cut = best_probe(probes).layer
-
-    if bn is not None:
-        similarity, kind, threshold = bn.similarity, "batchnorm", transfer.SIMILARITY_THRESHOLD
-    else:
-        similarity, kind, threshold = probe_ratio(probes), "probes", transfer.PROBE_RATIO_THRESHOLD
-    if similarity_threshold is not None:
-        threshold = similarity_threshold
-    decision = transfer.decide(
-        per_class,
-        similarity,
-        similarity_threshold=threshold,
-        small_threshold=transfer.SMALL_IMAGES_PER_CLASS if small_threshold is None else small_threshold,
-    )
-    return Advice(
-        base.name,
-        base.weights,
-        source.num_classes,
-        len(train),
-        per_class,
-        similarity,
-        kind,
-        decision,
-        bn,
-        probes,
-        best_cut,
-        time.time() - started,
     )

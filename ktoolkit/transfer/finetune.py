@@ -146,31 +146,63 @@ def finetune(
     config: FinetuneConfig | None = None, *, progress: bool = False, overwrite: bool = False, **overrides
 ) -> FinetuneResult:
     """Runs transfer learning as ``config`` says; see the module docstring. Raises like ``train``."""
-    import tf_keras
-
-    from ktoolkit.data import AugmentConfig, make_dataset
-    from ktoolkit.train.engine import finish, fit, save_final, start_run, write_run_header
-    from ktoolkit.transfer.advise import advise
-    from ktoolkit.transfer.bases import load_base
-    from ktoolkit.transfer.features import FeatureCache, extract_features, fit_linear, linear_classifier_model
+    from ktoolkit.train.engine import start_run
 
     start = start_run(config or FinetuneConfig(), overrides, overwrite=overwrite, progress=progress)
-    config, run, dist, chief, source, started = (
-        start.config,
-        start.run,
-        start.strategy,
-        start.chief,
-        start.source,
-        start.started,
+    job = _prepare(start, progress)
+    history, resumed, linear = [], 0, None
+    if job.strategy in ("linear", "linear-early"):
+        model, plan, linear = _fit_linear(job)
+    else:
+        model, plan, history, resumed = _fit_trained(job, progress)
+    metrics = _finish_finetune(job, model, plan, linear, history, progress) if job.chief else {}
+    return FinetuneResult(
+        run=job.run,
+        config=job.config,
+        metrics=metrics,
+        history=history,
+        seconds=time.time() - job.started,
+        resumed_from_epoch=resumed,
+        strategy=job.strategy,
+        advice=job.advice,
+        plan=plan,
     )
-    class_names = list(source.class_names)
-    num_classes = len(class_names)
-    tf_keras.utils.set_random_seed(config.seed)
-    with dist.scope():
-        base = load_base(config.base, weights=config.weights, image_size=config.image_size)
-    if chief:
-        write_run_header(run, config, source, base.image_size, base.channels)
 
+
+@dataclass
+class _Job:
+    """A transfer run, set up: what ``start_run`` gave, the base, the advice and the strategy chosen."""
+
+    config: FinetuneConfig
+    run: object
+    dist: object
+    chief: bool
+    started: float
+    class_names: list
+    base: object
+    advice: object
+    strategy: str
+    why: str
+    splits: dict
+    cache: object
+    feature_kwargs: dict
+
+
+def _prepare(start, progress: bool) -> _Job:
+    """The seed, the base (inside the strategy scope), the run header, the advice and the strategy."""
+    import tf_keras
+
+    from ktoolkit.train.engine import write_run_header
+    from ktoolkit.transfer.advise import advise
+    from ktoolkit.transfer.bases import load_base
+    from ktoolkit.transfer.features import FeatureCache
+
+    config, source = start.config, start.source
+    tf_keras.utils.set_random_seed(config.seed)
+    with start.strategy.scope():
+        base = load_base(config.base, weights=config.weights, image_size=config.image_size)
+    if start.chief:
+        write_run_header(start.run, config, source, base.image_size, base.channels)
     cache = FeatureCache()
     advice = advise(
         base,
@@ -183,131 +215,147 @@ def finetune(
     )
     strategy, why = _choose(config, base, advice)
     log.info("strategy %s: %s", strategy, why)
-    splits = {name: split for name, split in source.splits.items() if len(split)}
-    feature_kwargs = dict(image_size=base.image_size, channels=base.channels, cache=cache, progress=progress)
-
-    def probe_at(layer):
-        feats = {
-            s: extract_features(base.model, [layer], splits[s], **feature_kwargs)[layer]
-            for s in ("train", "val")
-            if s in splits
-        }
-        return fit_linear(
-            feats["train"],
-            splits["train"].labels,
-            feats.get("val"),
-            splits["val"].labels if "val" in splits else None,
-            num_classes=num_classes,
-        )
-
-    history, resumed = [], 0
-    if strategy in ("linear", "linear-early"):
-        layer = base.top if strategy == "linear" else _check_cut(config.cut or advice.best_cut, base)
-        probe = probe_at(layer)
-        model = linear_classifier_model(
-            base.model, layer, probe, name=f"{_model_name(base)}_{strategy.replace('-', '_')}"
-        )
-        if chief:
-            save_model(model, run.best)
-            copy_file(run.best, run.last)  # no epochs: the last model is the best one
-        plan = {
-            "strategy": strategy,
-            "features": layer,
-            "feature_dims": int(probe.kernel.shape[0]),
-            "trained": "logistic regression on cached features (the base is frozen and cut at the features layer)",
-            "C": probe.C,
-            "train_accuracy": probe.train_accuracy,
-            "val_accuracy": probe.val_accuracy,
-            "classifier_seconds": round(probe.seconds, 2),
-            "feature_cache": {"hits": cache.hits, "misses": cache.misses},
-        }
-    else:
-        # finetune: the head starts as the linear classifier on the frozen features. Not for full: once batch
-        # normalization trains, the features move away from the ones that classifier was fit on.
-        probe = probe_at(base.top) if strategy == "finetune" else None
-        global_batch = config.batch_size * dist.num_replicas_in_sync
-        augment = None if config.augment in ("", "none", None) else AugmentConfig.parse(config.augment)
-
-        def dataset(name, training):
-            if name not in splits:
-                return None
-            return make_dataset(
-                splits[name],
-                num_classes=num_classes,
-                image_size=base.image_size,
-                channels=base.channels,
-                batch_size=global_batch,
-                training=training,
-                seed=config.seed,
-                cache=None if config.cache == "none" else config.cache,
-                augment=augment if training else None,
-                deterministic=config.deterministic or None,
-            )
-
-        train_ds, val_ds = dataset("train", True), dataset("val", False)
-        steps = config.steps_per_epoch or max(1, -(-len(splits["train"]) // global_batch))
-        if config.steps_per_epoch:
-            train_ds = train_ds.repeat()
-        with dist.scope():
-            model, plan = _trainable_model(base, strategy, config, num_classes, probe, steps)
-        inference = tf_keras.Model(model.inputs, model.outputs, name=model.name)
-        with dist.scope():
-            history, resumed, best_model = fit(
-                run,
-                model,
-                inference,
-                train_ds,
-                val_ds,
-                epochs=config.epochs,
-                steps=steps,
-                callbacks=plan.pop("_callbacks"),
-                early_stopping=config.early_stopping,
-                chief=chief,
-                progress=progress,
-            )
-        save_final(run, inference, best_model, chief)
-
-    metrics = {}
-    if chief:
-        write_json(
-            run.root / "decision.json", {"strategy": strategy, "why": why, "advice": advice.to_dict(), "plan": plan}
-        )
-        _plot_probes(advice.probes, run.root / "probes.png", title=f"linear probes: {base.name} on {config.data}")
-        eval_name = "test" if "test" in splits else "val"
-        eval_ds, evaluation = None, None
-        if eval_name in splits and strategy in ("linear", "linear-early"):
-            evaluation = _evaluate_linear(model, probe, base, layer, splits[eval_name], class_names, feature_kwargs)
-        elif eval_name in splits:
-            eval_ds = make_dataset(
-                splits[eval_name],
-                num_classes=num_classes,
-                image_size=base.image_size,
-                channels=base.channels,
-                batch_size=64,
-                training=False,
-            )
-        metrics = finish(
-            run,
-            class_names,
-            eval_name,
-            eval_ds,
-            history,
-            title=f"{base.name} ({strategy}) on {config.data}",
-            started=started,
-            progress=progress,
-            extra_sections=_report_sections(advice, strategy, why, plan),
-            evaluation=evaluation,
-        )
-    return FinetuneResult(
-        run=run,
+    return _Job(
         config=config,
-        metrics=metrics,
-        history=history,
-        seconds=time.time() - started,
-        resumed_from_epoch=resumed,
-        strategy=strategy,
+        run=start.run,
+        dist=start.strategy,
+        chief=start.chief,
+        started=start.started,
+        class_names=list(source.class_names),
+        base=base,
         advice=advice,
-        plan=plan,
+        strategy=strategy,
+        why=why,
+        splits={name: split for name, split in source.splits.items() if len(split)},
+        cache=cache,
+        feature_kwargs=dict(image_size=base.image_size, channels=base.channels, cache=cache, progress=progress),
+    )
+
+
+def _probe_at(job: _Job, layer):
+    """Logistic regression on the frozen base's (cached) features at ``layer``, fit on train, scored on val."""
+    from ktoolkit.transfer.features import extract_features, fit_linear
+
+    splits = job.splits
+    feats = {
+        s: extract_features(job.base.model, [layer], splits[s], **job.feature_kwargs)[layer]
+        for s in ("train", "val")
+        if s in splits
+    }
+    return fit_linear(
+        feats["train"],
+        splits["train"].labels,
+        feats.get("val"),
+        splits["val"].labels if "val" in splits else None,
+        num_classes=len(job.class_names),
+    )
+
+
+def _fit_linear(job: _Job):
+    """linear / linear-early: the probe folded into a Dense layer on the cut base, saved as best and last.
+    Returns (model, plan, (probe, layer))."""
+    from ktoolkit.transfer.features import linear_classifier_model
+
+    base, strategy = job.base, job.strategy
+    layer = base.top if strategy == "linear" else _check_cut(job.config.cut or job.advice.best_cut, base)
+    probe = _probe_at(job, layer)
+    model = linear_classifier_model(base.model, layer, probe, name=f"{_model_name(base)}_{strategy.replace('-', '_')}")
+    if job.chief:
+        save_model(model, job.run.best)
+        copy_file(job.run.best, job.run.last)  # no epochs: the last model is the best one
+    plan = {
+        "strategy": strategy,
+        "features": layer,
+        "feature_dims": int(probe.kernel.shape[0]),
+        "trained": "logistic regression on cached features (the base is frozen and cut at the features layer)",
+        "C": probe.C,
+        "train_accuracy": probe.train_accuracy,
+        "val_accuracy": probe.val_accuracy,
+        "classifier_seconds": round(probe.seconds, 2),
+        "feature_cache": {"hits": job.cache.hits, "misses": job.cache.misses},
+    }
+    return model, plan, (probe, layer)
+
+
+def _fit_trained(job: _Job, progress: bool):
+    """finetune / full: the classifier trained with train's ``fit``. Returns (model, plan, history, resumed)."""
+    import tf_keras
+
+    from ktoolkit.data import AugmentConfig
+    from ktoolkit.train.engine import fit, repeat_for_steps, save_final, split_dataset, steps_per_epoch
+
+    config, base, dist = job.config, job.base, job.dist
+    # finetune: the head starts as the linear classifier on the frozen features. Not for full: once batch
+    # normalization trains, the features move away from the ones that classifier was fit on.
+    probe = _probe_at(job, base.top) if job.strategy == "finetune" else None
+    global_batch = config.batch_size * dist.num_replicas_in_sync
+    augment = None if config.augment in ("", "none", None) else AugmentConfig.parse(config.augment)
+    shape = dict(
+        num_classes=len(job.class_names), image_size=base.image_size, channels=base.channels, batch_size=global_batch
+    )
+    train_ds = split_dataset(job.splits.get("train"), config, training=True, augment=augment, **shape)
+    val_ds = split_dataset(job.splits.get("val"), config, training=False, **shape)
+    steps = steps_per_epoch(config, len(job.splits["train"]), global_batch)
+    train_ds = repeat_for_steps(config, train_ds)
+    with dist.scope():
+        model, plan = _trainable_model(base, job.strategy, config, len(job.class_names), probe, steps)
+    inference = tf_keras.Model(model.inputs, model.outputs, name=model.name)
+    with dist.scope():
+        history, resumed, best_model = fit(
+            job.run,
+            model,
+            inference,
+            train_ds,
+            val_ds,
+            epochs=config.epochs,
+            steps=steps,
+            callbacks=plan.pop("_callbacks"),
+            early_stopping=config.early_stopping,
+            chief=job.chief,
+            progress=progress,
+        )
+    save_final(job.run, inference, best_model, job.chief)
+    return model, plan, history, resumed
+
+
+def _finish_finetune(job: _Job, model, plan, linear, history, progress: bool) -> dict:
+    """On the chief: decision.json, probes.png, the evaluation on the held-out split and train's ``finish``."""
+    from ktoolkit.data import make_dataset
+    from ktoolkit.train.engine import finish
+
+    base, splits = job.base, job.splits
+    write_json(
+        job.run.root / "decision.json",
+        {"strategy": job.strategy, "why": job.why, "advice": job.advice.to_dict(), "plan": plan},
+    )
+    _plot_probes(
+        job.advice.probes, job.run.root / "probes.png", title=f"linear probes: {base.name} on {job.config.data}"
+    )
+    eval_name = "test" if "test" in splits else "val"
+    eval_ds, evaluation = None, None
+    if eval_name in splits and linear is not None:
+        probe, layer = linear
+        evaluation = _evaluate_linear(model, probe, base, layer, splits[eval_name], job.class_names, job.feature_kwargs)
+    elif eval_name in splits:
+        eval_ds = make_dataset(
+            splits[eval_name],
+            num_classes=len(job.class_names),
+            image_size=base.image_size,
+            channels=base.channels,
+            batch_size=64,
+            training=False,
+        )
+    return finish(
+        job.run,
+        job.class_names,
+        eval_name,
+        eval_ds,
+        history,
+        title=f"{base.name} ({job.strategy}) on {job.config.data}",
+        started=job.started,
+        progress=progress,
+        extra_sections=_report_sections(job.advice, job.strategy, job.why, plan),
+        evaluation=evaluation,
     )
 
 
@@ -377,7 +425,7 @@ def _trainable_model(base, strategy, config, num_classes, probe, steps):
     """The classifier to fit, with trainable flags and one optimizer per learning-rate group."""
     import tf_keras
 
-    from ktoolkit.train.engine import _optimizer
+    from ktoolkit.train.engine import _optimizer, classifier_metrics
 
     x = base.model.output
     if len(x.shape) == 4:
@@ -411,15 +459,20 @@ def _trainable_model(base, strategy, config, num_classes, probe, steps):
         optimizers[rate] = opt
         callbacks = callbacks or cbs
     model.set_groups({g: optimizers[r] for g, r in rates.items()}, groups)
-    metrics = ["accuracy"] + ([tf_keras.metrics.TopKCategoricalAccuracy(5, name="top5")] if num_classes > 5 else [])
     model.compile(
         optimizer=optimizers[max(rates.values())],
         loss=tf_keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=metrics,
+        metrics=classifier_metrics(num_classes),
     )
+    plan = _plan(model, base, strategy, config, probe, rates, groups, callbacks)
+    return model, plan
+
+
+def _plan(model, base, strategy, config, probe, rates, groups, callbacks) -> dict:
+    """What the trained strategies report: the groups, their learning rates, the trainable and frozen parts."""
     trainable = sum(int(w.shape.num_elements()) for w in model.trainable_weights)
     frozen_layers = [layer.name for layer in model.layers if not layer.trainable and layer.weights]
-    plan = {
+    return {
         "strategy": strategy,
         "groups": [
             {
@@ -438,7 +491,6 @@ def _trainable_model(base, strategy, config, num_classes, probe, steps):
         "epochs": config.epochs,
         "_callbacks": callbacks,
     }
-    return model, plan
 
 
 def _as_train_config(config) -> TrainConfig:

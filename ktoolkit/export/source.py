@@ -1,9 +1,10 @@
 """What is exported: the run's Keras model made ready for conversion, its classes, and its data.
 
 :func:`load_source` turns a run folder (or a .keras file plus data) into an :class:`ExportSource`:
-the model in float32 with one output, the class names, and the run's own train/val/test split (as
-recorded in the run's splits.json, by content), so calibration images come from "train" and
-verification runs on the held-out "test" split that training never saw.
+the model in float32 with one output (:func:`tflite_export.prepare.prepare_model`), the class names,
+and the run's own train/val/test split (as recorded in the run's splits.json, by content), so
+calibration images come from "train" and verification runs on the held-out "test" split that training
+never saw.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from tflite_export.prepare import find_preprocessing, prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,6 @@ def load_source(model, *, data: str | None = None, progress: bool = False) -> Ex
         FileNotFoundError: the model or the data does not exist.
     """
     import recipes
-    from ktoolkit.data.manifest import data_for_run
     from ktoolkit.runs import resolve_model_path
 
     path, run = resolve_model_path(model)
@@ -110,6 +112,23 @@ def load_source(model, *, data: str | None = None, progress: bool = False) -> Ex
             f"{path} is not in a run folder, so there are no images to calibrate and verify on; "
             f"pass data=... (--data) with the classes {', '.join(names[:5])}..."
         )
+    source, heldout = _run_data(run, data, names, progress)
+    return ExportSource(
+        model=keras_model,
+        class_names=list(names),
+        name=keras_model.name,
+        data=source,
+        heldout=heldout,
+        preprocessing=find_preprocessing(keras_model),
+        origin=str(Path(path)),
+    )
+
+
+def _run_data(run, data, names, progress):
+    """The data split as in training (see :func:`load_source`) and the name of its held-out split;
+    a ValueError when its classes are not the model's or a split is missing."""
+    from ktoolkit.data.manifest import data_for_run
+
     found = data_for_run(run, data, val_fraction=0.1, test_fraction=0.1, exclude=("val", "test"), progress=progress)
     source = found.source
     data = source.origin if data is None else data
@@ -130,72 +149,4 @@ def load_source(model, *, data: str | None = None, progress: bool = False) -> Ex
             f"test or val split (verification); its split sizes are "
             f"{ {k: len(v) for k, v in source.splits.items()} }."
         )
-    return ExportSource(
-        model=keras_model,
-        class_names=list(names),
-        name=keras_model.name,
-        data=source,
-        heldout=heldout,
-        preprocessing=find_preprocessing(keras_model),
-        origin=str(Path(path)),
-    )
-
-
-def prepare_model(model):
-    """The model as the converters want it: one output (GoogLeNet's auxiliary heads are dropped)
-    and float32 layers (a mixed-precision run's model is rebuilt from its config)."""
-    import tf_keras
-
-    if len(model.outputs) > 1:
-        names = [layer.name for layer in model.layers]
-        if "predictions" not in names:
-            raise ValueError(
-                f"{model.name} has {len(model.outputs)} outputs and no layer named 'predictions' to "
-                f"keep; export a model with one classifier output."
-            )
-        model = tf_keras.Model(model.inputs, model.get_layer("predictions").output, name=model.name)
-    return as_float32(model)
-
-
-def as_float32(model):
-    """Returns ``model`` with every layer's dtype policy float32 (same weights).
-
-    A run trained with ``--mixed-precision`` saves layers with the mixed_float16/mixed_bfloat16
-    policy; the TFLite and ONNX converters would bake the casts in, so the model is rebuilt from its
-    config with the policy replaced.
-    """
-    config = model.get_config()
-    if not _replace_mixed_policies(config):
-        return model
-    log.info("%s was trained with mixed precision; rebuilding it in float32 for export", model.name)
-    rebuilt = type(model).from_config(config)
-    rebuilt.set_weights(model.get_weights())
-    return rebuilt
-
-
-def _replace_mixed_policies(config) -> bool:
-    """Replaces mixed dtype policies in a (nested) Keras config by "float32"; True if any was found."""
-    found = False
-    if isinstance(config, dict):
-        for key, value in config.items():
-            if key == "dtype" and isinstance(value, dict) and "mixed" in str(value.get("config", {}).get("name", "")):
-                config[key] = "float32"
-                found = True
-            else:
-                found |= _replace_mixed_policies(value)
-    elif isinstance(config, list):
-        for value in config:
-            found |= _replace_mixed_policies(value)
-    return found
-
-
-def find_preprocessing(model) -> str | None:
-    """The mode of the model's ``ImagePreprocessing`` layer (searched in nested models too), or None."""
-    for layer in model.layers:
-        if hasattr(layer, "layers"):
-            found = find_preprocessing(layer)
-            if found:
-                return found
-        elif type(layer).__name__ == "ImagePreprocessing":
-            return layer.mode
-    return None
+    return source, heldout

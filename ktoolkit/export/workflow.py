@@ -5,6 +5,9 @@ For every mode: (fine-tune with tensorflow-model-optimization) -> convert -> add
 the file on the held-out images -> compare with the Keras model -> write the file (marked
 ``.FAILED`` when it loses more accuracy than the budget) -> time it -> list its operators and
 what the GPU delegate and NNAPI would not take. Then one report for all of them.
+
+The steps on files and models are :mod:`tflite_export`'s (file in, file out); this module adds what
+knows about run folders: the model and data of a run, the lock, atomic writes, the report.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ktoolkit.io import atomic_path, write_text
+from ktoolkit.runs import resolve_model_path
 from tflite_export.modes import FORMATS, check_format, get_mode
 from tflite_export.untrusted import confined, safe_filename, sanitize_text
 
@@ -148,15 +153,8 @@ def export(
         FileNotFoundError: the model or its data does not exist.
     """
     modes = _modes(mode, compare)
-    given = {
-        "calib_samples": calib_samples,
-        "int8_io": int8_io,
-        "epochs": epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "lr": lr,
-        "sparsity": sparsity,
-        "clusters": clusters,
-    }
+    given = dict(calib_samples=calib_samples, int8_io=int8_io, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    given.update(lr=lr, sparsity=sparsity, clusters=clusters)
     settings = {
         "format": format,
         "modes": [m.name for m in modes],
@@ -167,9 +165,6 @@ def export(
         **_tunables(modes, format, given),
     }
     _check_settings(settings)
-
-    from ktoolkit.runs import resolve_model_path
-
     path, run = resolve_model_path(model)
     folder = Path(out) if out else ((run.root if run else path.parent) / "export")
     # Into a run folder (its export/): one command at a time, as training (a second one fails at once).
@@ -180,8 +175,7 @@ def export(
 
 def _export_all(model, modes, folder: Path, data, settings: dict, progress: bool) -> ExportResult:
     """Loads the model and its data, exports and verifies every mode into ``folder``, writes the report."""
-    from ktoolkit.io import write_text
-    from tflite_export.source import load_source
+    from ktoolkit.export.source import load_source
     from tflite_export.verify import run_over
 
     batch_size = settings["batch_size"]
@@ -212,7 +206,7 @@ def _export_all(model, modes, folder: Path, data, settings: dict, progress: bool
             "" if f.passed else "  OVER THE BUDGET",
         )
 
-    from tflite_export.report import write_report
+    from ktoolkit.export.report import write_report
 
     source_info = {
         "name": sanitize_text(source.name),
@@ -311,27 +305,8 @@ def _export_mode(mode, fmt, source, folder, heldout, keras_probs, labels, settin
     started = time.time()
     keras_model, converted_probs, notes = source.model, None, []
     if mode.compress:
-        from tflite_export.compress import compress
-
-        keras_model = compress(
-            source.model,
-            mode.compress,
-            source,
-            epochs=settings["epochs"],
-            steps_per_epoch=settings["steps_per_epoch"],
-            batch_size=settings["batch_size"],
-            lr=settings["lr"],
-            sparsity=settings["sparsity"],
-            clusters=settings["clusters"],
-            progress=progress,
-        )
-        converted_probs, _ = run_over(
-            lambda x: keras_model(x, training=False), heldout, progress=progress, what=f"{mode.name} Keras model"
-        )
-        notes.append(
-            f"fine-tuned {settings['epochs']} epoch(s) per step ({' + '.join(mode.compress)}); the "
-            f"fine-tuned Keras model's held-out accuracy: {100 * (converted_probs.argmax(-1) == labels).mean():.2f}%"
-        )
+        keras_model, converted_probs, note = _fine_tune(mode, source, heldout, labels, settings, progress)
+        notes.append(note)
     log.info("%s: converting to %s", mode.name, fmt)
     content, runner, notes_of_format = _convert(mode, fmt, source, keras_model, settings, folder, progress)
     notes += notes_of_format
@@ -372,6 +347,34 @@ def _export_mode(mode, fmt, source, folder, heldout, keras_probs, labels, settin
     )
 
 
+def _fine_tune(mode, source, heldout, labels, settings, progress):
+    """The mode's tfmot steps on the training split; returns (the fine-tuned Keras model, its held-out
+    probabilities, the report's note)."""
+    from tflite_export.compress import compress
+    from tflite_export.verify import run_over
+
+    keras_model = compress(
+        source.model,
+        mode.compress,
+        source,
+        epochs=settings["epochs"],
+        steps_per_epoch=settings["steps_per_epoch"],
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        sparsity=settings["sparsity"],
+        clusters=settings["clusters"],
+        progress=progress,
+    )
+    probs, _ = run_over(
+        lambda x: keras_model(x, training=False), heldout, progress=progress, what=f"{mode.name} Keras model"
+    )
+    note = (
+        f"fine-tuned {settings['epochs']} epoch(s) per step ({' + '.join(mode.compress)}); the "
+        f"fine-tuned Keras model's held-out accuracy: {100 * (probs.argmax(-1) == labels).mean():.2f}%"
+    )
+    return keras_model, probs, note
+
+
 def _stem(source, mode) -> str:
     """The exported files' name without suffix: the model's stored name (which a stranger's file sets)
     and the mode, made a plain file name, never a path."""
@@ -388,8 +391,6 @@ def _write(content, runner, folder, stem, suffix, passed):
     if content is None:  # a SavedModel folder, written beside and moved into place
         shutil.move(str(runner.folder), str(path))
         return path, sum(p.stat().st_size for p in path.rglob("*") if p.is_file()), None
-    from ktoolkit.io import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_bytes(content)
     return path, len(content), len(gzip.compress(content, compresslevel=9))
@@ -424,31 +425,7 @@ def _convert(mode, fmt, source, keras_model, settings, folder, progress):
     )
     notes = []
     if fmt == "tflite":
-        from tflite_export.convert import to_tflite
-        from tflite_export.metadata import ModelInfo, add_metadata
-
-        int8_io = settings["int8_io"] and mode.integer
-        representative = source.calibration_images(settings["calib_samples"]) if mode.needs_calibration else None
-        content = to_tflite(
-            keras_model, mode.quantize, representative=representative, int8_io=int8_io, progress=progress
-        )
-        channels = source.image_shape[2]
-        inside = f"; the model applies '{source.preprocessing}' normalization itself" if source.preprocessing else ""
-        content = add_metadata(
-            content,
-            ModelInfo(
-                name=name,
-                description=description,
-                labels=_labels(source),
-                channels=channels,
-                mean=[0.0] * channels,
-                std=[1.0] * channels,
-                input_description=f"{'RGB' if channels == 3 else 'grayscale'} pixels on the 0..255 scale "
-                f"({'uint8' if int8_io else 'float32'}){inside}",
-            ),
-        )
-        if int8_io:
-            notes.append("uint8 input and output: the input takes pixel bytes as they are (scale 1, zero point 0)")
+        content, notes = _to_tflite(mode, source, keras_model, settings, name, description, progress)
         return content, open_model((content, "tflite")), notes
     if fmt == "onnx":
         from tflite_export.onnx_export import quantize_int8, to_onnx
@@ -473,3 +450,32 @@ def _convert(mode, fmt, source, keras_model, settings, folder, progress):
         shutil.rmtree(tmp)  # a crashed export's leftover: the name is ktoolkit's own
     to_saved_model(keras_model, tmp)
     return None, SavedModelRunner(tmp), notes
+
+
+def _to_tflite(mode, source, keras_model, settings, name, description, progress):
+    """The .tflite file's bytes, with its metadata (labels, 0..255 input); returns (bytes, notes)."""
+    from tflite_export.convert import to_tflite
+    from tflite_export.metadata import ModelInfo, add_metadata
+
+    int8_io = settings["int8_io"] and mode.integer
+    representative = source.calibration_images(settings["calib_samples"]) if mode.needs_calibration else None
+    content = to_tflite(keras_model, mode.quantize, representative=representative, int8_io=int8_io, progress=progress)
+    channels = source.image_shape[2]
+    inside = f"; the model applies '{source.preprocessing}' normalization itself" if source.preprocessing else ""
+    content = add_metadata(
+        content,
+        ModelInfo(
+            name=name,
+            description=description,
+            labels=_labels(source),
+            channels=channels,
+            mean=[0.0] * channels,
+            std=[1.0] * channels,
+            input_description=f"{'RGB' if channels == 3 else 'grayscale'} pixels on the 0..255 scale "
+            f"({'uint8' if int8_io else 'float32'}){inside}",
+        ),
+    )
+    notes = []
+    if int8_io:
+        notes.append("uint8 input and output: the input takes pixel bytes as they are (scale 1, zero point 0)")
+    return content, notes
