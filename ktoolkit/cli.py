@@ -7,6 +7,7 @@ TensorFlow is imported only by the commands that build or run models, so ``ktool
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import os
@@ -328,11 +329,41 @@ def data_check(folder, as_json):
 
 
 # ---------------------------------------------------------------------------------------------- train
-def _train_flags() -> dict:
-    """The TrainConfig fields as flags (same names, - for _), by field name, in --help order; the other
-    run commands reuse the ones they share. Defaults come from the config class or --config."""
-    from ktoolkit.train.config import DISTRIBUTES, OPTIMIZERS, SCHEDULES
+def _field_default(config_class, name):
+    """The default of ``config_class``'s field ``name`` (for a tunable of ExportConfig, the mode's default);
+    None for a name that is no field of it (a flag of another command: tests/test_config_flags.py checks
+    that every command's flags are its config's fields)."""
+    f = {f.name: f for f in dataclasses.fields(config_class)}.get(name)
+    if f is None:
+        return None
+    if "mode_default" in f.metadata:
+        return f.metadata["mode_default"]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _flag(config_class, name, *decls, help: str = "", **kwargs):
+    """The click option of ``config_class``'s field ``name`` (``--name-with-dashes`` unless ``decls`` say):
+    its default is None ("not given": --config's value or the field's), and its help ends with the
+    field's default, read from the dataclass (``[default: 10]``), where it has one."""
+    default = _field_default(config_class, name)
+    if default not in (None, "", {}):
+        help = f"{help}  [default: {_shown(default)}]".strip()
+    return click.option(*(decls or ("--" + name.replace("_", "-"),)), name, default=None, help=help, **kwargs)
+
+
+def _train_flags(config_class=None) -> dict:
+    """The run config's fields as flags (same names, - for _), by field name, in --help order; the other
+    run commands reuse the ones they share, with their own defaults (``config_class``: TrainConfig,
+    PretrainConfig, FinetuneConfig). Defaults come from the config class or --config."""
+    from ktoolkit.train.config import DISTRIBUTES, OPTIMIZERS, SCHEDULES, TrainConfig
+
+    flag = functools.partial(_flag, config_class or TrainConfig)
     return {
         "config_file": click.option(
             "--config",
@@ -340,38 +371,32 @@ def _train_flags() -> dict:
             type=click.Path(exists=True, dir_okay=False),
             help="YAML file with these settings (e.g. a run's config.yaml); flags win.",
         ),
-        "recipe": click.option("--recipe", help="Architecture (see `ktool recipes`)."),
-        "data": click.option("--data", help="Class-per-folder directory, CSV (path,label), .npz, or tfds:NAME."),
-        "out": click.option("--out", help="Run folder (default runs/train). An interrupted run there is resumed."),
-        "epochs": click.option("--epochs", type=int),
-        "batch_size": click.option(
-            "--batch-size", type=int, help="Per replica; the global batch is this times the replicas."
-        ),
-        "optimizer": click.option("--optimizer", type=click.Choice(OPTIMIZERS)),
-        "lr": click.option("--lr", type=float, help="Learning rate."),
-        "momentum": click.option("--momentum", type=float),
-        "schedule": click.option("--schedule", type=click.Choice(SCHEDULES)),
-        "weight_decay": click.option("--weight-decay", type=float),
-        "label_smoothing": click.option("--label-smoothing", type=float),
-        "mixed_precision": click.option("--mixed-precision/--no-mixed-precision", default=None),
-        "jit": click.option("--jit/--no-jit", default=None, help="XLA-compile the training step."),
-        "distribute": click.option("--distribute", type=click.Choice(DISTRIBUTES)),
-        "image_size": click.option("--image-size", help="HEIGHT,WIDTH to train at (default: the recipe's)."),
-        "channels": click.option("--channels", type=click.Choice(["1", "3"])),
-        "val_fraction": click.option("--val-fraction", type=float),
-        "test_fraction": click.option("--test-fraction", type=float),
-        "seed": click.option("--seed", type=int),
-        "augment": click.option("--augment", help="e.g. flip,crop or flip,crop,color=20,mixup=0.2; 'none' for none."),
-        "cache": click.option("--cache", help="memory, none, or a folder for tf.data's cache files."),
-        "early_stopping": click.option(
-            "--early-stopping", type=int, help="Patience in epochs on the validation loss (0: off)."
-        ),
-        "strict": click.option(
-            "--strict/--no-strict", default=None, help="Fail on unreadable images instead of skipping."
-        ),
-        "deterministic": click.option("--deterministic/--no-deterministic", default=None),
-        "data_dir": click.option("--data-dir", help="tensorflow-datasets folder for tfds: sources."),
-        "steps_per_epoch": click.option("--steps-per-epoch", type=int, help="Cap the steps per epoch (quick trials)."),
+        "recipe": flag("recipe", help="Architecture (see `ktool recipes`)."),
+        "data": flag("data", help="Class-per-folder directory, CSV (path,label), .npz, or tfds:NAME."),
+        "out": flag("out", help="Run folder. An interrupted run there is resumed."),
+        "epochs": flag("epochs", type=int),
+        "batch_size": flag("batch_size", type=int, help="Per replica; the global batch is this times the replicas."),
+        "optimizer": flag("optimizer", type=click.Choice(OPTIMIZERS)),
+        "lr": flag("lr", type=float, help="Learning rate."),
+        "momentum": flag("momentum", type=float),
+        "schedule": flag("schedule", type=click.Choice(SCHEDULES)),
+        "weight_decay": flag("weight_decay", type=float),
+        "label_smoothing": flag("label_smoothing", type=float),
+        "mixed_precision": flag("mixed_precision", "--mixed-precision/--no-mixed-precision"),
+        "jit": flag("jit", "--jit/--no-jit", help="XLA-compile the training step."),
+        "distribute": flag("distribute", type=click.Choice(DISTRIBUTES)),
+        "image_size": flag("image_size", help="HEIGHT,WIDTH to train at (default: the recipe's)."),
+        "channels": flag("channels", type=click.Choice(["1", "3"])),
+        "val_fraction": flag("val_fraction", type=float),
+        "test_fraction": flag("test_fraction", type=float),
+        "seed": flag("seed", type=int),
+        "augment": flag("augment", help="e.g. flip,crop or flip,crop,color=20,mixup=0.2; 'none' for none."),
+        "cache": flag("cache", help="memory, none, or a folder for tf.data's cache files."),
+        "early_stopping": flag("early_stopping", type=int, help="Patience in epochs on the validation loss (0: off)."),
+        "strict": flag("strict", "--strict/--no-strict", help="Fail on unreadable images instead of skipping."),
+        "deterministic": flag("deterministic", "--deterministic/--no-deterministic"),
+        "data_dir": flag("data_dir", help="tensorflow-datasets folder for tfds: sources."),
+        "steps_per_epoch": flag("steps_per_epoch", type=int, help="Cap the steps per epoch (quick trials)."),
         "overwrite": click.option("--overwrite", is_flag=True, help="Replace a finished run in --out."),
         "verbose": click.option("-v", "--verbose", is_flag=True),
     }
@@ -455,73 +480,49 @@ def _print_result(result):
 
 
 # ------------------------------------------------------------------------------ pretrain / linear-eval
-def _pretrain_options(f):
-    """The PretrainConfig fields as flags: those shared with `ktool train`, and the methods' own."""
-    from ktoolkit.pretrain.config import DEFAULT_VIEWS, METHODS, NOISES
+# --help order of `ktool pretrain`
+_PRETRAIN_ORDER = (
+    *("config_file", "method", "recipe", "data", "out", "epochs", "batch_size", "optimizer", "lr", "momentum"),
+    *("schedule", "weight_decay", "temperature", "noise", "noise_strength", "augment", "distribute"),
+    *("image_size", "channels", "val_fraction", "test_fraction", "seed", "cache", "strict", "deterministic"),
+    *("data_dir", "steps_per_epoch", "overwrite", "verbose"),
+)
 
-    flags = _train_flags()
-    flags.update(
-        {
-            "method": click.option("--method", type=click.Choice(METHODS), help="How to learn (default contrastive)."),
-            "recipe": click.option(
-                "--recipe",
-                help="Autoencoders: conv_autoencoder, denoising_autoencoder; contrastive: "
-                "contrastive_encoder, or a classification recipe as its backbone.",
-            ),
-            "data": click.option(
-                "--data",
-                help="Images: a folder (class subfolders optional), CSV, .npz or tfds:NAME; "
-                "labels are never used for training.",
-            ),
-            "out": click.option(
-                "--out", help="Run folder (default runs/pretrain). An interrupted run there is resumed."
-            ),
-            "temperature": click.option("--temperature", type=float, help="NT-Xent temperature (contrastive; 0.5)."),
-            "noise": click.option("--noise", type=click.Choice(NOISES), help="Corruption (denoising; gaussian)."),
-            "noise_strength": click.option(
-                "--noise-strength",
-                type=float,
-                help="Gaussian stddev, or masking/salt-and-pepper rate, on 0..1 images (0.1).",
-            ),
-            "augment": click.option(
-                "--augment",
-                help=f"Contrastive: the random views (default {DEFAULT_VIEWS}; no flip "
-                "for digits or text). Autoencoders: input augmentation (none).",
-            ),
-        }
-    )
-    order = (
-        "config_file",
-        "method",
-        "recipe",
-        "data",
-        "out",
-        "epochs",
-        "batch_size",
-        "optimizer",
-        "lr",
-        "momentum",
-        "schedule",
-        "weight_decay",
-        "temperature",
-        "noise",
-        "noise_strength",
-        "augment",
-        "distribute",
-        "image_size",
-        "channels",
-        "val_fraction",
-        "test_fraction",
-        "seed",
-        "cache",
-        "strict",
-        "deterministic",
-        "data_dir",
-        "steps_per_epoch",
-        "overwrite",
-        "verbose",
-    )
-    return _with_options(f, (flags[name] for name in order))
+
+def _pretrain_flags() -> dict:
+    """The PretrainConfig fields as flags: those shared with `ktool train`, and the methods' own."""
+    from ktoolkit.pretrain.config import DEFAULT_VIEWS, METHODS, NOISES, PretrainConfig
+
+    flag = functools.partial(_flag, PretrainConfig)
+    return {
+        **_train_flags(PretrainConfig),
+        "method": flag("method", type=click.Choice(METHODS), help="How to learn."),
+        "recipe": flag(
+            "recipe",
+            help="Autoencoders: conv_autoencoder, denoising_autoencoder; contrastive: "
+            "contrastive_encoder, or a classification recipe as its backbone.",
+        ),
+        "data": flag(
+            "data",
+            help="Images: a folder (class subfolders optional), CSV, .npz or tfds:NAME; "
+            "labels are never used for training.",
+        ),
+        "temperature": flag("temperature", type=float, help="NT-Xent temperature (contrastive)."),
+        "noise": flag("noise", type=click.Choice(NOISES), help="Corruption (denoising)."),
+        "noise_strength": flag(
+            "noise_strength", type=float, help="Gaussian stddev, or masking/salt-and-pepper rate, on 0..1 images."
+        ),
+        "augment": flag(
+            "augment",
+            help=f"Contrastive: the random views (default {DEFAULT_VIEWS}; no flip "
+            "for digits or text). Autoencoders: input augmentation (none).",
+        ),
+    }
+
+
+def _pretrain_options(f):
+    flags = _pretrain_flags()
+    return _with_options(f, (flags[name] for name in _PRETRAIN_ORDER))
 
 
 @main.command("pretrain")
@@ -600,71 +601,55 @@ def linear_eval_cmd(
 
 # --------------------------------------------------------------------------------- finetune / advise
 def _base_flags() -> dict:
+    from ktoolkit.transfer.finetune import FinetuneConfig
+
+    flag = functools.partial(_flag, FinetuneConfig)
     return {
-        "base": click.option(
-            "--base",
+        "base": flag(
+            "base",
             help="keras.applications base (vgg16, resnet50, mobilenet_v2, efficientnet_b0, ...), "
-            "a recipe, or a run folder (runs/NAME). Default mobilenet_v2.",
+            "a recipe, or a run folder (runs/NAME).",
         ),
-        "weights": click.option(
-            "--weights",
+        "weights": flag(
+            "weights",
             help="imagenet (Keras download or cache), a .h5/.keras file, or none. "
             "Default: imagenet for keras.applications bases.",
         ),
-        "small_threshold": click.option(
-            "--small-threshold", type=float, help="Fewer training images per class than this is 'small' (default 1000)."
+        "small_threshold": flag(
+            "small_threshold", type=float, help="Fewer training images per class than this is 'small' (default 1000)."
         ),
-        "similarity_threshold": click.option(
-            "--similarity-threshold", type=float, help="A similarity at or above this is 'similar' (default 0.88)."
+        "similarity_threshold": flag(
+            "similarity_threshold", type=float, help="A similarity at or above this is 'similar' (default 0.88)."
         ),
     }
 
 
-def _finetune_options(f):
-    from ktoolkit.transfer.finetune import STRATEGY_CHOICES
+# The flags `ktool finetune` shares with `ktool train`, in --help order (after the base's and its own).
+_FINETUNE_SHARED = (
+    *("config_file", "data", "out", "epochs", "batch_size", "optimizer", "lr", "momentum", "schedule"),
+    *("weight_decay", "label_smoothing", "distribute", "image_size", "val_fraction", "test_fraction", "seed"),
+    *("augment", "cache", "early_stopping", "strict", "deterministic", "data_dir", "steps_per_epoch"),
+    *("overwrite", "verbose"),
+)
 
-    train = _train_flags()
-    shared = [
-        "config_file",
-        "data",
-        "out",
-        "epochs",
-        "batch_size",
-        "optimizer",
-        "lr",
-        "momentum",
-        "schedule",
-        "weight_decay",
-        "label_smoothing",
-        "distribute",
-        "image_size",
-        "val_fraction",
-        "test_fraction",
-        "seed",
-        "augment",
-        "cache",
-        "early_stopping",
-        "strict",
-        "deterministic",
-        "data_dir",
-        "steps_per_epoch",
-    ]
+
+def _finetune_options(f):
+    from ktoolkit.transfer.finetune import STRATEGY_CHOICES, FinetuneConfig
+
+    flag = functools.partial(_flag, FinetuneConfig)
+    train = _train_flags(FinetuneConfig)
     own = [
-        click.option(
-            "--strategy",
+        flag(
+            "strategy",
             type=click.Choice(STRATEGY_CHOICES),
-            help="auto (default: decided from the data), linear, linear-early, finetune or full.",
+            help="auto (decided from the data), linear, linear-early, finetune or full.",
         ),
-        click.option("--cut", help="Layer for linear-early (default: the best held-out probe)."),
-        click.option("--unfreeze", type=int, help="finetune: top groups of the base to train (default 2)."),
-        click.option(
-            "--lr-decay", type=float, help="finetune: each deeper group's learning rate factor (default 0.3)."
-        ),
-        click.option("--dropout", type=float, help="Dropout before the new classifier (default 0.2)."),
+        flag("cut", help="Layer for linear-early (default: the best held-out probe)."),
+        flag("unfreeze", type=int, help="finetune: top groups of the base to train."),
+        flag("lr_decay", type=float, help="finetune: each deeper group's learning rate factor."),
+        flag("dropout", type=float, help="Dropout before the new classifier."),
     ]
-    return _with_options(
-        f, [*_base_flags().values(), *own, *(train[k] for k in shared), train["overwrite"], train["verbose"]]
-    )
+    return _with_options(f, [*_base_flags().values(), *own, *(train[k] for k in _FINETUNE_SHARED)])
 
 
 @main.command("finetune")
@@ -834,48 +819,50 @@ def _export_modes_help() -> str:
     return "; ".join(f"{m.name}: {m.description}" for m in MODES.values())
 
 
+def _export_options(f):
+    """ExportConfig's fields as flags. Every one defaults to None ("not given"; its help shows the
+    dataclass's default): export() refuses a mode-specific tunable given to modes that ignore it,
+    which it can only tell when "not given" is None."""
+    from ktoolkit.export import ExportConfig
+
+    flag = functools.partial(_flag, ExportConfig)
+    return _with_options(
+        f,
+        [
+            click.option("--model", required=True, help="A run folder (or a .keras file with --data)."),
+            flag("mode", help="The export mode (listed below)."),
+            flag("compare", help="More modes to export and compare side by side, e.g. float16,int8,qat."),
+            flag("format", type=click.Choice(["tflite", "onnx", "saved_model"])),
+            flag("out", help="Folder for the files and the report (default: the run folder's export/)."),
+            flag("data", help="Images to calibrate and verify on (default: the run's data, split as in training)."),
+            flag("calib_samples", type=int, help="Training images that int8 calibration sees."),
+            flag(
+                "int8_io",
+                is_flag=True,
+                help="Full-integer modes take and give uint8 (camera bytes) instead of float32.",
+            ),
+            flag(
+                "max_accuracy_drop",
+                type=float,
+                help="Budget in accuracy points; a file over it is kept as *.FAILED.* and the command exits with 1.",
+            ),
+            flag("epochs", type=int, help="Fine-tuning epochs per step of qat, prune and cluster modes."),
+            flag("steps_per_epoch", type=int, help="Cap on fine-tuning batches per epoch."),
+            flag("batch_size", type=int),
+            flag("lr", type=float, help="Fine-tuning learning rate (Adam)."),
+            flag("sparsity", type=float, help="Pruning's final share of zero weights."),
+            flag("clusters", type=int, help="Shared values per kernel when clustering."),
+            flag("threads", type=int, help="CPU threads for the latency column."),
+            flag("latency_runs", type=int, help="Timed single-image runs per file."),
+            click.option("-v", "--verbose", is_flag=True),
+        ],
+    )
+
+
 @main.command("export", epilog=f"Modes: {_export_modes_help()}.")
-@click.option("--model", required=True, help="A run folder (or a .keras file with --data).")
-@click.option("--mode", default="float32", show_default=True, help="The export mode (listed below).")
-@click.option("--compare", help="More modes to export and compare side by side, e.g. float16,int8,qat.")
-@click.option(
-    "--format", "format", type=click.Choice(["tflite", "onnx", "saved_model"]), default="tflite", show_default=True
-)
-@click.option("--out", help="Folder for the files and the report (default: the run folder's export/).")
-@click.option("--data", help="Images to calibrate and verify on (default: the run's data, split as in training).")
-# The mode-specific tunables default to None (the mode's default, named in the help): export() refuses
-# one that was given to modes that ignore it, which it can only tell when "not given" is None.
-@click.option(
-    "--calib-samples", type=int, default=None, help="Training images that int8 calibration sees.  [default: 200]"
-)
-@click.option(
-    "--int8-io",
-    is_flag=True,
-    default=None,
-    help="Full-integer modes take and give uint8 (camera bytes) instead of float32.",
-)
-@click.option(
-    "--max-accuracy-drop",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="Budget in accuracy points; a file over it is kept as *.FAILED.* and the command exits with 1.",
-)
-@click.option(
-    "--epochs",
-    type=int,
-    default=None,
-    help="Fine-tuning epochs per step of qat, prune and cluster modes.  [default: 2]",
-)
-@click.option("--steps-per-epoch", type=int, help="Cap on fine-tuning batches per epoch.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=None, help="Fine-tuning learning rate (Adam).  [default: 0.001]")
-@click.option("--sparsity", type=float, default=None, help="Pruning's final share of zero weights.  [default: 0.8]")
-@click.option("--clusters", type=int, default=None, help="Shared values per kernel when clustering.  [default: 16]")
-@click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for the latency column.")
-@click.option("-v", "--verbose", is_flag=True)
+@_export_options
 @_user_errors
-def export_cmd(verbose, **options):
+def export_cmd(model, verbose, **options):
     """Export a trained run for a phone (.tflite) or a Jetson (.onnx), verified on the held-out split.
 
     Every file is run on the held-out images and compared with the Keras model (accuracy, top-1
@@ -883,45 +870,18 @@ def export_cmd(verbose, **options):
     also has file sizes, latency on this machine, the operators, and what the GPU delegate and NNAPI
     would not run.
     """
-    _check_exists(options["model"], "--model", "a run folder (or a .keras file with --data)")
+    _check_exists(model, "--model", "a run folder (or a .keras file with --data)")
     _check_data(options["data"])
     _check_out(options["out"])
     _setup_logging(verbose)
     from ktoolkit.export import export
 
-    result = export(**options, progress=_interactive())
-    rows = [("mode", "file", "size", "accuracy", "drop", "agreement", "latency", "")]
-    for f in result.files:
-        v = f.verification
-        size = f"{f.size_bytes / 2**20:.2f} MB" if f.size_bytes >= 2**20 else f"{f.size_bytes / 2**10:.1f} KB"
-        rows.append(
-            (
-                f.mode,
-                f.path.name,
-                size,
-                f"{v.accuracy:.2%}",
-                f"{v.accuracy_drop:+.2f}",
-                f"{v.agreement:.1%}",
-                f"{f.latency_ms:.2f} ms",
-                "ok" if f.passed else "OVER BUDGET",
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    click.echo(
-        _printable(
-            f"Keras model: {result.files[0].verification.keras_accuracy:.2%} on "
-            f"{result.files[0].verification.images} held-out images; report: {result.report['md']}"
-        )
-    )
+    given = {name: value for name, value in options.items() if value is not None}
+    result = export(model, **given, progress=_interactive())
+    for line in result.lines():
+        click.echo(_printable(line))
     if not result.ok:
-        over = ", ".join(f.mode for f in result.files if not f.passed)
-        click.echo(
-            f"Error: {over} lost more than {options['max_accuracy_drop']:g} accuracy point(s); the files are "
-            f"kept, named *.FAILED.*, for inspection.",
-            err=True,
-        )
+        click.echo(f"Error: {result.failure()}", err=True)
         sys.exit(1)
 
 

@@ -95,19 +95,9 @@ def demo(
         epochs: epochs of the finetune/full strategies, and of quantization-aware training if int8
             post-training quantization misses the accuracy budget.
     """
-    from ktoolkit.export import export
-    from ktoolkit.train import TrainConfig, train
-    from ktoolkit.transfer.finetune import FinetuneConfig, finetune
-    from tflite_export import benchmark
-
     started = time.time()
     root = Path(out)
-    steps = 5 if base is None else 4
-    step = iter(range(1, steps + 1))
-
-    def say(text):
-        echo(f"[{next(step)}/{steps}] {text}  ({time.time() - started:.0f} s)")
-
+    say = _step_printer(5 if base is None else 4, started, echo)
     say("data: scikit-learn's 1,797 handwritten digits, written as class folders of 32x32 PNGs")
     folders = write_digits(root / "data")
     echo(f"      {folders['0-4']} (to pretrain a base)  and  {folders['5-9']} (the new task)")
@@ -118,30 +108,69 @@ def demo(
             f"base: cifar_resnet20 trained on the digits 0-4 for {base_epochs} epochs, the demo's stand-in for a network "
             "pretrained on ImageNet"
         )
-        base_run = root / "base"
-        config = TrainConfig(
-            recipe="cifar_resnet20",
-            data=str(folders["0-4"]),
-            out=str(base_run),
-            epochs=base_epochs,
-            image_size=(32, 32),
-            channels=3,
-            batch_size=16,
-            lr=3e-3,
-            schedule="cosine",
-            cache="memory",
-        )
-        result = _reuse_or_run(base_run, lambda: train(config, progress=progress, overwrite=overwrite), echo, overwrite)
-        base_accuracy = result.metrics.get("accuracy") if result else _accuracy(base_run)
-        echo(f"      base: test accuracy {base_accuracy:.1%} on the digits 0-4  ->  {base_run}")
+        base_run, base_accuracy = _train_base(root / "base", folders["0-4"], base_epochs, overwrite, progress, echo)
         base, weights = str(base_run), None
 
     say(f"transfer: `ktool finetune --base {base} --data {folders['5-9']}`: measure, decide, train")
     tuned_run = root / "finetune"
+    tuned = _finetune(tuned_run, base, weights, folders["5-9"], epochs, overwrite, progress, echo)
+
+    say("export: int8 TFLite (uint8 camera bytes in and out), run on the test split and compared with the Keras model")
+    exported = _export_int8(tuned_run, epochs, progress, echo)
+    tflite = exported.files[0]
+
+    say("benchmark: latency of the .tflite file with LiteRT (XNNPACK), 1 and 2 threads")
+    latency = _benchmark(tflite, echo)
+
+    result = DemoResult(root, root / "DEMO.md", base_accuracy, tuned, exported, latency, time.time() - started)
+    _write_page(result, folders, base, tflite)
+    echo(
+        f"done in {result.seconds:.0f} s: {'the int8 file is within the accuracy budget' if result.ok else 'OVER THE ACCURACY BUDGET'}"
+    )
+    echo(f"report: {result.report}")
+    return result
+
+
+def _step_printer(steps: int, started: float, echo):
+    """``say(text)``: echoes the next step's ``[i/steps]`` line with the seconds since ``started``."""
+    step = iter(range(1, steps + 1))
+
+    def say(text):
+        echo(f"[{next(step)}/{steps}] {text}  ({time.time() - started:.0f} s)")
+
+    return say
+
+
+def _train_base(base_run: Path, data: Path, base_epochs: int, overwrite: bool, progress: bool, echo):
+    """The demo's stand-in for a pretrained base: cifar_resnet20 on the digits 0-4 -> (its run folder, accuracy)."""
+    from ktoolkit.train import TrainConfig, train
+
+    config = TrainConfig(
+        recipe="cifar_resnet20",
+        data=str(data),
+        out=str(base_run),
+        epochs=base_epochs,
+        image_size=(32, 32),
+        channels=3,
+        batch_size=16,
+        lr=3e-3,
+        schedule="cosine",
+        cache="memory",
+    )
+    result = _reuse_or_run(base_run, lambda: train(config, progress=progress, overwrite=overwrite), echo, overwrite)
+    base_accuracy = result.metrics.get("accuracy") if result else _accuracy(base_run)
+    echo(f"      base: test accuracy {base_accuracy:.1%} on the digits 0-4  ->  {base_run}")
+    return base_run, base_accuracy
+
+
+def _finetune(tuned_run: Path, base, weights, data: Path, epochs: int, overwrite: bool, progress: bool, echo):
+    """`ktool finetune` from ``base`` on the new task; its advice and result are echoed (None if reused)."""
+    from ktoolkit.transfer.finetune import FinetuneConfig, finetune
+
     config = FinetuneConfig(
         base=base,
         weights=weights,
-        data=str(folders["5-9"]),
+        data=str(data),
         out=str(tuned_run),
         epochs=epochs,
         test_fraction=0.2,
@@ -155,8 +184,13 @@ def demo(
             f"      strategy: {tuned.strategy}; test accuracy {tuned.metrics['accuracy']:.1%} on "
             f"{tuned.metrics['images']} images  ->  {tuned_run}"
         )
+    return tuned
 
-    say("export: int8 TFLite (uint8 camera bytes in and out), run on the test split and compared with the Keras model")
+
+def _export_int8(tuned_run: Path, epochs: int, progress: bool, echo):
+    """int8 TFLite export of the finetuned run, with quantization-aware training if post-training int8 misses."""
+    from ktoolkit.export import export
+
     exported = export(str(tuned_run), mode="int8", int8_io=True, progress=progress)
     if not exported.ok:
         echo(
@@ -173,19 +207,17 @@ def demo(
             f"      int8 did not keep this model's accuracy (docs/troubleshooting.md, Export); float16 halves the file "
             f"without integer arithmetic, verified the same way: `ktool export --model {tuned_run} --mode float16`"
         )
+    return exported
 
-    say("benchmark: latency of the .tflite file with LiteRT (XNNPACK), 1 and 2 threads")
+
+def _benchmark(tflite, echo) -> list[dict]:
+    """Latency rows of the exported file with LiteRT, 1 and 2 threads."""
+    from tflite_export import benchmark
+
     latency = benchmark(str(tflite.path), threads=(1, 2), runs=50, warmup=5)
     for row in latency:
         echo(f"      {row['threads']} thread(s): p50 {row['p50_ms']:.3f} ms, p90 {row['p90_ms']:.3f} ms")
-
-    result = DemoResult(root, root / "DEMO.md", base_accuracy, tuned, exported, latency, time.time() - started)
-    _write_page(result, folders, base, tflite)
-    echo(
-        f"done in {result.seconds:.0f} s: {'the int8 file is within the accuracy budget' if result.ok else 'OVER THE ACCURACY BUDGET'}"
-    )
-    echo(f"report: {result.report}")
-    return result
+    return latency
 
 
 def _reuse_or_run(folder: Path, run, echo, overwrite: bool = False):

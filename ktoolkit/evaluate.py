@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,25 +133,36 @@ def evaluate_run(model, *, data=None, split=None, out=None, batch_size: int = 32
     (``split="all"``) unless a split is named, without the files that were this run's training
     images; its class names must be among the model's.
     """
-    import tensorflow as tf
-
-    import recipes
-    from ktoolkit.data import make_dataset
     from ktoolkit.data.manifest import data_for_run
-    from ktoolkit.runs import Run, resolve_model_path
+    from ktoolkit.runs import Run, open_classifier
 
-    path, run = resolve_model_path(model)
-    keras_model = recipes.load_model(path)
-    n = int(keras_model.output_shape[-1])
-    names = run.class_names() if run else [str(i) for i in range(n)]
+    classifier = open_classifier(model)
+    run, names = classifier.run, classifier.class_names
     if data is None and run is None:
-        raise ValueError(f"{path} is not in a run folder, so there is no default data; pass --data.")
+        raise ValueError(f"{classifier.path} is not in a run folder, so there is no default data; pass --data.")
     found = data_for_run(run, data, verify=None if split == "all" else [split or "test"], progress=progress)
-    source = found.source
     split = split or ("test" if found.own else "all")
     if found.verification is not None:
         found.verification.check(list(found.verification.counts) if split == "all" else [split], "evaluating")
-    data = source.origin if data is None else data
+    data = found.source.origin if data is None else data
+    dataset = _evaluation_dataset(classifier, found.source, split, data, batch_size)
+    evaluation = evaluate_model(classifier.model, dataset, names, progress=progress)
+    folder = Path(out) if out else ((run.root / "eval") if run else Path(f"eval-{classifier.path.stem}"))
+    # Into a run folder: one command at a time, as training and export (a second one fails at once).
+    inside = run is not None and folder.resolve().is_relative_to(run.root.resolve())
+    with run.lock() if inside else contextlib.nullcontext():
+        metrics = save_evaluation(evaluation, Run(folder), split=split)
+    return metrics, folder
+
+
+def _evaluation_dataset(classifier, source, split: str, data, batch_size: int):
+    """``split`` of ``source`` (every split with images for "all") as one tf.data pipeline of (images,
+    the model's class indices); a ValueError for classes the model does not know or no images."""
+    import tensorflow as tf
+
+    from ktoolkit.train.engine import split_dataset
+
+    names = classifier.class_names
     unknown = [c for c in source.class_names if c not in names]
     if unknown:
         raise ValueError(
@@ -158,17 +170,15 @@ def evaluate_run(model, *, data=None, split=None, out=None, batch_size: int = 32
             f"the model's classes are {', '.join(names)}."
         )
     mapping = tf.constant([names.index(c) for c in source.class_names], dtype=tf.int64)
-    wanted = [s for s in source.splits if split == "all" or s == split]
-    wanted = [s for s in wanted if len(source.splits[s])]
+    wanted = [s for s in source.splits if (split == "all" or s == split) and len(source.splits[s])]
     if not wanted:
         raise ValueError(
             f"data={data!r} has no {split!r} split with images; its splits are "
             f"{', '.join(s for s in source.splits if len(source.splits[s])) or 'none'}."
         )
-    height, width, channels = keras_model.input_shape[1:]
-    dataset = None
-    for s in wanted:
-        part = make_dataset(
+    height, width, channels = classifier.model.input_shape[1:]
+    parts = [
+        split_dataset(
             source.splits[s],
             num_classes=len(source.class_names),
             image_size=(height, width),
@@ -177,12 +187,7 @@ def evaluate_run(model, *, data=None, split=None, out=None, batch_size: int = 32
             training=False,
             one_hot=False,
         )
-        dataset = part if dataset is None else dataset.concatenate(part)
-    dataset = dataset.map(lambda x, y: (x, tf.gather(mapping, tf.cast(y, tf.int64))))
-    evaluation = evaluate_model(keras_model, dataset, names, progress=progress)
-    folder = Path(out) if out else ((run.root / "eval") if run else Path(f"eval-{Path(path).stem}"))
-    # Into a run folder: one command at a time, as training and export (a second one fails at once).
-    inside = run is not None and folder.resolve().is_relative_to(run.root.resolve())
-    with run.lock() if inside else contextlib.nullcontext():
-        metrics = save_evaluation(evaluation, Run(folder), split=split)
-    return metrics, folder
+        for s in wanted
+    ]
+    dataset = functools.reduce(lambda a, b: a.concatenate(b), parts)
+    return dataset.map(lambda x, y: (x, tf.gather(mapping, tf.cast(y, tf.int64))))

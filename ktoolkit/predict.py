@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ktoolkit.runs import resolve_model_path
-from tflite_export.untrusted import sanitize_text
+from ktoolkit.runs import open_classifier, printable_names
 
 EXPORTED = (".tflite", ".onnx")
 
@@ -30,27 +29,6 @@ def is_exported(model) -> bool:
     return Path(model).suffix.lower() in EXPORTED
 
 
-def load_classifier(model):
-    """Returns (keras model, class names) for a run folder or a .keras file.
-
-    Class names come from the run's classes.json (next to the file), else they are "0", "1", ...;
-    they are sanitized (no terminal control sequences), since they came from a file.
-    """
-    import recipes
-
-    path, run = resolve_model_path(model)
-    keras_model = recipes.load_model(path)
-    n = int(keras_model.output_shape[-1])
-    names = run.class_names() if run else [str(i) for i in range(n)]
-    if len(names) != n:
-        raise ValueError(f"{path} has {n} outputs but its classes.json lists {len(names)} classes.")
-    return keras_model, _printable(names)
-
-
-def _printable(names) -> list[str]:
-    return [sanitize_text(name) or str(i) for i, name in enumerate(names)]
-
-
 def predict_files(model, images, top_k: int = 5) -> list[Prediction]:
     """Predicts each image file; unreadable files get an error instead of stopping the others.
 
@@ -60,7 +38,8 @@ def predict_files(model, images, top_k: int = 5) -> list[Prediction]:
     if is_exported(model):
         predict, names, shape, read = _exported(model)
     else:
-        keras_model, names = load_classifier(model)
+        classifier = open_classifier(model)
+        keras_model, names = classifier.model, classifier.labels
         shape = keras_model.input_shape[1:]
         predict, read = (lambda x: np.asarray(keras_model(x, training=False))), _read_tf
     results = []
@@ -87,7 +66,7 @@ def _exported(model):
     names = runner.labels or [str(i) for i in range(n)]
     if len(names) != n:
         raise ValueError(f"{model} has {n} outputs but its labels list {len(names)} classes.")
-    return runner.predict, _printable(names), runner.input_shape, _read_pillow
+    return runner.predict, printable_names(names), runner.input_shape, _read_pillow
 
 
 def _read_tf(path: Path, shape) -> np.ndarray:

@@ -118,62 +118,74 @@ def write_report(run: Run, extra_sections: list[tuple[str, str]] | None = None) 
             "",
         ]
     if metrics:
-        lines += [
-            "## Results",
-            "",
-            f"On the held-out **{metrics.get('split')}** split ({metrics['images']} images):",
-            "",
-            "| metric | value |",
-            "|---|---|",
-            f"| accuracy | {metrics['accuracy']:.2%} |",
-        ]
-        if metrics.get("top5") is not None:
-            lines.append(f"| top-5 accuracy | {metrics['top5']:.2%} |")
-        if metrics.get("macro_f1") is not None:
-            lines.append(f"| macro F1 | {metrics['macro_f1']:.3f} |")
-        lines += [
-            "",
-            "![confusion matrix](confusion_matrix.png)",
-            "",
-            "| class | precision | recall | F1 | images |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
-            for c in metrics.get("per_class", [])
-        ]
-        if metrics.get("most_confused"):
-            lines += ["", "Most confused (true → predicted):", ""]
-            lines += [
-                f"- {m['true']} → {m['predicted']}: {m['count']} ({m['share']:.0%} of {m['true']})"
-                for m in metrics["most_confused"][:5]
-            ]
-        lines.append("")
+        lines += _results_section(metrics)
     for heading, body in extra_sections or []:
         lines += [f"## {heading}", "", body.rstrip(), ""]
     if run.curves.exists():
         lines += ["## Training", "", "![training curves](curves.png)", ""]
     if data:
-        lines += [
-            "## Data",
-            "",
-            f"Source: `{data.get('source')}`; {len(data.get('classes', []))} classes; "
-            f"images resized to {'x'.join(map(str, data.get('image_size', [])))}x{data.get('channels')}.",
-            "",
-            "| split | images |",
-            "|---|---|",
-        ]
-        lines += [f"| {name} | {split['images']} |" for name, split in data.get("splits", {}).items()]
-        skipped = data.get("skipped_files", [])
-        if skipped:
-            lines += ["", f"Skipped {len(skipped)} unreadable file(s):", ""]
-            lines += [f"- `{s['path']}`: {s['reason']}" for s in skipped[:50]]
-        lines.append("")
+        lines += _data_section(data)
     if config:
         lines += ["## Configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
     markdown = "\n".join(lines)
     write_text(run.report_md, markdown)
     write_text(run.report_html, _markdown_to_html(markdown, title=lines[0].lstrip("# ")))
+
+
+def _results_section(metrics: dict) -> list[str]:
+    """The Results section: the metrics table, the confusion matrix, per-class scores, most confused pairs."""
+    lines = [
+        "## Results",
+        "",
+        f"On the held-out **{metrics.get('split')}** split ({metrics['images']} images):",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| accuracy | {metrics['accuracy']:.2%} |",
+    ]
+    if metrics.get("top5") is not None:
+        lines.append(f"| top-5 accuracy | {metrics['top5']:.2%} |")
+    if metrics.get("macro_f1") is not None:
+        lines.append(f"| macro F1 | {metrics['macro_f1']:.3f} |")
+    lines += [
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "| class | precision | recall | F1 | images |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
+        for c in metrics.get("per_class", [])
+    ]
+    if metrics.get("most_confused"):
+        lines += ["", "Most confused (true → predicted):", ""]
+        lines += [
+            f"- {m['true']} → {m['predicted']}: {m['count']} ({m['share']:.0%} of {m['true']})"
+            for m in metrics["most_confused"][:5]
+        ]
+    lines.append("")
+    return lines
+
+
+def _data_section(data: dict) -> list[str]:
+    """The Data section: source, classes, image size, images per split, skipped files."""
+    lines = [
+        "## Data",
+        "",
+        f"Source: `{data.get('source')}`; {len(data.get('classes', []))} classes; "
+        f"images resized to {'x'.join(map(str, data.get('image_size', [])))}x{data.get('channels')}.",
+        "",
+        "| split | images |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {split['images']} |" for name, split in data.get("splits", {}).items()]
+    skipped = data.get("skipped_files", [])
+    if skipped:
+        lines += ["", f"Skipped {len(skipped)} unreadable file(s):", ""]
+        lines += [f"- `{s['path']}`: {s['reason']}" for s in skipped[:50]]
+    lines.append("")
+    return lines
 
 
 def _markdown_to_html(markdown: str, title: str) -> str:

@@ -347,3 +347,70 @@ def resolve_model_path(model) -> tuple[Path, Run | None]:
         raise FileNotFoundError(f"{path} is neither a run folder nor a model file.")
     parent = Run(path.parent)
     return path, parent if parent.classes.exists() else None
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A classifier read back from a run folder or a model file (:func:`open_classifier`).
+
+    Attributes:
+        model: the Keras model (0..255 pixels in, class probabilities out).
+        class_names: in output order, as recorded in the run's classes.json ("0", "1", ... without one):
+            what the data's class names are matched against.
+        run: the run folder the file is in, or None.
+        path: the model file.
+    """
+
+    model: object
+    class_names: list
+    run: Run | None
+    path: Path
+
+    @property
+    def labels(self) -> list[str]:
+        """The class names made safe to print (:func:`printable_names`)."""
+        return printable_names(self.class_names)
+
+
+def printable_names(names) -> list[str]:
+    """Class names that came from a file, made safe to print (no terminal control sequences); a name
+    left empty becomes its index."""
+    from tflite_export.untrusted import sanitize_text
+
+    return [sanitize_text(name) or str(i) for i, name in enumerate(names)]
+
+
+def open_classifier(model, *, prepare=None) -> Classifier:
+    """Loads the classifier of a run folder (its best.keras, else last.keras) or of a model file, with
+    the safe loader (:func:`recipes.load_model`), and its class names (the run's classes.json).
+
+    ``prepare``: a function applied to the loaded model before its outputs are counted (export makes it
+    convertible first). Raises ValueError when the model's outputs and classes.json disagree.
+    """
+    import recipes
+
+    path, run = resolve_model_path(model)
+    keras_model = recipes.load_model(path)
+    if prepare is not None:
+        keras_model = prepare(keras_model)
+    n = int(keras_model.output_shape[-1])
+    names = run.class_names() if run else [str(i) for i in range(n)]
+    if len(names) != n:
+        raise ValueError(f"{path} has {n} outputs but its classes.json lists {len(names)} classes.")
+    return Classifier(keras_model, list(names), run, path)
+
+
+def resolve_encoder_path(encoder) -> tuple[Path, Run | None]:
+    """``encoder`` is a `ktool pretrain` run folder or a .keras file; returns (file, Run or None)."""
+    path = Path(encoder).expanduser()
+    if path.is_dir():
+        run = Run(path)
+        if not run.encoder.exists():
+            raise FileNotFoundError(
+                f"encoder={str(path)!r} has no {run.encoder.name}; give a `ktool pretrain` run "
+                "folder (finished) or a .keras file of an encoder."
+            )
+        return run.encoder, run
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder={str(path)!r} is neither a run folder nor a model file.")
+    return path, None

@@ -83,6 +83,8 @@ _GROUPS = (
     ("fc7", "fc7"),
 )
 
+_FC = (("fc6", 4096), ("fc7", 4096))  # the fully connected layers before predictions (fc8)
+
 
 def alexnet_family(
     config,
@@ -127,50 +129,51 @@ def alexnet_family(
     Returns:
         A Keras functional model.
     """
-    if config not in CONFIGS:
-        raise ValueError(f"alexnet_family: config={config!r} must be one of {', '.join(CONFIGS)}.")
-    check_head_args(config, include_top, pooling, num_classes)
-    if not 0 <= dropout < 1:
-        raise ValueError(f"{config}: dropout={dropout!r} must be in [0, 1).")
+    _check_args(config, include_top, pooling, num_classes, dropout)
     spec = CONFIGS[config]
     kit = Kit(api, weight_decay, kernel_initializer)
     inputs, x = image_input(
         kit, input_shape, spec["input_shape"], spec["min_size"], "caffe", include_preprocessing, config
     )
     for i, conv in enumerate(spec["convs"], start=1):
-        padding = conv.padding
-        if isinstance(padding, int):
-            x = kit.layers.ZeroPadding2D(padding, name=f"conv{i}_pad")(x)
-            padding = "valid"
-        x = kit.conv(
-            x,
-            conv.filters,
-            conv.kernel,
-            strides=conv.strides,
-            padding=padding,
-            groups=conv.groups,
-            activation="relu",
-            name=f"conv{i}",
-        )
-        for step in conv.after:
-            if step == "lrn":
-                if lrn:
-                    x = kit.lrn(x, name=f"lrn{i}")
-            else:
-                x = kit.layers.MaxPooling2D(
-                    3, strides=2, padding="same" if step == "pool_same" else "valid", name=f"pool{i}"
-                )(x)
-    x = dense_classifier(
-        kit,
-        x,
-        include_top,
-        pooling,
-        num_classes,
-        classifier_activation,
-        hidden=(("fc6", 4096), ("fc7", 4096)),
-        dropout=dropout,
-    )
+        x = _conv_stage(kit, x, i, conv, lrn)
+    x = dense_classifier(kit, x, include_top, pooling, num_classes, classifier_activation, hidden=_FC, dropout=dropout)
     return finish(kit, inputs, x, name or config, weights)
+
+
+def _check_args(config, include_top, pooling, num_classes, dropout):
+    if config not in CONFIGS:
+        raise ValueError(f"alexnet_family: config={config!r} must be one of {', '.join(CONFIGS)}.")
+    check_head_args(config, include_top, pooling, num_classes)
+    if not 0 <= dropout < 1:
+        raise ValueError(f"{config}: dropout={dropout!r} must be in [0, 1).")
+
+
+def _conv_stage(kit, x, i, conv, lrn):
+    """``conv{i}`` (after its explicit zero padding, if any), then its LRN (when ``lrn``) and pooling steps."""
+    padding = conv.padding
+    if isinstance(padding, int):
+        x = kit.layers.ZeroPadding2D(padding, name=f"conv{i}_pad")(x)
+        padding = "valid"
+    x = kit.conv(
+        x,
+        conv.filters,
+        conv.kernel,
+        strides=conv.strides,
+        padding=padding,
+        groups=conv.groups,
+        activation="relu",
+        name=f"conv{i}",
+    )
+    for step in conv.after:
+        if step == "lrn":
+            if lrn:
+                x = kit.lrn(x, name=f"lrn{i}")
+        else:
+            x = kit.layers.MaxPooling2D(
+                3, strides=2, padding="same" if step == "pool_same" else "valid", name=f"pool{i}"
+            )(x)
+    return x
 
 
 def _variant(config, paper, params, paper_params, description):

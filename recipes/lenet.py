@@ -64,9 +64,7 @@ def lenet5(
     Returns:
         A Keras functional model.
     """
-    check_head_args("lenet5", include_top, pooling, num_classes)
-    if subsampling not in ("avg", "max"):
-        raise ValueError(f"lenet5: subsampling={subsampling!r} must be 'avg' or 'max'.")
+    _check_args(include_top, pooling, num_classes, subsampling)
     kit = Kit(api, weight_decay, kernel_initializer)
     inputs, x = image_input(kit, input_shape, (32, 32, 1), 32, "unit", include_preprocessing, "lenet5")
     pool = kit.layers.AveragePooling2D if subsampling == "avg" else kit.layers.MaxPooling2D
@@ -87,3 +85,9 @@ def lenet5(
         dropout=dropout,
     )
     return finish(kit, inputs, x, name or "lenet5", weights)
+
+
+def _check_args(include_top, pooling, num_classes, subsampling):
+    check_head_args("lenet5", include_top, pooling, num_classes)
+    if subsampling not in ("avg", "max"):
+        raise ValueError(f"lenet5: subsampling={subsampling!r} must be 'avg' or 'max'.")

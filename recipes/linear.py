@@ -143,13 +143,7 @@ def mlp(
         A Keras functional model.
     """
     check_head_args("mlp", include_top, pooling, num_classes)
-    units = tuple(hidden_units)
-    if not units or any(not isinstance(u, int) or u < 1 for u in units):
-        raise ValueError(
-            f"mlp: hidden_units={hidden_units!r} must be a non-empty sequence of positive integers, e.g. (256, 128)."
-        )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"mlp: dropout={dropout!r} must be in [0, 1).")
+    units = _check_mlp_options(hidden_units, dropout)
     kit = Kit(api, weight_decay, kernel_initializer)
     inputs, x = _flat_input(kit, input_shape, include_preprocessing, "mlp")
     for i, width in enumerate(units, start=1):
@@ -162,3 +156,15 @@ def mlp(
     if include_top:
         x = predictions(kit, x, num_classes, classifier_activation)
     return finish(kit, inputs, x, name or "mlp", weights)
+
+
+def _check_mlp_options(hidden_units, dropout):
+    """The hidden widths as a tuple, after checking them and the dropout rate."""
+    units = tuple(hidden_units)
+    if not units or any(not isinstance(u, int) or u < 1 for u in units):
+        raise ValueError(
+            f"mlp: hidden_units={hidden_units!r} must be a non-empty sequence of positive integers, e.g. (256, 128)."
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"mlp: dropout={dropout!r} must be in [0, 1).")
+    return units

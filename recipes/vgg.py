@@ -70,21 +70,7 @@ def vgg(
     kit = Kit(api, weight_decay, kernel_initializer)
     inputs, x = image_input(kit, input_shape, (224, 224, 3), 32, "caffe", include_preprocessing, config)
     for b, block in enumerate(CONFIGS[config], start=1):
-        conv_index = 0
-        for layer in block:
-            if layer == "lrn":
-                x = kit.lrn(x, name=f"block{b}_lrn")
-                continue
-            conv_index += 1
-            kernel, filters = layer
-            conv_name = f"block{b}_conv{conv_index}"
-            if batch_norm:
-                x = kit.conv(x, filters, kernel, name=conv_name, use_bias=False)
-                x = kit.bn(x, name=f"{conv_name}_bn")
-                x = kit.act(x, "relu", name=f"{conv_name}_relu")
-            else:
-                x = kit.conv(x, filters, kernel, activation="relu", name=conv_name)
-        x = kit.layers.MaxPooling2D(2, strides=2, name=f"block{b}_pool")(x)
+        x = _block(kit, x, b, block, batch_norm)
     x = dense_classifier(
         kit,
         x,
@@ -96,6 +82,25 @@ def vgg(
         dropout=dropout,
     )
     return finish(kit, inputs, x, name or config, weights)
+
+
+def _block(kit, x, b, block, batch_norm):
+    """Block ``b`` of Table 1: its convolutions (and LRN) in order, then ``block{b}_pool``."""
+    conv_index = 0
+    for layer in block:
+        if layer == "lrn":
+            x = kit.lrn(x, name=f"block{b}_lrn")
+            continue
+        conv_index += 1
+        kernel, filters = layer
+        conv_name = f"block{b}_conv{conv_index}"
+        if batch_norm:
+            x = kit.conv(x, filters, kernel, name=conv_name, use_bias=False)
+            x = kit.bn(x, name=f"{conv_name}_bn")
+            x = kit.act(x, "relu", name=f"{conv_name}_relu")
+        else:
+            x = kit.conv(x, filters, kernel, activation="relu", name=conv_name)
+    return kit.layers.MaxPooling2D(2, strides=2, name=f"block{b}_pool")(x)
 
 
 def _variant(config, params, paper_params, description):

@@ -23,31 +23,14 @@ EXEMPT = {
     "recipes/autoencoder.py:autoencoder",
     "recipes/resnet.py:resnet",
     "recipes/googlenet.py:googlenet",
+    # Inception-v3: the stem, the 11 mixed modules and the auxiliary head of the paper's Table 1, in order.
+    "recipes/inception.py:inception",
     "recipes/contrastive.py:contrastive_encoder",
 }
 
 # Over 60 lines and not split yet: a follow-up of issue 13 (some are in files another change is moving). Remove
 # an entry once its function is split; the test fails on any long function in neither set.
-NOT_YET_SPLIT = {
-    "ktoolkit/demo.py:demo",
-    "ktoolkit/pretrain/linear_eval.py:linear_eval",
-    "ktoolkit/data/sources.py:load_data",
-    "ktoolkit/data/sources.py:_load_tfds",
-    "ktoolkit/data/augment.py:_geometry",
-    "ktoolkit/data/scan.py:format",
-    "ktoolkit/data/manifest.py:data_for_run",
-    "ktoolkit/report.py:write_report",
-    "ktoolkit/evaluate.py:evaluate_run",
-    "ktoolkit/cli.py:_pretrain_options",
-    "ktoolkit/export/workflow.py:export",
-    "tflite_export/compress.py:fold_batch_norm",
-    "tflite_export/convert.py:to_tflite",
-    "recipes/alexnet.py:alexnet_family",
-    "recipes/inception.py:inception",
-    "recipes/vgg.py:vgg",
-    "recipes/linear.py:mlp",
-    "recipes/lenet.py:lenet5",
-}
+NOT_YET_SPLIT: set[str] = set()
 
 
 def long_functions() -> dict[str, int]:

@@ -210,10 +210,29 @@ def fold_batch_norm(model):
     -56..56 before normalization, so most channels round to zero. Folded, as the TFLite converter
     folds them, the kernels carry their channels' real scales.
     """
-    import numpy as np
     import tf_keras
 
     config = model.get_config()
+    folds = _foldable_batch_norms(config)
+    if not folds:
+        return model
+    _remove_folded(config, folds)
+    folded = tf_keras.Model.from_config(config)
+    into = {conv: bn for bn, conv in folds.items()}
+    for layer in folded.layers:
+        old = model.get_layer(layer.name)
+        if layer.name not in into:
+            layer.set_weights(old.get_weights())
+            continue
+        depthwise = layer.__class__.__name__ == "DepthwiseConv2D"
+        layer.set_weights(_folded_weights(old, model.get_layer(into[layer.name]), depthwise))
+    log.info("folded %d batch normalization(s) into the convolutions before quantization-aware training", len(folds))
+    return folded
+
+
+def _foldable_batch_norms(config: dict) -> dict[str, str]:
+    """Batch normalization -> the convolution it folds into: the only consumer of a linear Conv2D or
+    DepthwiseConv2D, normalizing the channel axis."""
     entries = {layer["name"]: layer for layer in config["layers"]}
     consumers = {}
     for layer in config["layers"]:
@@ -222,7 +241,7 @@ def fold_batch_norm(model):
                 consumers.setdefault(inbound[0], []).append(layer["name"])
     for output in config["output_layers"]:
         consumers.setdefault(output[0], []).append(None)
-    folds = {}  # batch normalization -> the convolution it folds into
+    folds = {}
     for layer in config["layers"]:
         if layer["class_name"] != "BatchNormalization" or len(layer["inbound_nodes"]) != 1:
             continue
@@ -235,8 +254,12 @@ def fold_batch_norm(model):
             and layer["config"]["axis"] in (-1, [3], 3)
         ):
             folds[layer["name"]] = source
-    if not folds:
-        return model
+    return folds
+
+
+def _remove_folded(config: dict, folds: dict[str, str]) -> None:
+    """Drops the folded batch normalizations from ``config`` (in place): their convolutions get a bias and
+    take their place as inputs and outputs."""
     config["layers"] = [layer for layer in config["layers"] if layer["name"] not in folds]
     for layer in config["layers"]:
         if layer["name"] in folds.values():
@@ -246,25 +269,19 @@ def fold_batch_norm(model):
                 inbound[0] = folds.get(inbound[0], inbound[0])
     for output in config["output_layers"]:
         output[0] = folds.get(output[0], output[0])
-    folded = tf_keras.Model.from_config(config)
-    into = {conv: bn for bn, conv in folds.items()}
-    for layer in folded.layers:
-        old = model.get_layer(layer.name)
-        if layer.name not in into:
-            layer.set_weights(old.get_weights())
-            continue
-        bn = model.get_layer(into[layer.name])
-        kernel = old.get_weights()[0]
-        bias = old.get_weights()[1] if old.use_bias else 0.0
-        gamma = bn.gamma.numpy() if bn.scale else 1.0
-        beta = bn.beta.numpy() if bn.center else 0.0
-        scale = gamma / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
-        shaped = (
-            scale.reshape(kernel.shape[2], kernel.shape[3]) if layer.__class__.__name__ == "DepthwiseConv2D" else scale
-        )
-        layer.set_weights([kernel * shaped, (bias - bn.moving_mean.numpy()) * scale + beta])
-    log.info("folded %d batch normalization(s) into the convolutions before quantization-aware training", len(folds))
-    return folded
+
+
+def _folded_weights(conv, bn, depthwise: bool) -> list:
+    """[kernel, bias] of ``conv`` with the inference-mode batch normalization ``bn`` folded in."""
+    import numpy as np
+
+    kernel = conv.get_weights()[0]
+    bias = conv.get_weights()[1] if conv.use_bias else 0.0
+    gamma = bn.gamma.numpy() if bn.scale else 1.0
+    beta = bn.beta.numpy() if bn.center else 0.0
+    scale = gamma / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+    shaped = scale.reshape(kernel.shape[2], kernel.shape[3]) if depthwise else scale
+    return [kernel * shaped, (bias - bn.moving_mean.numpy()) * scale + beta]
 
 
 def _start_ranges(qat, model, images, batch_size: int = 16):

@@ -47,6 +47,25 @@ def to_tflite(
     # From a traced function rather than from_keras_model, which first saves every layer's own
     # functions as a SavedModel (a third of the time for a MobileNet). Same graph, same names.
     converter = tf.lite.TFLiteConverter.from_concrete_functions([_serving_function(model)], model)
+    converter.target_spec.supported_ops = _quantization(converter, quantize, representative, int8_io, progress)
+    try:
+        with warnings.catch_warnings(), _quiet_stderr(not progress):  # the progress bar is on stderr too
+            warnings.simplefilter(
+                "ignore"
+            )  # "Statistics for quantized inputs were expected": the ranges come from calibration
+            content = converter.convert()
+    except Exception as err:  # the converter raises ConverterError and, for some graphs, other types
+        missing = _missing_ops(str(err))
+        if not missing:
+            raise
+        raise ConversionError(_explain(model, missing)) from None
+    return compact(content)
+
+
+def _quantization(converter, quantize, representative, int8_io: bool, progress: bool) -> list:
+    """Sets ``converter``'s optimizations, types and calibration data for ``quantize``; returns the ops sets."""
+    import tensorflow as tf
+
     ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if quantize is not None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -70,19 +89,7 @@ def to_tflite(
             ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
     elif quantize not in (None, "dynamic"):
         raise ValueError(f"quantize={quantize!r}: use None, 'float16', 'dynamic', 'int8' or 'int16x8'.")
-    converter.target_spec.supported_ops = ops
-    try:
-        with warnings.catch_warnings(), _quiet_stderr(not progress):  # the progress bar is on stderr too
-            warnings.simplefilter(
-                "ignore"
-            )  # "Statistics for quantized inputs were expected": the ranges come from calibration
-            content = converter.convert()
-    except Exception as err:  # the converter raises ConverterError and, for some graphs, other types
-        missing = _missing_ops(str(err))
-        if not missing:
-            raise
-        raise ConversionError(_explain(model, missing)) from None
-    return compact(content)
+    return ops
 
 
 def _sharing_builder_class():

@@ -251,6 +251,16 @@ class Augmenter:
         batch = tf.shape(images)[0]
         height = tf.cast(tf.shape(images)[1], tf.float32)
         width = tf.cast(tf.shape(images)[2], tf.float32)
+        m = self._geometry_matrix(batch, height, width, seed)
+        if axis_aligned and not (c.rotation or c.zoom or c.stretch or c.perspective):
+            return _crop_and_resize(images, m, batch, height, width)
+        return _projective_transform(images, m, batch)
+
+    def _geometry_matrix(self, batch, height, width, seed):
+        """Per image, the (batch, 3, 3) matrix that maps an output pixel to the input pixel it samples."""
+        import tensorflow as tf
+
+        c = self.config
         keys = tf.random.experimental.stateless_split(seed, num=9)
 
         def uniform(i, low, high):
@@ -293,37 +303,46 @@ class Augmenter:
             where = tf.random.stateless_uniform([2, batch], keys[8])  # the crop's position
             centre_x = (crop_w / 2 + where[0] * (1 - crop_w)) * width - 0.5
             centre_y = (crop_h / 2 + where[1] * (1 - crop_h)) * height - 0.5
-            m = matrix([[crop_w, zeros, centre_x], [zeros, crop_h, centre_y], [zeros, zeros, ones]]) @ m
-        else:
-            m = matrix([[ones, zeros, cx * ones], [zeros, ones, cy * ones], [zeros, zeros, ones]]) @ m
-        if axis_aligned and not (c.rotation or c.zoom or c.stretch or c.perspective):
-            # Flip and crop only: the sampled box lies inside the image, and crop_and_resize samples
-            # the same points about 4x faster than the projective transform on a CPU.
-            x1, x2 = m[:, 0, 2], m[:, 0, 0] * (width - 1) + m[:, 0, 2]
-            y1, y2 = m[:, 1, 2], m[:, 1, 1] * (height - 1) + m[:, 1, 2]
-            boxes = tf.stack(
-                [
-                    y1 / tf.maximum(height - 1, 1.0),
-                    x1 / tf.maximum(width - 1, 1.0),
-                    y2 / tf.maximum(height - 1, 1.0),
-                    x2 / tf.maximum(width - 1, 1.0),
-                ],
-                axis=-1,
-            )
-            # Clipped: a coordinate a rounding error past the edge would sample the zero extrapolation.
-            boxes = tf.clip_by_value(boxes, 0.0, 1.0)
-            out = tf.image.crop_and_resize(images, boxes, tf.range(batch), tf.shape(images)[1:3])
-            return tf.clip_by_value(out, 0.0, 255.0)
-        transforms = tf.reshape(m / m[:, 2:3, 2:3], [batch, 9])[:, :8]
-        out = tf.raw_ops.ImageProjectiveTransformV3(
-            images=images,
-            transforms=transforms,
-            output_shape=tf.shape(images)[1:3],
-            fill_value=0.0,
-            interpolation="BILINEAR",
-            fill_mode="REFLECT",
-        )
-        return tf.clip_by_value(out, 0.0, 255.0)
+            return matrix([[crop_w, zeros, centre_x], [zeros, crop_h, centre_y], [zeros, zeros, ones]]) @ m
+        return matrix([[ones, zeros, cx * ones], [zeros, ones, cy * ones], [zeros, zeros, ones]]) @ m
+
+
+def _crop_and_resize(images, m, batch, height, width):
+    """Flip and crop only: the sampled box lies inside the image, and crop_and_resize samples the same
+    points as the projective transform ``m``, about 4x faster on a CPU."""
+    import tensorflow as tf
+
+    x1, x2 = m[:, 0, 2], m[:, 0, 0] * (width - 1) + m[:, 0, 2]
+    y1, y2 = m[:, 1, 2], m[:, 1, 1] * (height - 1) + m[:, 1, 2]
+    boxes = tf.stack(
+        [
+            y1 / tf.maximum(height - 1, 1.0),
+            x1 / tf.maximum(width - 1, 1.0),
+            y2 / tf.maximum(height - 1, 1.0),
+            x2 / tf.maximum(width - 1, 1.0),
+        ],
+        axis=-1,
+    )
+    # Clipped: a coordinate a rounding error past the edge would sample the zero extrapolation.
+    boxes = tf.clip_by_value(boxes, 0.0, 1.0)
+    out = tf.image.crop_and_resize(images, boxes, tf.range(batch), tf.shape(images)[1:3])
+    return tf.clip_by_value(out, 0.0, 255.0)
+
+
+def _projective_transform(images, m, batch):
+    """The images sampled through the per-image output -> input matrices ``m`` (bilinear, reflected edges)."""
+    import tensorflow as tf
+
+    transforms = tf.reshape(m / m[:, 2:3, 2:3], [batch, 9])[:, :8]
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=tf.shape(images)[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="REFLECT",
+    )
+    return tf.clip_by_value(out, 0.0, 255.0)
 
 
 def _beta(shape, alpha, seed):

@@ -494,28 +494,35 @@ def data_for_run(
             raise ValueError(f"{where} records no data (no splits.json or config.yaml); pass --data.")
         data = config.data
     if doc is None and config is not None and config.data and _same_path(data, config.data):
-        logger.warning(
-            "%s has no splits.json recording its split (it was made by an older ktoolkit), so the split is "
-            "recomputed from the files in %s now and cannot be verified: images added or changed since "
-            "training can be in the held-out split",
-            run.root,
-            data,
-        )
-        source = load_data(
-            data,
-            val_fraction=config.val_fraction,
-            test_fraction=config.test_fraction,
-            seed=config.seed,
-            data_dir=config.data_dir,
-            progress=progress,
-        )
-        return RunData(source, True)
+        return _recomputed_split(run, data, config, progress)
     source = load_data(data, val_fraction=val_fraction, test_fraction=test_fraction, progress=progress)
     if doc is not None:
         source, left_out = leave_out_training(source, doc, splits=exclude)
         if left_out:
             logger.warning("%d images of data=%s (--data) were training images of this run; left out", left_out, data)
     return RunData(source, False)
+
+
+def _recomputed_split(run, data, config, progress: bool) -> RunData:
+    """A run without splits.json: its split made again from config.yaml's settings and the files there now."""
+    from ktoolkit.data.sources import load_data
+
+    logger.warning(
+        "%s has no splits.json recording its split (it was made by an older ktoolkit), so the split is "
+        "recomputed from the files in %s now and cannot be verified: images added or changed since "
+        "training can be in the held-out split",
+        run.root,
+        data,
+    )
+    source = load_data(
+        data,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        data_dir=config.data_dir,
+        progress=progress,
+    )
+    return RunData(source, True)
 
 
 def _same_path(a, b) -> bool:

@@ -499,6 +499,12 @@ class ScanReport:
         Args:
             max_bad: list at most this many bad files (the count is always given).
         """
+        lines = self._layout_lines() + self._content_lines() + self._problem_lines(max_bad)
+        lines.append("OK" if self.ok else "Problems found (see above)")
+        return "\n".join(lines)
+
+    def _layout_lines(self) -> list[str]:
+        """The summary line, the layout, and the table of images per class and split."""
         lines = [
             (
                 f"{self.root}: {_plural(self.num_images, 'good image')} in {_plural(len(self.class_names), 'class')}, "
@@ -518,6 +524,11 @@ class ScanReport:
             lines.append("  ".join(["class".ljust(width)] + [h.rjust(7) for h in heads]))
             for name in names:
                 lines.append("  ".join([name.ljust(width)] + [f"{counts[s].get(name, 0):7,}" for s in counts]))
+        return lines
+
+    def _content_lines(self) -> list[str]:
+        """Class imbalance, file formats and modes, image sizes (the lines that apply)."""
+        lines = []
         classes = self.class_counts
         if self.imbalance is not None and classes:
             big = max(classes, key=classes.get)
@@ -537,6 +548,11 @@ class ScanReport:
                 f"Sizes (width x height): {self.min_size[0]}x{self.min_size[1]} to "
                 f"{self.max_size[0]}x{self.max_size[1]}"
             )
+        return lines
+
+    def _problem_lines(self, max_bad: int) -> list[str]:
+        """Empty class folders, ignored files, duplicates, conflicting copies and bad files (those found)."""
+        lines = []
         if self.empty_folders:
             lines.append(
                 f"Empty class folders (no good image; classes without any are left out): "
@@ -564,8 +580,7 @@ class ScanReport:
             lines.extend(f"  {b}" for b in self.bad_files[:max_bad])
             if len(self.bad_files) > max_bad:
                 lines.append(f"  ... and {len(self.bad_files) - max_bad:,} more")
-        lines.append("OK" if self.ok else "Problems found (see above)")
-        return "\n".join(lines)
+        return lines
 
     def to_dict(self) -> dict:
         """The report as plain JSON-serializable values."""

@@ -7,6 +7,37 @@ every run and every machine trains and evaluates on the same images. Before spli
 twice and identical files under different names are kept once, so no image is both trained on and
 held out; labels and pixel values are checked, so a typo is an error that names it, not a model
 with 100,000 classes.
+
+Sources
+-------
+``source`` is one of:
+
+* a folder with one subfolder per class (``flowers/rose/1.jpg``), or with ``train``, ``val``
+  (``valid``, ``validation``) and ``test`` folders that each hold one subfolder per class.
+  Every file is checked (:func:`~ktoolkit.data.scan_folder`); class folders without a good image
+  are left out of ``class_names``.
+* a CSV file of ``path,label`` rows, header optional (a header may add a ``split`` column of
+  train/val/test). Relative paths are relative to the CSV's folder; labels are class names
+  (sorted to give the indices) or integers 0..N-1 (class names "0".."N-1").
+* an .npz file with arrays ``x``/``y``, ``images``/``labels``, or ``x_train``/``y_train``,
+  ``x_test``/``y_test`` and optionally ``x_val``/``y_val``; optional ``class_names``. Images are
+  (N, H, W) or (N, H, W, C), uint8 (floats in 0..1 or 0..255 and uint16 are converted); labels
+  are integers or one-hot rows.
+* ``"tfds:NAME"`` (``"tfds:NAME/CONFIG:VERSION"`` works too): a TensorFlow Datasets dataset
+  already prepared in ``data_dir``; nothing is downloaded.
+* with ``allow_unlabeled``, also a folder of images without class subfolders: its images are
+  one class named after the folder (label 0), for training without labels (`ktool pretrain`).
+
+Splits
+------
+Data that is not split gets a stratified split: every class keeps its proportions in each
+split, and the same ``seed`` gives the same split. Before any split is made, a file that a CSV
+lists twice and files with identical bytes under different names are kept once (the first in
+sorted order; logged with the count), so no image can be both trained on and held out; two
+rows or copies of one image with different labels are an error. When only some splits exist (e.g. train and
+test folders), the missing val (or test) split is carved from train, stratified, with
+``val_fraction`` (or ``test_fraction``) of the training examples. Empty splits are left out of
+``splits``.
 """
 
 from __future__ import annotations
@@ -182,29 +213,6 @@ class DataSource:
             raise KeyError(f"{self.origin} has no {name!r} split; it has {', '.join(self.splits) or 'none'}.")
         return self.splits[name]
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Examples per split and class: ``{"train": {"cat": 120, ...}, ...}``."""
-        return {
-            s: dict(zip(self.class_names, split.class_counts(self.num_classes).tolist()))
-            for s, split in self.splits.items()
-        }
-
-    def summary(self) -> str:
-        """One line: classes, split sizes, skipped files."""
-        sizes = ", ".join(f"{name} {len(split):,}" for name, split in self.splits.items())
-        shape = f", images {'x'.join(map(str, self.image_shape))}" if self.image_shape else ""
-        return f"{self.origin}: {self.num_classes} classes, {sizes}{shape}; {len(self.bad_files)} bad files skipped"
-
-    def to_dict(self) -> dict:
-        """The class names, split counts and skipped files, to write next to a training run."""
-        return {
-            "origin": self.origin,
-            "class_names": list(self.class_names),
-            "counts": self.counts(),
-            "image_shape": list(self.image_shape) if self.image_shape else None,
-            "bad_files": [{"path": b.path, "reason": b.reason} for b in self.bad_files],
-        }
-
 
 def load_data(
     source: str,
@@ -219,32 +227,11 @@ def load_data(
 ) -> DataSource:
     """Loads a dataset and splits it into train, val and test.
 
-    ``source`` is one of:
-
-    * a folder with one subfolder per class (``flowers/rose/1.jpg``), or with ``train``, ``val``
-      (``valid``, ``validation``) and ``test`` folders that each hold one subfolder per class.
-      Every file is checked (:func:`~ktoolkit.data.scan_folder`); class folders without a good image
-      are left out of ``class_names``.
-    * a CSV file of ``path,label`` rows, header optional (a header may add a ``split`` column of
-      train/val/test). Relative paths are relative to the CSV's folder; labels are class names
-      (sorted to give the indices) or integers 0..N-1 (class names "0".."N-1").
-    * an .npz file with arrays ``x``/``y``, ``images``/``labels``, or ``x_train``/``y_train``,
-      ``x_test``/``y_test`` and optionally ``x_val``/``y_val``; optional ``class_names``. Images are
-      (N, H, W) or (N, H, W, C), uint8 (floats in 0..1 or 0..255 and uint16 are converted); labels
-      are integers or one-hot rows.
-    * ``"tfds:NAME"`` (``"tfds:NAME/CONFIG:VERSION"`` works too): a TensorFlow Datasets dataset
-      already prepared in ``data_dir``; nothing is downloaded.
-    * with ``allow_unlabeled``, also a folder of images without class subfolders: its images are
-      one class named after the folder (label 0), for training without labels (`ktool pretrain`).
-
-    Data that is not split gets a stratified split: every class keeps its proportions in each
-    split, and the same ``seed`` gives the same split. Before any split is made, a file that a CSV
-    lists twice and files with identical bytes under different names are kept once (the first in
-    sorted order; logged with the count), so no image can be both trained on and held out; two
-    rows or copies of one image with different labels are an error. When only some splits exist (e.g. train and
-    test folders), the missing val (or test) split is carved from train, stratified, with
-    ``val_fraction`` (or ``test_fraction``) of the training examples. Empty splits are left out of
-    ``splits``.
+    ``source`` is a class-per-folder image tree (or train/val/test folders of them), a CSV file of
+    ``path,label`` rows, an .npz file of images and labels, or ``"tfds:NAME"`` (a prepared TFDS dataset;
+    nothing is downloaded). Unsplit data gets a stratified split with ``seed``; duplicates are kept once
+    before splitting. The layouts each kind accepts and how missing splits are made: the module
+    docstring (its Sources and Splits sections).
 
     Args:
         source: the folder, CSV file, .npz file or "tfds:NAME".
@@ -266,14 +253,7 @@ def load_data(
             .npz pixels that are NaN, infinite, out of range or of zero size, or (with ``strict``)
             bad files; each message names the files or the argument and the fix.
     """
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise ValueError(f"load_data: {name}={value!r} must be a number in [0, 1), e.g. 0.1.")
-    if val_fraction + test_fraction >= 1:
-        raise ValueError(
-            f"load_data: val_fraction + test_fraction = {val_fraction + test_fraction:g} must be "
-            f"below 1, to leave images for training."
-        )
+    _check_fractions(val_fraction, test_fraction)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"load_data: source={source!r} must be a path or 'tfds:NAME'.")
     source = os.fspath(source)
@@ -283,20 +263,35 @@ def load_data(
         loaded_tfds = _load_tfds(source, fractions, seed, data_dir, progress)
         loaded_tfds.settings = settings
         return loaded_tfds
+    loaded = _load_local(source, progress, allow_unlabeled)
+    return _finish(loaded, source, fractions, seed, strict, settings)
+
+
+def _check_fractions(val_fraction, test_fraction) -> None:
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"load_data: {name}={value!r} must be a number in [0, 1), e.g. 0.1.")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"load_data: val_fraction + test_fraction = {val_fraction + test_fraction:g} must be "
+            f"below 1, to leave images for training."
+        )
+
+
+def _load_local(source: str, progress: bool, allow_unlabeled: bool) -> _Loaded:
+    """A folder, CSV or .npz ``source`` read by the loader of its kind (not yet deduplicated or split)."""
     if os.path.isdir(source):
         flat = allow_unlabeled and not any(e.is_dir() and not is_hidden(e.name) for e in os.scandir(source))
-        loaded = _load_flat_folder(source, progress) if flat else _load_folder(source, progress)
-    elif os.path.isfile(source) and source.lower().endswith(".csv"):
-        loaded = _load_csv(source, progress)
-    elif os.path.isfile(source) and source.lower().endswith(".npz"):
-        loaded = _load_npz(source)
-    elif os.path.exists(source):
+        return _load_flat_folder(source, progress) if flat else _load_folder(source, progress)
+    if os.path.isfile(source) and source.lower().endswith(".csv"):
+        return _load_csv(source, progress)
+    if os.path.isfile(source) and source.lower().endswith(".npz"):
+        return _load_npz(source)
+    if os.path.exists(source):
         raise ValueError(
             f"load_data: source={source!r} is a file of an unknown kind; give " + "; or ".join(_SOURCES) + "."
         )
-    else:
-        raise FileNotFoundError(f"load_data: source={source!r} does not exist; give " + "; or ".join(_SOURCES) + ".")
-    return _finish(loaded, source, fractions, seed, strict, settings)
+    raise FileNotFoundError(f"load_data: source={source!r} does not exist; give " + "; or ".join(_SOURCES) + ".")
 
 
 def _finish(loaded: _Loaded, source: str, fractions: dict, seed: int, strict: bool, settings: dict) -> DataSource:
@@ -783,12 +778,35 @@ _TFDS_SPLITS = {"train": "train", "validation": "val", "valid": "val", "val": "v
 
 def _load_tfds(source: str, fractions, seed, data_dir, progress) -> DataSource:
     """A prepared TFDS dataset; never downloads."""
-    import tensorflow_datasets as tfds
-    from tqdm.auto import tqdm
-
     name = source[len("tfds:") :].strip()
     if not name:
         raise ValueError("load_data: give the dataset after 'tfds:', e.g. 'tfds:mnist'.")
+    builder = _tfds_builder(name, data_dir)
+    info = builder.info
+    image_key, label_key, class_names, image_shape = _tfds_features(info, name)
+    splits = {}
+    for tfds_split in info.splits:
+        split = _TFDS_SPLITS.get(tfds_split)
+        if split is None or split in splits:
+            continue
+        labels = _tfds_labels(builder, tfds_split, image_key, label_key, progress)
+        dataset = builder.as_dataset(split=tfds_split, shuffle_files=False, as_supervised=True)
+        key = f"tfds:{info.full_name}:{tfds_split}"
+        splits[split] = Split(split, labels, dataset=dataset, key=key)
+    if not splits:
+        raise ValueError(
+            f"load_data: TFDS dataset {name!r} has splits {', '.join(info.splits)} but none of train, validation, test."
+        )
+    if "train" not in splits:
+        raise ValueError(f"load_data: TFDS dataset {name!r} has no train split ({', '.join(info.splits)}).")
+    splits = _complete_splits(splits, fractions, seed, source)
+    return DataSource(source, class_names, splits, [], image_shape, None)
+
+
+def _tfds_builder(name: str, data_dir):
+    """The dataset's TFDS builder, or FileNotFoundError with how to prepare it offline when it is not prepared."""
+    import tensorflow_datasets as tfds
+
     where = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
     how = (
         f"On a machine with internet, run `tfds build {name.split(':')[0]} --data_dir DIR` (or "
@@ -806,7 +824,11 @@ def _load_tfds(source: str, fractions, seed, data_dir, progress) -> DataSource:
             f"load_data: TFDS dataset {name!r} is not prepared in {builder.data_dir} (and "
             f"ktoolkit never downloads). {how}"
         )
-    info = builder.info
+    return builder
+
+
+def _tfds_features(info, name: str):
+    """(image key, label key, class names, image shape or None) of an image classification dataset."""
     if not info.supervised_keys or len(info.supervised_keys) != 2:
         raise ValueError(
             f"load_data: TFDS dataset {name!r} has no (image, label) supervised keys, so it is not an "
@@ -820,36 +842,26 @@ def _load_tfds(source: str, fractions, seed, data_dir, progress) -> DataSource:
     image_feature = info.features[image_key]
     shape = tuple(getattr(image_feature, "shape", ()) or ())
     image_shape = tuple(int(d) for d in shape) if len(shape) == 3 and all(d is not None for d in shape) else None
-    splits = {}
-    for tfds_split in info.splits:
-        split = _TFDS_SPLITS.get(tfds_split)
-        if split is None or split in splits:
-            continue
-        # Labels only: the images are read but not decoded.
-        labels_ds = builder.as_dataset(
-            split=tfds_split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()}
-        )
-        labels = []
-        with tqdm(
-            total=info.splits[tfds_split].num_examples,
-            desc=f"reading {tfds_split} labels",
-            unit="example",
-            disable=not progress,
-            leave=False,
-        ) as bar:
-            for batch in labels_ds.map(lambda ex: ex[label_key]).batch(4096):
-                labels.append(batch.numpy())
-                bar.update(len(labels[-1]))
-        dataset = builder.as_dataset(split=tfds_split, shuffle_files=False, as_supervised=True)
-        key = f"tfds:{info.full_name}:{tfds_split}"
-        splits[split] = Split(
-            split, np.concatenate(labels) if labels else np.zeros(0, np.int64), dataset=dataset, key=key
-        )
-    if not splits:
-        raise ValueError(
-            f"load_data: TFDS dataset {name!r} has splits {', '.join(info.splits)} but none of train, validation, test."
-        )
-    if "train" not in splits:
-        raise ValueError(f"load_data: TFDS dataset {name!r} has no train split ({', '.join(info.splits)}).")
-    splits = _complete_splits(splits, fractions, seed, source)
-    return DataSource(source, class_names, splits, [], image_shape, None)
+    return image_key, label_key, class_names, image_shape
+
+
+def _tfds_labels(builder, tfds_split: str, image_key: str, label_key: str, progress: bool) -> np.ndarray:
+    """The labels of one TFDS split, in order; the images are read but not decoded."""
+    import tensorflow_datasets as tfds
+    from tqdm.auto import tqdm
+
+    labels_ds = builder.as_dataset(
+        split=tfds_split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()}
+    )
+    labels = []
+    with tqdm(
+        total=builder.info.splits[tfds_split].num_examples,
+        desc=f"reading {tfds_split} labels",
+        unit="example",
+        disable=not progress,
+        leave=False,
+    ) as bar:
+        for batch in labels_ds.map(lambda ex: ex[label_key]).batch(4096):
+            labels.append(batch.numpy())
+            bar.update(len(labels[-1]))
+    return np.concatenate(labels) if labels else np.zeros(0, np.int64)

@@ -51,11 +51,11 @@ class ExportSource:
         """A split (its name or a :class:`ktoolkit.data.Split`) as a tf.data pipeline of (float32 0..255
         images, labels), made as in training; ``training`` shuffles and caches (fine-tuning is short
         and starts from a trained model, so it does without augmentation)."""
-        from ktoolkit.data import make_dataset
+        from ktoolkit.train.engine import split_dataset
 
         height, width, channels = self.image_shape
         split = self.data.splits[split] if isinstance(split, str) else split
-        return make_dataset(
+        return split_dataset(
             split,
             num_classes=len(self.class_names),
             image_size=(height, width),
@@ -98,15 +98,10 @@ def load_source(model, *, data: str | None = None, progress: bool = False) -> Ex
             model's, a model that is not a classifier, or every recorded held-out image changed.
         FileNotFoundError: the model or the data does not exist.
     """
-    import recipes
-    from ktoolkit.runs import resolve_model_path
+    from ktoolkit.runs import open_classifier
 
-    path, run = resolve_model_path(model)
-    keras_model = prepare_model(recipes.load_model(path))
-    n = int(keras_model.output_shape[-1])
-    names = run.class_names() if run else [str(i) for i in range(n)]
-    if len(names) != n:
-        raise ValueError(f"{path} has {n} outputs but its classes.json lists {len(names)} classes.")
+    classifier = open_classifier(model, prepare=prepare_model)
+    keras_model, names, path, run = classifier.model, classifier.class_names, classifier.path, classifier.run
     if data is None and run is None:
         raise ValueError(
             f"{path} is not in a run folder, so there are no images to calibrate and verify on; "

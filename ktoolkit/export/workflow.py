@@ -13,6 +13,7 @@ knows about run folders: the model and data of a run, the lock, atomic writes, t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import logging
 import shutil
@@ -75,73 +76,127 @@ class ExportResult:
     files: list
     folder: Path
     report: dict
+    settings: dict = field(default_factory=dict)  # ExportConfig.settings(): what the report records
 
     @property
     def ok(self) -> bool:
         """True when every file is within the accuracy budget."""
         return all(f.passed for f in self.files)
 
+    def lines(self) -> list[str]:
+        """What `ktool export` prints: a table of the files (mode, file, size, accuracy, drop,
+        agreement, latency, ok/OVER BUDGET), then the Keras model's accuracy and the report's path."""
+        rows = [("mode", "file", "size", "accuracy", "drop", "agreement", "latency", "")]
+        for f in self.files:
+            v = f.verification
+            size = f"{f.size_bytes / 2**20:.2f} MB" if f.size_bytes >= 2**20 else f"{f.size_bytes / 2**10:.1f} KB"
+            rows.append(
+                (
+                    f.mode,
+                    f.path.name,
+                    size,
+                    f"{v.accuracy:.2%}",
+                    f"{v.accuracy_drop:+.2f}",
+                    f"{v.agreement:.1%}",
+                    f"{f.latency_ms:.2f} ms",
+                    "ok" if f.passed else "OVER BUDGET",
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        keras = self.files[0].verification
+        return [
+            *lines,
+            f"Keras model: {keras.keras_accuracy:.2%} on {keras.images} held-out images; report: {self.report['md']}",
+        ]
 
-# The tunables that only some modes use, with the value a mode that uses them gets when they are not given.
-TUNABLE_DEFAULTS = {
-    "calib_samples": 200,
-    "int8_io": False,
-    "epochs": 2,
-    "steps_per_epoch": None,
-    "lr": 1e-3,
-    "sparsity": 0.8,
-    "clusters": 16,
-}
+    def failure(self) -> str | None:
+        """The line that says which files are over the budget; None when all are within it."""
+        if self.ok:
+            return None
+        over = ", ".join(f.mode for f in self.files if not f.passed)
+        return (
+            f"{over} lost more than {self.settings['max_accuracy_drop']:g} accuracy point(s); the files are "
+            f"kept, named *.FAILED.*, for inspection."
+        )
 
 
-def export(
-    model,
-    *,
-    mode: str = "float32",
-    compare=None,
-    format: str = "tflite",
-    out=None,
-    data=None,
-    calib_samples: int | None = None,
-    int8_io: bool | None = None,
-    max_accuracy_drop: float = 1.0,
-    epochs: int | None = None,
-    steps_per_epoch: int | None = None,
-    batch_size: int = 32,
-    lr: float | None = None,
-    sparsity: float | None = None,
-    clusters: int | None = None,
-    threads: int = 2,
-    latency_runs: int = 30,
-    progress: bool = False,
-) -> ExportResult:
-    """Exports a run's model in one or several modes, verifies each file, writes the report.
+def _tunable(mode_default, doc: str):
+    """A tunable that only some modes use: None means "not given" (the mode gets ``mode_default``)."""
+    return field(default=None, metadata={"mode_default": mode_default, "doc": doc})
+
+
+def _setting(default, doc: str):
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ExportConfig:
+    """The settings of `export` (and the flags of `ktool export`, same names): defaults and checks in one place.
 
     The tunables (``calib_samples``, ``int8_io``, ``epochs``, ``steps_per_epoch``, ``lr``, ``sparsity``,
     ``clusters``) default to None: the mode's default (:data:`TUNABLE_DEFAULTS`). One given to modes
     that all ignore it is refused, so a setting never silently does nothing.
+    """
+
+    mode: str = _setting("float32", "the export mode (see tflite_export.modes.MODES)")
+    compare: str | list | None = _setting(None, 'more modes to export and compare with mode (a list or "a,b,c")')
+    format: str = _setting("tflite", '"tflite", "onnx" or "saved_model"')
+    out: str | None = _setting(None, "the folder for the files and the report (default: the run's export/)")
+    data: str | None = _setting(None, "images to calibrate and verify on (default: the run's data and split)")
+    calib_samples: int | None = _tunable(200, "training images that full-integer quantization calibrates on")
+    int8_io: bool | None = _tunable(False, ".tflite full-integer modes get uint8 input and output tensors")
+    max_accuracy_drop: float = _setting(1.0, "the budget, in accuracy points lost on the held-out split")
+    epochs: int | None = _tunable(2, "fine-tuning epochs per step of the pruning, clustering and QAT modes")
+    steps_per_epoch: int | None = _tunable(None, "cap on fine-tuning batches per epoch (None: the whole split)")
+    batch_size: int = _setting(32, "batch size of fine-tuning and verification")
+    lr: float | None = _tunable(1e-3, "fine-tuning learning rate (Adam)")
+    sparsity: float | None = _tunable(0.8, "the fraction of zero weights pruning ends at")
+    clusters: int | None = _tunable(16, "shared weight values per kernel for clustering")
+    threads: int = _setting(2, "CPU threads for the latency measurement")
+    latency_runs: int = _setting(30, "timed single-image runs per file")
+
+    def modes(self) -> list:
+        """The modes to export: ``mode``, then ``compare``'s, each once."""
+        return _modes(self.mode, self.compare)
+
+    def settings(self) -> dict:
+        """The checked settings as the report records them: the tunables resolved for the chosen modes.
+
+        Raises:
+            ValueError: a bad value (named, with the valid ones), or a tunable that every chosen mode ignores.
+        """
+        modes = self.modes()
+        given = {name: getattr(self, name) for name in TUNABLE_DEFAULTS}
+        settings = {
+            "format": self.format,
+            "modes": [m.name for m in modes],
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "batch_size": self.batch_size,
+            "threads": self.threads,
+            "latency_runs": self.latency_runs,
+            **_tunables(modes, self.format, given),
+        }
+        _check_settings(settings)
+        return settings
+
+
+# The tunables that only some modes use, with the value a mode that uses them gets when they are not given.
+TUNABLE_DEFAULTS = {
+    f.name: f.metadata["mode_default"] for f in dataclasses.fields(ExportConfig) if "mode_default" in f.metadata
+}
+
+
+def export(model, config: ExportConfig | None = None, *, progress: bool = False, **overrides) -> ExportResult:
+    """Exports a run's model in one or several modes, verifies each file, writes the report.
 
     Args:
         model: a run folder (or a .keras file, with ``data``).
-        mode: the export mode (see :data:`tflite_export.modes.MODES`).
-        compare: more modes to export and compare side by side with ``mode`` (a list or "a,b,c").
-        format: "tflite", "onnx" or "saved_model".
-        out: the folder for the files and the report (default: the run folder's ``export/``). Files are
-            written only inside it, named from the model's name made safe (:func:`safe_filename`).
-        data: images to calibrate and verify on (default: the run's data, split as in training).
-        calib_samples: training images that full-integer quantization calibrates on (200).
-        int8_io: .tflite full-integer modes get uint8 input and output tensors (camera bytes in) instead
-            of float32 (False).
-        max_accuracy_drop: the budget, in accuracy points lost on the held-out split; a file over it
-            is kept but named ``*.FAILED.*`` and the result is not ``ok``.
-        epochs: fine-tuning epochs per step of the pruning, clustering and quantization-aware modes (2).
-        steps_per_epoch: cap on fine-tuning batches per epoch (None: the whole training split).
-        batch_size: batch size of fine-tuning and verification.
-        lr: fine-tuning learning rate (Adam; 1e-3).
-        sparsity: the fraction of zero weights pruning ends at (0.8).
-        clusters: shared weight values per kernel for clustering (16).
-        threads: CPU threads for the latency measurement.
-        latency_runs: timed single-image runs per file.
+        config: the settings (:class:`ExportConfig`; default its defaults). ``overrides`` are its
+            fields by name (``export(model, mode="int8", compare="float32,qat")``) and win over it.
+            Files are written only inside ``out``, named from the model's name made safe
+            (:func:`safe_filename`); a file over ``max_accuracy_drop`` is kept but named ``*.FAILED.*``
+            and the result is not ``ok``.
         progress: progress bars (fine-tuning, verification).
 
     Returns:
@@ -151,26 +206,17 @@ def export(
         ValueError: a bad setting (named, with the valid values), a setting that the chosen modes
             ignore, or a model the converter cannot take (the layer is named).
         FileNotFoundError: the model or its data does not exist.
+        TypeError: an override that is no setting.
     """
-    modes = _modes(mode, compare)
-    given = dict(calib_samples=calib_samples, int8_io=int8_io, epochs=epochs, steps_per_epoch=steps_per_epoch)
-    given.update(lr=lr, sparsity=sparsity, clusters=clusters)
-    settings = {
-        "format": format,
-        "modes": [m.name for m in modes],
-        "max_accuracy_drop": max_accuracy_drop,
-        "batch_size": batch_size,
-        "threads": threads,
-        "latency_runs": latency_runs,
-        **_tunables(modes, format, given),
-    }
-    _check_settings(settings)
+    config = dataclasses.replace(config or ExportConfig(), **overrides)
+    settings = config.settings()
+    modes = config.modes()
     path, run = resolve_model_path(model)
-    folder = Path(out) if out else ((run.root if run else path.parent) / "export")
+    folder = Path(config.out) if config.out else ((run.root if run else path.parent) / "export")
     # Into a run folder (its export/): one command at a time, as training (a second one fails at once).
     inside = run is not None and folder.resolve().is_relative_to(run.root.resolve())
     with run.lock() if inside else contextlib.nullcontext():
-        return _export_all(model, modes, folder, data, settings, progress)
+        return _export_all(model, modes, folder, config.data, settings, progress)
 
 
 def _export_all(model, modes, folder: Path, data, settings: dict, progress: bool) -> ExportResult:
@@ -220,7 +266,7 @@ def _export_all(model, modes, folder: Path, data, settings: dict, progress: bool
         "preprocessing": source.preprocessing,
     }
     report = write_report(folder, files, source_info=source_info, settings=settings)
-    return ExportResult(files=files, folder=folder, report=report)
+    return ExportResult(files=files, folder=folder, report=report, settings=settings)
 
 
 # tunable -> (does this mode, written as this format, use it?, the modes that do, in words)

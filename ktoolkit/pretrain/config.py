@@ -26,7 +26,7 @@ DEFAULT_VIEWS = "flip,crop=0.2,color=40"
 class PretrainConfig(RunConfig):
     """Everything a pretraining run depends on. Labels are never used for training.
 
-    Attributes:
+    Attributes (and :class:`ktoolkit.train.config.RunConfig`'s):
         method: "autoencoder" (reconstruct the image), "denoising" (reconstruct it from a corrupted
             copy) or "contrastive" (SimCLR: two random views of an image attract, the other images
             of the batch repel).
@@ -57,30 +57,13 @@ class PretrainConfig(RunConfig):
 
     method: str = "contrastive"
     recipe: str | None = None
-    data: str = ""
     out: str = "runs/pretrain"
     epochs: int = 20
     batch_size: int = 128
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    schedule: str = "constant"
-    weight_decay: float = 0.0
     temperature: float = 0.5
     noise: str = "gaussian"
     noise_strength: float = 0.1
     augment: str | None = None
-    distribute: str = "auto"
-    image_size: tuple[int, int] | None = None
-    channels: int | None = None
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    seed: int = 0
-    cache: str = "memory"
-    strict: bool = False
-    deterministic: bool = False
-    data_dir: str | None = None
-    steps_per_epoch: int | None = None
     recipe_options: dict = field(default_factory=dict)
 
     KIND = "pretraining"

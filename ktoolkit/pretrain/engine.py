@@ -82,10 +82,10 @@ def pretrain(
     started = time.time()
     from ktoolkit.train.engine import open_run
 
-    # the folder checked, the strategy made (first: see ktoolkit.train.engine), the folder locked
-    run, strategy, description, chief = open_run(config, overwrite)
-    data = _data(config, run, strategy, description, chief, progress)
-    network, history, resumed = _fit_network(config, run, strategy, data, chief, progress)
+    # the folder checked, the distribution made (first: see ktoolkit.train.engine), the folder locked
+    run, distribution, description, chief = open_run(config, overwrite)
+    data = _data(config, run, distribution, description, chief, progress)
+    network, history, resumed = _fit_network(config, run, distribution, data, chief, progress)
     encoder = _save_networks(run, network, chief)
     measurements = {}
     if chief:  # the checkpoint stays until finish() has marked the run complete
@@ -115,7 +115,7 @@ class _Data:
     steps: int
 
 
-def _data(config: PretrainConfig, run: Run, strategy, description: str, chief: bool, progress: bool) -> _Data:
+def _data(config: PretrainConfig, run: Run, distribution, description: str, chief: bool, progress: bool) -> _Data:
     """The images (resumed or loaded, class folders optional), the run header, the seed and the datasets: pixels
     to pixels for the autoencoders, two views of each image for contrastive learning."""
     import tf_keras
@@ -129,7 +129,7 @@ def _data(config: PretrainConfig, run: Run, strategy, description: str, chief: b
     source = _images(config, run, progress)
     image_size = tuple(config.image_size or recipe.input_shape[:2])
     channels = config.channels or recipe.input_shape[2]
-    global_batch = _global_batch(config, strategy, description)
+    global_batch = _global_batch(config, distribution, description)
     if chief:
         write_run_header(run, config, source, image_size, channels)  # the classes only colour embeddings.png
     tf_keras.utils.set_random_seed(config.seed)
@@ -180,13 +180,13 @@ def _images(config: PretrainConfig, run: Run, progress: bool):
     )
 
 
-def _fit_network(config: PretrainConfig, run: Run, strategy, data: _Data, chief: bool, progress: bool):
-    """Inside the strategy scope: the method's network built and compiled, then train's ``fit`` (no inference
+def _fit_network(config: PretrainConfig, run: Run, distribution, data: _Data, chief: bool, progress: bool):
+    """Inside the distribution's scope: the method's network built and compiled, then train's ``fit`` (no inference
     model: there is no best epoch to keep without accuracy). Returns (network, history, epoch resumed from)."""
     from ktoolkit.pretrain import models
     from ktoolkit.train.engine import _optimizer, fit
 
-    with strategy.scope():
+    with distribution.scope():
         network = models.build_network(
             config.method,
             data.recipe,

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ktoolkit.io import save_model, write_json, write_text
-from ktoolkit.runs import Run
+from ktoolkit.runs import resolve_encoder_path
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +104,6 @@ class LinearEvalResult:
 
 def _percent(value) -> str:
     return "" if value is None else f"{value:.2%}"
-
-
-def resolve_encoder(encoder) -> tuple[Path, Run | None]:
-    """``encoder`` is a `ktool pretrain` run folder or a .keras file; returns (file, Run or None)."""
-    path = Path(encoder).expanduser()
-    if path.is_dir():
-        run = Run(path)
-        if not run.encoder.exists():
-            raise FileNotFoundError(
-                f"encoder={str(path)!r} has no {run.encoder.name}; give a `ktool pretrain` run "
-                "folder (finished) or a .keras file of an encoder."
-            )
-        return run.encoder, run
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder={str(path)!r} is neither a run folder nor a model file.")
-    return path, None
 
 
 def linear_probe(
@@ -219,25 +203,33 @@ def linear_eval(
         FileNotFoundError: no such run folder (with an encoder) or file.
         ValueError: ``data`` has fewer than two classes.
     """
-    started = time.time()
-    path, run = resolve_encoder(encoder)
-    settings = {}
-    if run is not None and run.config.exists():
-        import yaml
-
-        settings = yaml.safe_load(run.config.read_text()) or {}
-    given = (val_fraction, test_fraction, seed)
-    val_fraction = settings.get("val_fraction", 0.1) if val_fraction is None else val_fraction
-    test_fraction = settings.get("test_fraction", 0.1) if test_fraction is None else test_fraction
-    seed = settings.get("seed", 0) if seed is None else seed
-
-    import tf_keras
-
     import recipes
-    from ktoolkit.data import load_data
-    from ktoolkit.transfer.features import FeatureCache, linear_classifier_model
 
+    started = time.time()
+    path, run = resolve_encoder_path(encoder)
     model = recipes.load_model(path)
+    given = (val_fraction, test_fraction, seed)
+    source, seed = _labelled_data(run, data, given, strict=strict, data_dir=data_dir, progress=progress)
+    pretrained, random = _probes(
+        model, source, baseline=baseline, seed=seed, batch_size=batch_size, cache=cache, progress=progress
+    )
+    from ktoolkit.pretrain.engine import LINEAR_EVAL
+
+    folder = Path(out) if out else (run.root / LINEAR_EVAL if run else path.with_name(f"{path.stem}_{LINEAR_EVAL}"))
+    result = LinearEvalResult(
+        str(path), str(data), list(source.class_names), pretrained, random, folder, time.time() - started
+    )
+    _save(result, model, run)
+    return result
+
+
+def _labelled_data(run, data, given, *, strict: bool, data_dir, progress: bool):
+    """(the labelled data split, its seed): the pretraining run's recorded split when ``data`` is its
+    own and no split setting is ``given``, else ``data`` split with :func:`_split_settings`, without
+    the pretraining run's training images in val and test. A ValueError for fewer than two classes."""
+    from ktoolkit.data import load_data
+
+    val_fraction, test_fraction, seed = _split_settings(run, given)
     source = _run_split(run, data, given, progress)
     if source is None:
         source = load_data(
@@ -255,6 +247,27 @@ def linear_eval(
             f"data={data!r} has {source.num_classes} class; linear evaluation needs labels: a folder with "
             "one subfolder per class, a CSV of path,label, or an .npz with labels."
         )
+    return source, seed
+
+
+def _split_settings(run, given) -> tuple:
+    """(val_fraction, test_fraction, seed): those ``given`` (None: not given), else the pretraining
+    run's (its config.yaml), else 0.1, 0.1, 0."""
+    settings = {}
+    if run is not None and run.config.exists():
+        import yaml
+
+        settings = yaml.safe_load(run.config.read_text()) or {}
+    defaults = {"val_fraction": 0.1, "test_fraction": 0.1, "seed": 0}
+    return tuple(settings.get(k, d) if v is None else v for v, (k, d) in zip(given, defaults.items()))
+
+
+def _probes(model, source, *, baseline: bool, seed: int, batch_size: int, cache: bool, progress: bool):
+    """The linear probe of ``model``, and (``baseline``) of the same architecture freshly initialized."""
+    import tf_keras
+
+    from ktoolkit.transfer.features import FeatureCache
+
     feature_cache = FeatureCache() if cache else None
     pretrained = linear_probe(model, source, batch_size=batch_size, cache=feature_cache, progress=progress)
     log.info("pretrained encoder: %s accuracy %.2f%% (C=%g)", pretrained.split, 100 * pretrained.accuracy, pretrained.C)
@@ -264,22 +277,24 @@ def linear_eval(
         fresh = tf_keras.models.clone_model(model)  # the same layers, newly initialized weights
         random = linear_probe(fresh, source, batch_size=batch_size, cache=feature_cache, progress=progress)
         log.info("random initialization: %s accuracy %.2f%%", random.split, 100 * random.accuracy)
+    return pretrained, random
 
+
+def _save(result: LinearEvalResult, model, run) -> None:
+    """classifier.keras, classes.json, labels.txt, linear_eval.json and .md in ``result.folder``; the
+    run's report gets the section when the folder is the run's own."""
     from ktoolkit.pretrain.engine import LINEAR_EVAL, RESULT_FILE, report_sections
     from ktoolkit.report import write_report
+    from ktoolkit.transfer.features import linear_classifier_model
 
-    folder = Path(out) if out else (run.root / LINEAR_EVAL if run else path.with_name(f"{path.stem}_{LINEAR_EVAL}"))
-    result = LinearEvalResult(
-        str(path), str(data), list(source.class_names), pretrained, random, folder, time.time() - started
-    )
+    folder, pretrained = result.folder, result.pretrained
     save_model(linear_classifier_model(model, pretrained.layer, pretrained.probe), folder / "classifier.keras")
-    write_json(folder / "classes.json", list(source.class_names))
-    write_text(folder / "labels.txt", "\n".join(source.class_names) + "\n")
+    write_json(folder / "classes.json", list(result.classes))
+    write_text(folder / "labels.txt", "\n".join(result.classes) + "\n")
     write_json(folder / "linear_eval.json", result.to_dict())
     write_text(folder / "linear_eval.md", result.markdown())
     if run is not None and (run.root / RESULT_FILE).exists() and folder.resolve() == (run.root / LINEAR_EVAL).resolve():
         write_report(run, extra_sections=report_sections(run))
-    return result
 
 
 def _run_split(run, data, given, progress: bool):

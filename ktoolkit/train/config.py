@@ -124,12 +124,61 @@ def _checked(name: str, value, annotation):
     return value
 
 
+@dataclass
 class RunConfig:
-    """What the configurations of runs share (`ktool train`, `pretrain`, `finetune`): the YAML file of
-    settings (the same names as the flags), and the checks of the fields they have in common."""
+    """What the configurations of runs share (`ktool train`, `pretrain`, `finetune`): the settings they
+    have in common (each command redeclares the ones whose default differs), the YAML file of settings
+    (the same names as the flags, one flat mapping), and the checks of the fields they have in common.
+
+    Attributes:
+        data: a class-per-folder directory, a CSV, an .npz, or ``tfds:NAME``.
+        out: the run folder (created; an interrupted run there is resumed).
+        epochs: number of epochs.
+        batch_size: images per replica per step; the global batch is this times the replicas.
+        optimizer: sgd (with momentum), adam, adamw or rmsprop.
+        lr: peak learning rate (scaled by nothing; set it for the global batch).
+        momentum: SGD/RMSprop momentum.
+        schedule: constant, step (x0.1 at 50% and 75% of the epochs), cosine, or reduce-on-plateau.
+        weight_decay: decoupled weight decay of the optimizer (AdamW-style for every optimizer).
+        distribute: auto (all visible GPUs with MirroredStrategy, else the default strategy), none,
+            mirrored, or multiworker (MultiWorkerMirroredStrategy from TF_CONFIG).
+        image_size: (height, width) to train at; default the recipe's (or the base's).
+        channels: 1 or 3; default the recipe's.
+        val_fraction, test_fraction: stratified split of unsplit data.
+        seed: seed for the split, shuffling, augmentation and initialization.
+        augment: augmentations, e.g. "flip,crop" or "flip,crop,color=20,mixup=0.2"; "none" (the default:
+            flips are wrong for digits and text, so augmentation is asked for, not assumed).
+        cache: "memory", "none", or a folder for tf.data's cache files (one set per split and image size).
+        strict: fail on unreadable images instead of skipping them.
+        deterministic: deterministic tf.data order (slower).
+        data_dir: tensorflow-datasets data folder for ``tfds:`` sources.
+        steps_per_epoch: cap on steps per epoch (quick runs); None: the whole training split.
+    """
+
+    data: str = ""
+    out: str = "runs/train"
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    distribute: str = "auto"
+    image_size: tuple[int, int] | None = None
+    channels: int | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+    augment: str = "none"
+    cache: str = "memory"
+    strict: bool = False
+    deterministic: bool = False
+    data_dir: str | None = None
+    steps_per_epoch: int | None = None
 
     KIND = "run"  # in messages: "unknown run setting(s)"
-    RESUMABLE: tuple = ()  # settings that may differ when an interrupted run is resumed
+    RESUMABLE = ()  # settings that may differ when an interrupted run is resumed
 
     def __post_init__(self):
         """Checks every field's type against its annotation, naming the field (YAML's "no" in quotes is a
@@ -306,65 +355,22 @@ def _yaml_problem(err) -> str:
 
 @dataclass
 class TrainConfig(RunConfig):
-    """Everything a training run depends on.
+    """Everything a training run depends on: :class:`RunConfig`'s settings and these.
 
     Attributes:
         recipe: registry name of the architecture (``ktool recipes`` lists them).
-        data: a class-per-folder directory, a CSV, an .npz, or ``tfds:NAME``.
-        out: the run folder (created; an interrupted run there is resumed).
-        epochs: number of epochs.
-        batch_size: images per replica per step; the global batch is this times the replicas.
-        optimizer: sgd (with momentum), adam, adamw or rmsprop.
-        lr: peak learning rate (scaled by nothing; set it for the global batch).
-        momentum: SGD/RMSprop momentum.
-        schedule: constant, step (x0.1 at 50% and 75% of the epochs), cosine, or reduce-on-plateau.
-        weight_decay: decoupled weight decay of the optimizer (AdamW-style for every optimizer).
         label_smoothing: label smoothing of the cross-entropy.
         mixed_precision: float16 compute on GPUs (bfloat16 on CPUs), float32 variables.
         jit: compile the training step with XLA.
-        distribute: auto (all visible GPUs with MirroredStrategy, else the default strategy), none,
-            mirrored, or multiworker (MultiWorkerMirroredStrategy from TF_CONFIG).
-        image_size: (height, width) to train at; default the recipe's.
-        channels: 1 or 3; default the recipe's.
-        val_fraction, test_fraction: stratified split of unsplit data.
-        seed: seed for the split, shuffling, augmentation and initialization.
-        augment: augmentations, e.g. "flip,crop" or "flip,crop,color=20,mixup=0.2"; "none" (the default:
-            flips are wrong for digits and text, so augmentation is asked for, not assumed).
-        cache: "memory", "none", or a folder for tf.data's cache files (one set per split and image size).
         early_stopping: patience in epochs on the validation loss (0: off).
-        strict: fail on unreadable images instead of skipping them.
-        deterministic: deterministic tf.data order (slower).
-        data_dir: tensorflow-datasets data folder for ``tfds:`` sources.
-        steps_per_epoch: cap on steps per epoch (quick runs); None: the whole training split.
         recipe_options: extra keyword arguments of the recipe builder (e.g. {"dropout": 0.3}).
     """
 
     recipe: str = "lenet5"
-    data: str = ""
-    out: str = "runs/train"
-    epochs: int = 10
-    batch_size: int = 32
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    schedule: str = "constant"
-    weight_decay: float = 0.0
     label_smoothing: float = 0.0
     mixed_precision: bool = False
     jit: bool = False
-    distribute: str = "auto"
-    image_size: tuple[int, int] | None = None
-    channels: int | None = None
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    seed: int = 0
-    augment: str = "none"
-    cache: str = "memory"
     early_stopping: int = 0
-    strict: bool = False
-    deterministic: bool = False
-    data_dir: str | None = None
-    steps_per_epoch: int | None = None
     recipe_options: dict = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:

@@ -1,4 +1,5 @@
-"""Choosing the tf.distribute strategy.
+"""Choosing the tf.distribute strategy (called the *distribution* in code, as opposed to the transfer
+strategy of `ktool finetune`).
 
 ``auto`` takes MirroredStrategy over all visible GPUs when there is at least one, the default
 strategy otherwise. ``multiworker`` reads the cluster from ``TF_CONFIG``, so Kubernetes, Slurm and
@@ -14,8 +15,9 @@ import os
 log = logging.getLogger(__name__)
 
 
-def make_strategy(kind: str = "auto"):
-    """Returns ``(strategy, description)`` for ``kind`` (auto, none, mirrored, multiworker)."""
+def make_distribution(kind: str = "auto"):
+    """Returns ``(distribution, description)``: the tf.distribute strategy for ``kind`` (auto, none,
+    mirrored, multiworker)."""
     import tensorflow as tf
 
     if kind == "multiworker":  # first: it must configure the runtime before anything starts it
@@ -30,9 +32,9 @@ def make_strategy(kind: str = "auto"):
             task = json.loads(config).get("task", {})
         except json.JSONDecodeError as err:
             raise ValueError(f"TF_CONFIG is not valid JSON: {err}") from err
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        return strategy, (
-            f"MultiWorkerMirroredStrategy, {strategy.num_replicas_in_sync} replicas, this is "
+        distribution = tf.distribute.MultiWorkerMirroredStrategy()
+        return distribution, (
+            f"MultiWorkerMirroredStrategy, {distribution.num_replicas_in_sync} replicas, this is "
             f"{task.get('type', 'worker')} {task.get('index', 0)}"
         )
     has_gpu = bool(tf.config.list_physical_devices("GPU"))  # physical: does not start the runtime
@@ -42,14 +44,14 @@ def make_strategy(kind: str = "auto"):
         return tf.distribute.get_strategy(), f"default strategy on {'GPU' if has_gpu else 'CPU'}"
     if kind == "mirrored":
         devices = [d.name for d in tf.config.list_logical_devices("GPU" if has_gpu else "CPU")]
-        strategy = tf.distribute.MirroredStrategy(devices=devices)
-        return strategy, f"MirroredStrategy over {len(devices)} device(s): {', '.join(devices)}"
+        distribution = tf.distribute.MirroredStrategy(devices=devices)
+        return distribution, f"MirroredStrategy over {len(devices)} device(s): {', '.join(devices)}"
     raise ValueError(f"distribute={kind!r}: use one of auto, none, mirrored, multiworker.")
 
 
-def is_chief(strategy) -> bool:
+def is_chief(distribution) -> bool:
     """True on the worker that writes the run folder (every single-machine run)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
+    resolver = getattr(distribution, "cluster_resolver", None)
     if resolver is None or not getattr(resolver, "task_type", None):
         return True
     task_type, task_id = resolver.task_type, resolver.task_id

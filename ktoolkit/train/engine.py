@@ -1,9 +1,9 @@
 """`ktool train`: any recipe on any data source, on one CPU, one or several GPUs, or several machines.
 
-``train(TrainConfig(...))`` loads and splits the data, picks the tf.distribute strategy, builds the
-recipe inside its scope, trains with crash recovery, evaluates the best model on the held-out split
-and leaves a run folder (see ``ktoolkit.runs``). Killed and started again with the same settings,
-it resumes from the last completed epoch, even when it was killed after the last one.
+``train(TrainConfig(...))`` loads and splits the data, picks the tf.distribute strategy (the
+``distribution``), builds the recipe inside its scope, trains with crash recovery, evaluates the best
+model on the held-out split and leaves a run folder (see ``ktoolkit.runs``). Killed and started again
+with the same settings, it resumes from the last completed epoch, even when it was killed after the last one.
 
 A run folder is written by one command at a time (``RunLock``); ``--overwrite`` removes only what
 ktoolkit wrote there, in folders that carry its marker (see ``ktoolkit.runs``).
@@ -130,7 +130,7 @@ def _setup(start: RunStart, recipe) -> _Setup:
     class_names = list(source.class_names)
     image_size = tuple(config.image_size or recipe.input_shape[:2])
     channels = config.channels or recipe.input_shape[2]
-    global_batch = _global_batch(config, start.strategy, start.description)
+    global_batch = _global_batch(config, start.distribution, start.description)
     if start.chief:
         write_run_header(start.run, config, source, image_size, channels)
     if config.mixed_precision:
@@ -150,14 +150,14 @@ def _setup(start: RunStart, recipe) -> _Setup:
 
 
 def _build_and_fit(start: RunStart, recipe, setup: _Setup, progress: bool):
-    """Inside the strategy scope: the recipe built and compiled, then ``fit``. Returns (model, inference model,
+    """Inside the distribution's scope: the recipe built and compiled, then ``fit``. Returns (model, inference model,
     history, epoch resumed from, BestModel); the precision policy is float32 again afterwards."""
     import tf_keras
 
-    config, strategy = start.config, start.strategy
+    config, distribution = start.config, start.distribution
     num_classes = len(setup.class_names)
     try:
-        with strategy.scope():
+        with distribution.scope():
             model, loss_weights = _build(recipe, config, num_classes, setup.image_size, setup.channels)
             optimizer, schedule_callbacks = _optimizer(config, setup.steps)
             outputs = list(model.output_names)
@@ -221,9 +221,9 @@ def _finish_train(start: RunStart, recipe, setup: _Setup, history, progress: boo
     )
 
 
-def _global_batch(config, strategy, description: str) -> int:
-    """``config.batch_size`` per replica, times the replicas (logged with the strategy's description)."""
-    replicas = strategy.num_replicas_in_sync
+def _global_batch(config, distribution, description: str) -> int:
+    """``config.batch_size`` per replica, times the replicas (logged with the distribution's description)."""
+    replicas = distribution.num_replicas_in_sync
     global_batch = config.batch_size * replicas
     log.info(
         "%s; global batch %d = %d per replica x %d replica(s)", description, global_batch, config.batch_size, replicas
@@ -231,13 +231,20 @@ def _global_batch(config, strategy, description: str) -> int:
     return global_batch
 
 
-def split_dataset(split, config, *, num_classes, image_size, channels, batch_size, training, augment=None, **options):
+def split_dataset(
+    split, config=None, *, num_classes, image_size, channels, batch_size, training, augment=None, **options
+):
     """``make_dataset`` for one split with the run's settings (seed, cache, determinism; ``augment`` in
-    training only), or None for a split that is missing or empty. ``options`` go to ``make_dataset``."""
+    training only), or None for a split that is missing or empty. Without ``config`` (evaluating or
+    exporting a saved model): seed 0, no cache. ``options`` go to ``make_dataset`` (and override those)."""
     from ktoolkit.data import make_dataset
 
     if split is None or len(split) == 0:
         return None
+    settings = {"seed": 0, "cache": None, "deterministic": None}
+    if config is not None:
+        cache = None if config.cache == "none" else config.cache
+        settings = {"seed": config.seed, "cache": cache, "deterministic": config.deterministic or None}
     return make_dataset(
         split,
         num_classes=num_classes,
@@ -245,11 +252,8 @@ def split_dataset(split, config, *, num_classes, image_size, channels, batch_siz
         channels=channels,
         batch_size=batch_size,
         training=training,
-        seed=config.seed,
-        cache=None if config.cache == "none" else config.cache,
         augment=augment if training else None,
-        deterministic=config.deterministic or None,
-        **options,
+        **{**settings, **options},
     )
 
 
@@ -274,11 +278,12 @@ def classifier_metrics(num_classes: int) -> list:
 
 @dataclass
 class RunStart:
-    """A classifier run, set up: the validated settings, the run folder, the strategy and the split data."""
+    """A classifier run, set up: the validated settings, the run folder, the tf.distribute strategy
+    (``distribution``) and the split data."""
 
     config: object
     run: Run
-    strategy: object
+    distribution: object
     description: str
     chief: bool
     source: object
@@ -287,8 +292,8 @@ class RunStart:
 
 def start_run(config, overrides: dict, *, overwrite: bool, progress: bool) -> RunStart:
     """What `ktool train` and `ktool finetune` do first: apply ``overrides`` (the non-None ones) to
-    ``config`` and validate it, prepare the run folder, make the tf.distribute strategy, and load and
-    split the data (at least 2 classes)."""
+    ``config`` and validate it, prepare the run folder, make the tf.distribute strategy
+    (the distribution), and load and split the data (at least 2 classes)."""
     import dataclasses
 
     from ktoolkit.data import load_data
@@ -296,7 +301,7 @@ def start_run(config, overrides: dict, *, overwrite: bool, progress: bool) -> Ru
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     config.validate()
     started = time.time()
-    run, strategy, description, chief = open_run(config, overwrite)
+    run, distribution, description, chief = open_run(config, overwrite)
     source = resumed_source(run, progress) or load_data(
         config.data,
         val_fraction=config.val_fraction,
@@ -310,7 +315,7 @@ def start_run(config, overrides: dict, *, overwrite: bool, progress: bool) -> Ru
         raise ValueError(
             f"data={config.data!r} has {source.num_classes} class(es) with images; a classifier needs at least 2."
         )
-    return RunStart(config, run, strategy, description, chief, source, started)
+    return RunStart(config, run, distribution, description, chief, source, started)
 
 
 def resumed_source(run: Run, progress: bool = False):
@@ -344,17 +349,17 @@ def resumed_source(run: Run, progress: bool = False):
 def open_run(config, overwrite: bool):
     """Checks ``config.out`` (before TensorFlow is imported: a mistake is reported at once), makes the
     tf.distribute strategy, then, on the chief, prepares and locks the run folder. Call it from a
-    @run_command function. Returns (run, strategy, description, chief)."""
-    from ktoolkit.train.distribute import is_chief, make_strategy
+    @run_command function. Returns (run, distribution, description, chief)."""
+    from ktoolkit.train.distribute import is_chief, make_distribution
 
     run = Run(config.out)
-    # Only the chief writes and locks, and which worker is the chief is known once the strategy exists;
+    # Only the chief writes and locks, and which worker is the chief is known once the distribution exists;
     # the other workers share the folder (and must not trip over the chief's lock).
     check_run_folder(run, config, overwrite, test_lock=config.distribute != "multiworker")
     # First, before TensorFlow runs any op: MultiWorkerMirroredStrategy configures the collective ops
     # at program start-up (and loading the data decodes images with TensorFlow).
-    strategy, description = make_strategy(config.distribute)
-    chief = is_chief(strategy)
+    distribution, description = make_distribution(config.distribute)
+    chief = is_chief(distribution)
     if chief:
         prepare_run_folder(run, config, overwrite)
     else:
@@ -362,7 +367,7 @@ def open_run(config, overwrite: bool):
             run.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise folder_error(run.root, err) from err
-    return run, strategy, description, chief
+    return run, distribution, description, chief
 
 
 def fit(
@@ -381,7 +386,7 @@ def fit(
 ):
     """``model.fit`` with the run folder's crash recovery: history.csv, best.keras, the checkpoint.
 
-    Call it inside the strategy scope. Returns (history rows, epoch resumed from, the BestModel callback,
+    Call it inside the distribution's scope. Returns (history rows, epoch resumed from, the BestModel callback,
     or None when ``inference`` is None). The checkpoint is kept until ``finish`` has marked the run
     complete, so a run killed after its last epoch resumes there (with nothing left to train).
 

@@ -265,7 +265,7 @@ def _from_run(path: Path, weights, image_size) -> Base:
     import tf_keras
 
     import recipes
-    from ktoolkit.runs import Run, resolve_model_path
+    from ktoolkit.runs import Run, open_classifier
     from ktoolkit.transfer.features import cut_points
 
     if weights not in (None, "run"):
@@ -276,8 +276,8 @@ def _from_run(path: Path, weights, image_size) -> Base:
     if run.encoder.exists():
         model, what = recipes.load_model(run.encoder), "encoder"
     else:
-        file, _ = resolve_model_path(path)
-        full = recipes.load_model(file)
+        classifier = open_classifier(path)
+        full, file = classifier.model, classifier.path
         cuts = cut_points(full)
         if not cuts:
             raise ValueError(f"--base {path}: its model has no convolutional layers to transfer from.")

@@ -53,41 +53,25 @@ class FinetuneConfig(RunConfig):
         dropout: dropout before the new classifier (finetune, full).
         small_threshold: fewer training images per class than this is "small" (default 1,000).
         similarity_threshold: a similarity at or above this is "similar" (default: recipes.transfer).
-        The other fields are those of `ktool train` (TrainConfig).
+        label_smoothing, early_stopping: as for `ktool train` (TrainConfig).
+        The other fields are :class:`ktoolkit.train.config.RunConfig`'s.
     """
 
     base: str = "mobilenet_v2"
-    data: str = ""
     out: str = "runs/finetune"
     weights: str | None = None
     strategy: str = "auto"
     cut: str | None = None
     unfreeze: int = 2
     epochs: int = 5
-    batch_size: int = 32
-    optimizer: str = "adam"
     lr: float | None = None
     lr_decay: float = 0.3
-    momentum: float = 0.9
-    schedule: str = "constant"
-    weight_decay: float = 0.0
     label_smoothing: float = 0.0
     dropout: float = 0.2
-    distribute: str = "auto"
-    image_size: tuple[int, int] | None = None
-    channels: int | None = None  # not a setting: the base decides (kept for the shared checks)
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    seed: int = 0
-    augment: str = "none"
-    cache: str = "memory"
     early_stopping: int = 0
-    strict: bool = False
-    deterministic: bool = False
-    data_dir: str | None = None
-    steps_per_epoch: int | None = None
     small_threshold: float | None = None
     similarity_threshold: float | None = None
+    # channels (RunConfig's) is not a setting here: the base decides (kept for the shared checks)
 
     KIND = "finetune"
     RESUMABLE = TrainConfig.RESUMABLE
@@ -175,7 +159,7 @@ class _Job:
 
     config: FinetuneConfig
     run: object
-    dist: object
+    distribution: object
     chief: bool
     started: float
     class_names: list
@@ -199,7 +183,7 @@ def _prepare(start, progress: bool) -> _Job:
 
     config, source = start.config, start.source
     tf_keras.utils.set_random_seed(config.seed)
-    with start.strategy.scope():
+    with start.distribution.scope():
         base = load_base(config.base, weights=config.weights, image_size=config.image_size)
     if start.chief:
         write_run_header(start.run, config, source, base.image_size, base.channels)
@@ -218,7 +202,7 @@ def _prepare(start, progress: bool) -> _Job:
     return _Job(
         config=config,
         run=start.run,
-        dist=start.strategy,
+        distribution=start.distribution,
         chief=start.chief,
         started=start.started,
         class_names=list(source.class_names),
@@ -284,11 +268,11 @@ def _fit_trained(job: _Job, progress: bool):
     from ktoolkit.data import AugmentConfig
     from ktoolkit.train.engine import fit, repeat_for_steps, save_final, split_dataset, steps_per_epoch
 
-    config, base, dist = job.config, job.base, job.dist
+    config, base, distribution = job.config, job.base, job.distribution
     # finetune: the head starts as the linear classifier on the frozen features. Not for full: once batch
     # normalization trains, the features move away from the ones that classifier was fit on.
     probe = _probe_at(job, base.top) if job.strategy == "finetune" else None
-    global_batch = config.batch_size * dist.num_replicas_in_sync
+    global_batch = config.batch_size * distribution.num_replicas_in_sync
     augment = None if config.augment in ("", "none", None) else AugmentConfig.parse(config.augment)
     shape = dict(
         num_classes=len(job.class_names), image_size=base.image_size, channels=base.channels, batch_size=global_batch
@@ -297,10 +281,10 @@ def _fit_trained(job: _Job, progress: bool):
     val_ds = split_dataset(job.splits.get("val"), config, training=False, **shape)
     steps = steps_per_epoch(config, len(job.splits["train"]), global_batch)
     train_ds = repeat_for_steps(config, train_ds)
-    with dist.scope():
+    with distribution.scope():
         model, plan = _trainable_model(base, job.strategy, config, len(job.class_names), probe, steps)
     inference = tf_keras.Model(model.inputs, model.outputs, name=model.name)
-    with dist.scope():
+    with distribution.scope():
         history, resumed, best_model = fit(
             job.run,
             model,
