@@ -160,7 +160,7 @@ def _evaluation_dataset(classifier, source, split: str, data, batch_size: int):
     the model's class indices); a ValueError for classes the model does not know or no images."""
     import tensorflow as tf
 
-    from ktoolkit.train.engine import split_dataset
+    from ktoolkit.data import split_dataset
 
     names = classifier.class_names
     unknown = [c for c in source.class_names if c not in names]

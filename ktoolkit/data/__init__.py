@@ -11,7 +11,7 @@ Nothing here imports TensorFlow until a function needs it.
 """
 
 from ktoolkit.data.augment import AugmentConfig, Augmenter
-from ktoolkit.data.pipeline import make_dataset
+from ktoolkit.data.pipeline import make_dataset, split_dataset
 from ktoolkit.data.scan import BadFile, ScanReport, Verdict, cache_dir, check_images, scan_folder
 from ktoolkit.data.sources import DataSource, Split, load_data, stratified_split
 
@@ -28,5 +28,6 @@ __all__ = [
     "load_data",
     "make_dataset",
     "scan_folder",
+    "split_dataset",
     "stratified_split",
 ]

@@ -270,3 +270,27 @@ def _cache_file(folder, split: Split, height: int, width: int, channels: int) ->
             for path in partial:
                 os.remove(path)
     return prefix
+
+
+def split_dataset(
+    split, config=None, *, num_classes, image_size, channels, batch_size, training, augment=None, **options
+):
+    """``make_dataset`` for one split with the run's settings (seed, cache, determinism; ``augment`` in
+    training only), or None for a split that is missing or empty. Without ``config`` (evaluating or
+    exporting a saved model): seed 0, no cache. ``options`` go to ``make_dataset`` (and override those)."""
+    if split is None or len(split) == 0:
+        return None
+    settings = {"seed": 0, "cache": None, "deterministic": None}
+    if config is not None:
+        cache = None if config.cache == "none" else config.cache
+        settings = {"seed": config.seed, "cache": cache, "deterministic": config.deterministic or None}
+    return make_dataset(
+        split,
+        num_classes=num_classes,
+        image_size=image_size,
+        channels=channels,
+        batch_size=batch_size,
+        training=training,
+        augment=augment if training else None,
+        **{**settings, **options},
+    )

@@ -51,7 +51,7 @@ class ExportSource:
         """A split (its name or a :class:`ktoolkit.data.Split`) as a tf.data pipeline of (float32 0..255
         images, labels), made as in training; ``training`` shuffles and caches (fine-tuning is short
         and starts from a trained model, so it does without augmentation)."""
-        from ktoolkit.train.engine import split_dataset
+        from ktoolkit.data import split_dataset
 
         height, width, channels = self.image_shape
         split = self.data.splits[split] if isinstance(split, str) else split

@@ -121,9 +121,9 @@ def _data(config: PretrainConfig, run: Run, distribution, description: str, chie
     import tf_keras
 
     import recipes
-    from ktoolkit.data import AugmentConfig
+    from ktoolkit.data import AugmentConfig, split_dataset
     from ktoolkit.pretrain import models
-    from ktoolkit.train.engine import _global_batch, repeat_for_steps, split_dataset, steps_per_epoch, write_run_header
+    from ktoolkit.train.engine import _global_batch, repeat_for_steps, steps_per_epoch, write_run_header
 
     recipe = recipes.get(config.recipe)
     source = _images(config, run, progress)

@@ -124,7 +124,7 @@ def _setup(start: RunStart, recipe) -> _Setup:
     import tensorflow as tf
     import tf_keras
 
-    from ktoolkit.data import AugmentConfig
+    from ktoolkit.data import AugmentConfig, split_dataset
 
     config, source = start.config, start.source
     class_names = list(source.class_names)
@@ -229,32 +229,6 @@ def _global_batch(config, distribution, description: str) -> int:
         "%s; global batch %d = %d per replica x %d replica(s)", description, global_batch, config.batch_size, replicas
     )
     return global_batch
-
-
-def split_dataset(
-    split, config=None, *, num_classes, image_size, channels, batch_size, training, augment=None, **options
-):
-    """``make_dataset`` for one split with the run's settings (seed, cache, determinism; ``augment`` in
-    training only), or None for a split that is missing or empty. Without ``config`` (evaluating or
-    exporting a saved model): seed 0, no cache. ``options`` go to ``make_dataset`` (and override those)."""
-    from ktoolkit.data import make_dataset
-
-    if split is None or len(split) == 0:
-        return None
-    settings = {"seed": 0, "cache": None, "deterministic": None}
-    if config is not None:
-        cache = None if config.cache == "none" else config.cache
-        settings = {"seed": config.seed, "cache": cache, "deterministic": config.deterministic or None}
-    return make_dataset(
-        split,
-        num_classes=num_classes,
-        image_size=image_size,
-        channels=channels,
-        batch_size=batch_size,
-        training=training,
-        augment=augment if training else None,
-        **{**settings, **options},
-    )
 
 
 def steps_per_epoch(config, examples: int, global_batch: int, *, drop_remainder: bool = False) -> int:

@@ -265,8 +265,8 @@ def _fit_trained(job: _Job, progress: bool):
     """finetune / full: the classifier trained with train's ``fit``. Returns (model, plan, history, resumed)."""
     import tf_keras
 
-    from ktoolkit.data import AugmentConfig
-    from ktoolkit.train.engine import fit, repeat_for_steps, save_final, split_dataset, steps_per_epoch
+    from ktoolkit.data import AugmentConfig, split_dataset
+    from ktoolkit.train.engine import fit, repeat_for_steps, save_final, steps_per_epoch
 
     config, base, distribution = job.config, job.base, job.distribution
     # finetune: the head starts as the linear classifier on the frozen features. Not for full: once batch
