@@ -165,19 +165,9 @@ def _data(config: PretrainConfig, run: Run, distribution, description: str, chie
 
 def _images(config: PretrainConfig, run: Run, progress: bool):
     """A resumed run's recorded split, or the data loaded and split (a folder without class folders too)."""
-    from ktoolkit.data import load_data
-    from ktoolkit.train.engine import resumed_source
+    from ktoolkit.train.engine import run_data
 
-    return resumed_source(run, progress) or load_data(
-        config.data,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
-        seed=config.seed,
-        strict=config.strict,
-        data_dir=config.data_dir,
-        progress=progress,
-        allow_unlabeled=True,
-    )
+    return run_data(run, config, progress, allow_unlabeled=True)
 
 
 def _fit_network(config: PretrainConfig, run: Run, distribution, data: _Data, chief: bool, progress: bool):

@@ -270,13 +270,24 @@ def start_run(config, overrides: dict, *, overwrite: bool, progress: bool) -> Ru
     (the distribution), and load and split the data (at least 2 classes)."""
     import dataclasses
 
-    from ktoolkit.data import load_data
-
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     config.validate()
     started = time.time()
     run, distribution, description, chief = open_run(config, overwrite)
-    source = resumed_source(run, progress) or load_data(
+    source = run_data(run, config, progress)
+    if source.num_classes < 2:
+        raise ValueError(
+            f"data={config.data!r} has {source.num_classes} class(es) with images; a classifier needs at least 2."
+        )
+    return RunStart(config, run, distribution, description, chief, source, started)
+
+
+def run_data(run: Run, config, progress: bool = False, *, allow_unlabeled: bool = False):
+    """A run's data: the split an interrupted run started with (:func:`resumed_source`), else ``config.data``
+    loaded and split with the run's settings."""
+    from ktoolkit.data import load_data
+
+    return resumed_source(run, progress) or load_data(
         config.data,
         val_fraction=config.val_fraction,
         test_fraction=config.test_fraction,
@@ -284,12 +295,8 @@ def start_run(config, overrides: dict, *, overwrite: bool, progress: bool) -> Ru
         strict=config.strict,
         data_dir=config.data_dir,
         progress=progress,
+        allow_unlabeled=allow_unlabeled,
     )
-    if source.num_classes < 2:
-        raise ValueError(
-            f"data={config.data!r} has {source.num_classes} class(es) with images; a classifier needs at least 2."
-        )
-    return RunStart(config, run, distribution, description, chief, source, started)
 
 
 def resumed_source(run: Run, progress: bool = False):
