@@ -361,7 +361,14 @@ def _train_flags(config_class=None) -> dict:
     """The run config's fields as flags (same names, - for _), by field name, in --help order; the other
     run commands reuse the ones they share, with their own defaults (``config_class``: TrainConfig,
     PretrainConfig, FinetuneConfig). Defaults come from the config class or --config."""
-    from ktoolkit.train.config import DISTRIBUTES, OPTIMIZERS, SCHEDULES, TrainConfig
+    from ktoolkit.train.config import (
+        CLASS_WEIGHTS,
+        DISTRIBUTES,
+        IMBALANCE_THRESHOLD,
+        OPTIMIZERS,
+        SCHEDULES,
+        TrainConfig,
+    )
 
     flag = functools.partial(_flag, config_class or TrainConfig)
     return {
@@ -393,6 +400,12 @@ def _train_flags(config_class=None) -> dict:
         "augment": flag("augment", help="e.g. flip,crop or flip,crop,color=20,mixup=0.2; 'none' for none."),
         "cache": flag("cache", help="memory, none, or a folder for tf.data's cache files."),
         "early_stopping": flag("early_stopping", type=int, help="Patience in epochs on the validation loss (0: off)."),
+        "class_weight": flag(
+            "class_weight",
+            type=click.Choice(CLASS_WEIGHTS),
+            help=f"auto: balanced class weights (n / (classes * count)) when the largest class has more than "
+            f"{IMBALANCE_THRESHOLD:g}x the training images of the smallest; none: never.",
+        ),
         "strict": flag("strict", "--strict/--no-strict", help="Fail on unreadable images instead of skipping."),
         "deterministic": flag("deterministic", "--deterministic/--no-deterministic"),
         "data_dir": flag("data_dir", help="tensorflow-datasets folder for tfds: sources."),
@@ -472,11 +485,9 @@ def _check_run_folder(config, overwrite: bool):
 
 
 def _print_result(result):
-    m = result.metrics
-    if m:
-        top5 = f", top-5 {m['top5']:.1%}" if m.get("top5") is not None else ""
-        click.echo(f"{m['split']} accuracy {m['accuracy']:.1%}{top5} on {m['images']} images")
-    click.echo(_printable(f"run folder: {result.run.root}  (report: {result.run.report_md})"))
+    """Every result type formats itself (``lines()``); the CLI only prints, escaping what the data named."""
+    for line in result.lines():
+        click.echo(_printable(line))
 
 
 # ------------------------------------------------------------------------------ pretrain / linear-eval
@@ -541,10 +552,7 @@ def pretrain_cmd(config_file, overwrite, verbose, **values):
     _setup_logging(verbose)
     from ktoolkit.pretrain import pretrain
 
-    result = pretrain(config, progress=_interactive(), overwrite=overwrite)
-    if result.measurements:
-        click.echo("measured: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in result.measurements.items()))
-    click.echo(_printable(f"encoder: {result.run.encoder}  (report: {result.run.report_md})"))
+    _print_result(pretrain(config, progress=_interactive(), overwrite=overwrite))
 
 
 @main.command("linear-eval")
@@ -589,14 +597,7 @@ def linear_eval_cmd(
         cache=cache,
         progress=_interactive(),
     )
-    p = result.pretrained
-    click.echo(f"linear evaluation, {p.split} split ({p.images} images): pretrained encoder {p.accuracy:.1%}")
-    if result.random is not None:
-        click.echo(
-            f"  same architecture at random initialization {result.random.accuracy:.1%}, difference "
-            f"{100 * result.difference:+.1f} points"
-        )
-    click.echo(f"written to {result.folder}")
+    _print_result(result)
 
 
 # --------------------------------------------------------------------------------- finetune / advise
@@ -628,7 +629,7 @@ def _base_flags() -> dict:
 _FINETUNE_SHARED = (
     *("config_file", "data", "out", "epochs", "batch_size", "optimizer", "lr", "momentum", "schedule"),
     *("weight_decay", "label_smoothing", "distribute", "image_size", "val_fraction", "test_fraction", "seed"),
-    *("augment", "cache", "early_stopping", "strict", "deterministic", "data_dir", "steps_per_epoch"),
+    *("augment", "cache", "early_stopping", "class_weight", "strict", "deterministic", "data_dir", "steps_per_epoch"),
     *("overwrite", "verbose"),
 )
 
@@ -637,12 +638,26 @@ def _finetune_options(f):
     from ktoolkit.transfer.finetune import STRATEGY_CHOICES, FinetuneConfig
 
     flag = functools.partial(_flag, FinetuneConfig)
+    from ktoolkit.transfer.finetune import EPOCH_RANGE, STEP_BUDGET
+
     train = _train_flags(FinetuneConfig)
+    train["epochs"] = flag(
+        "epochs",
+        type=int,
+        help=f"finetune, full (the linear strategies have none). Default: from the data size, "
+        f"ceil({STEP_BUDGET} steps / steps per epoch) within {EPOCH_RANGE[0]}-{EPOCH_RANGE[1]}.",
+    )
+    train["early_stopping"] = flag(
+        "early_stopping",
+        type=int,
+        help="finetune, full: patience in epochs on the validation accuracy; the best epoch is kept (0: off).",
+    )
     own = [
         flag(
             "strategy",
             type=click.Choice(STRATEGY_CHOICES),
-            help="auto (decided from the data), linear, linear-early, finetune or full.",
+            help="auto (decided from the data), linear, linear-early, knn (k-nearest neighbours on the top "
+            "features), finetune or full.",
         ),
         flag("cut", help="Layer for linear-early (default: the best held-out probe)."),
         flag("unfreeze", type=int, help="finetune: top groups of the base to train."),
@@ -664,11 +679,7 @@ def finetune_cmd(config_file, overwrite, verbose, **values):
     _setup_logging(verbose)
     from ktoolkit.transfer.finetune import finetune
 
-    result = finetune(config, progress=_interactive(), overwrite=overwrite)
-    for line in result.advice.lines():
-        click.echo(line)
-    click.echo(f"strategy: {result.strategy}")
-    _print_result(result)
+    _print_result(finetune(config, progress=_interactive(), overwrite=overwrite))
 
 
 def _advise_options(f):
@@ -679,7 +690,11 @@ def _advise_options(f):
             click.option(
                 "--data", required=True, help="Class-per-folder directory, CSV (path,label), .npz, or tfds:NAME."
             ),
-            click.option("--image-size", help="HEIGHT,WIDTH (default: the base's own size)."),
+            click.option(
+                "--image-size",
+                help="HEIGHT,WIDTH (default: the data's median resolution rounded to a multiple of 32, between "
+                "the base's minimum and its default size; a run folder's own size).",
+            ),
             click.option("--val-fraction", type=float, default=0.1, show_default=True),
             click.option("--test-fraction", type=float, default=0.1, show_default=True),
             click.option("--seed", type=int, default=0, show_default=True),
@@ -730,7 +745,7 @@ def advise_cmd(
         progress=_interactive(),
     )
     result = advise(
-        load_base(base or "mobilenet_v2", weights=weights, image_size=size),
+        load_base(base or "mobilenet_v2", weights=weights, image_size=size, data=source),
         source,
         small_threshold=small_threshold,
         similarity_threshold=similarity_threshold,
@@ -767,24 +782,7 @@ def evaluate_cmd(model, data, split, out, batch_size):
     _setup_logging()
     from ktoolkit.evaluate import evaluate_run
 
-    metrics, folder = evaluate_run(
-        model, data=data, split=split, out=out, batch_size=batch_size, progress=_interactive()
-    )
-    top5 = f", top-5 {metrics['top5']:.1%}" if metrics.get("top5") is not None else ""
-    click.echo(
-        f"{metrics['split']}: accuracy {metrics['accuracy']:.1%}{top5} on {metrics['images']} images, "
-        f"macro F1 {metrics['macro_f1']:.3f}"
-    )
-    for c in metrics["per_class"]:
-        click.echo(
-            f"  {_printable(c['class']):<20} precision {c['precision']:.3f}  recall {c['recall']:.3f}  "
-            f"F1 {c['f1']:.3f}  ({c['support']} images)"
-        )
-    if metrics["most_confused"]:
-        click.echo("most confused (true -> predicted):")
-        for m in metrics["most_confused"][:5]:
-            click.echo(_printable(f"  {m['true']} -> {m['predicted']}: {m['count']}"))
-    click.echo(_printable(f"written to {folder}"))
+    _print_result(evaluate_run(model, data=data, split=split, out=out, batch_size=batch_size, progress=_interactive()))
 
 
 @main.command("predict")

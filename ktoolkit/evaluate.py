@@ -9,10 +9,12 @@ import functools
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from ktoolkit.io import write_json, write_text
+from ktoolkit.stats import Accuracy, wilson
 
 
 @dataclass
@@ -26,12 +28,17 @@ class Evaluation:
     per_class: list = field(default_factory=list)  # dicts: class, precision, recall, f1, support
     most_confused: list = field(default_factory=list)  # dicts: true, predicted, count, share of the true class
     images: int = 0
+    correct: int = 0
+    top5_correct: int | None = None
 
     def to_dict(self) -> dict:
         return {
             "images": self.images,
             "accuracy": self.accuracy,
+            "correct": self.correct,
+            "accuracy_ci95": list(wilson(self.correct, self.images)),
             "top5": self.top5,
+            "top5_ci95": None if self.top5_correct is None else list(wilson(self.top5_correct, self.images)),
             "macro_f1": float(np.mean([c["f1"] for c in self.per_class])) if self.per_class else None,
             "per_class": self.per_class,
             "most_confused": self.most_confused,
@@ -71,14 +78,22 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, class_names) -> 
 
     n = len(class_names)
     predicted = probs.argmax(-1)
-    top5 = None
+    top5 = top5_correct = None
     if n > 5:
         top = np.argsort(-probs, axis=-1)[:, :5]
-        top5 = float(np.mean([label in row for label, row in zip(labels, top)]))
+        top5_correct = int(sum(label in row for label, row in zip(labels, top)))
+        top5 = top5_correct / len(labels) if len(labels) else 0.0
     cm = confusion_matrix(labels, predicted, labels=range(n))
     p, r, f, s = precision_recall_fscore_support(labels, predicted, labels=range(n), zero_division=0)
     per_class = [
-        {"class": name, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        {
+            "class": name,
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "recall_ci95": list(wilson(int(cm[i, i]), int(s[i]))),
+            "f1": float(f[i]),
+            "support": int(s[i]),
+        }
         for i, name in enumerate(class_names)
     ]
     off = [(int(cm[i, j]), i, j) for i in range(n) for j in range(n) if i != j and cm[i, j] > 0]
@@ -94,6 +109,8 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, class_names) -> 
         per_class,
         most,
         int(len(labels)),
+        int(np.sum(predicted == labels)),
+        top5_correct,
     )
 
 
@@ -109,7 +126,7 @@ def save_evaluation(evaluation: Evaluation, run, split: str = "test") -> dict:
     metrics = {"split": split, **evaluation.to_dict()}
     write_json(run.metrics, metrics)
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=["class", "precision", "recall", "f1", "support"])
+    writer = csv.DictWriter(out, fieldnames=["class", "precision", "recall", "f1", "support"], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(evaluation.per_class)
     write_text(run.per_class, out.getvalue())
@@ -117,13 +134,48 @@ def save_evaluation(evaluation: Evaluation, run, split: str = "test") -> dict:
         evaluation.confusion,
         evaluation.class_names,
         run.confusion,
-        title=f"{split} split: accuracy {evaluation.accuracy:.1%} on {evaluation.images} images",
+        title=f"{split} split: accuracy {Accuracy(evaluation.correct, evaluation.images).text()}",
     )
     return metrics
 
 
+def metrics_line(metrics: dict) -> str:
+    """``test accuracy 93.5% (95% CI 89.7-95.9%, 245 images), top-5 99.2% (95% CI ...)``."""
+    line = f"{metrics.get('split', 'held-out')} accuracy {Accuracy.from_metrics(metrics).text()}"
+    if metrics.get("top5") is not None:
+        top5 = metrics.get("top5_ci95")
+        ci = f" (95% CI {100 * top5[0]:.1f}-{100 * top5[1]:.1f}%)" if top5 else ""
+        line += f", top-5 {metrics['top5']:.1%}{ci}"
+    return line
+
+
+class EvaluationRun(NamedTuple):
+    """What :func:`evaluate_run` gives back (unpacks as ``metrics, folder``)."""
+
+    metrics: dict
+    folder: Path
+
+    def lines(self) -> list[str]:
+        """What `ktool evaluate` prints: the accuracy with its interval, macro F1, every class, the most
+        confused pairs and where it was written."""
+        m = self.metrics
+        out = [f"{metrics_line(m)}, macro F1 {m['macro_f1']:.3f}"]
+        for c in m["per_class"]:
+            low, high = c.get("recall_ci95") or wilson(round(c["recall"] * c["support"]), c["support"])
+            out.append(
+                f"  {c['class']:<20} precision {c['precision']:.3f}  recall {c['recall']:.3f} "
+                f"[{low:.2f}, {high:.2f}]  F1 {c['f1']:.3f}  ({c['support']} images)"
+            )
+        if m["most_confused"]:
+            out.append("most confused (true -> predicted):")
+            out += [f"  {p['true']} -> {p['predicted']}: {p['count']}" for p in m["most_confused"][:5]]
+        out.append(f"written to {self.folder}")
+        return out
+
+
 def evaluate_run(model, *, data=None, split=None, out=None, batch_size: int = 32, progress: bool = False):
-    """Evaluates a run folder's (or a .keras file's) model; returns (metrics, output folder).
+    """Evaluates a run folder's (or a .keras file's) model; returns an :class:`EvaluationRun` (metrics, output
+    folder).
 
     Without ``data``, or with the run's own data (however its path is written), the split recorded
     in the run's splits.json is used, so ``split`` "test" is exactly the held-out split of training:
@@ -152,7 +204,7 @@ def evaluate_run(model, *, data=None, split=None, out=None, batch_size: int = 32
     inside = run is not None and folder.resolve().is_relative_to(run.root.resolve())
     with run.lock() if inside else contextlib.nullcontext():
         metrics = save_evaluation(evaluation, Run(folder), split=split)
-    return metrics, folder
+    return EvaluationRun(metrics, folder)
 
 
 def _evaluation_dataset(classifier, source, split: str, data, batch_size: int):

@@ -10,6 +10,7 @@ import numpy as np
 
 from ktoolkit.io import save_figure, write_text
 from ktoolkit.runs import Run
+from ktoolkit.stats import Accuracy
 
 
 def _pyplot():
@@ -111,9 +112,14 @@ def write_report(run: Run, extra_sections: list[tuple[str, str]] | None = None) 
     model = config.get("base") or config.get("recipe", "?")
     lines = [f"# Run report: {model} on {config.get('data', '?')}", ""]
     if state:
+        epochs = (
+            f"Epochs completed: {state['epochs_completed']} of {state.get('epochs', '?')}; "
+            if state.get("epochs_completed") is not None
+            else "No epochs (a classifier fit on cached features); "
+        )
         lines += [
-            f"Epochs completed: {state.get('epochs_completed', '?')} of {state.get('epochs', '?')}; "
-            f"{'finished' if state.get('complete') else 'not finished'}"
+            epochs
+            + f"{'finished' if state.get('complete') else 'not finished'}"
             + (f" in {state['seconds']:.0f} s." if state.get("seconds") else "."),
             "",
         ]
@@ -141,21 +147,23 @@ def _results_section(metrics: dict) -> list[str]:
         "",
         "| metric | value |",
         "|---|---|",
-        f"| accuracy | {metrics['accuracy']:.2%} |",
+        f"| accuracy | {_with_interval(metrics['accuracy'], metrics.get('accuracy_ci95'))} |",
     ]
     if metrics.get("top5") is not None:
-        lines.append(f"| top-5 accuracy | {metrics['top5']:.2%} |")
+        lines.append(f"| top-5 accuracy | {_with_interval(metrics['top5'], metrics.get('top5_ci95'))} |")
+    if metrics.get("cv"):
+        lines.append(f"| cross-validated accuracy (train+val) | {Accuracy(**_accuracy_fields(metrics['cv'])).text()} |")
     if metrics.get("macro_f1") is not None:
         lines.append(f"| macro F1 | {metrics['macro_f1']:.3f} |")
     lines += [
         "",
         "![confusion matrix](confusion_matrix.png)",
         "",
-        "| class | precision | recall | F1 | images |",
+        "| class | precision | recall (95% CI) | F1 | images |",
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
+        f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f}{_recall_ci(c)} | {c['f1']:.3f} | {c['support']} |"
         for c in metrics.get("per_class", [])
     ]
     if metrics.get("most_confused"):
@@ -166,6 +174,21 @@ def _results_section(metrics: dict) -> list[str]:
         ]
     lines.append("")
     return lines
+
+
+def _recall_ci(c: dict) -> str:
+    ci = c.get("recall_ci95")
+    return f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+
+
+def _with_interval(value: float, ci) -> str:
+    """``93.50% (95% CI 89.7-95.9%)``; the value alone for metrics files written without the interval."""
+    return f"{value:.2%}" + (f" (95% CI {100 * ci[0]:.1f}-{100 * ci[1]:.1f}%)" if ci else "")
+
+
+def _accuracy_fields(d: dict) -> dict:
+    """An Accuracy's fields from its to_dict()."""
+    return {"correct": d["correct"], "images": d["images"], "how": d.get("how", ""), "folds": tuple(d.get("folds", ()))}
 
 
 def _data_section(data: dict) -> list[str]:

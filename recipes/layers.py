@@ -208,12 +208,52 @@ def custom_layers(api: str | None = None) -> types.SimpleNamespace:
         def get_config(self):
             return {**super().get_config(), "rate": self.rate, "low": self.low, "high": self.high, "seed": self.seed}
 
+    class NeighbourVote(K.layers.Layer):
+        """The vote of a k-nearest-neighbour classifier (ktoolkit/transfer/knn.py): from one score per
+        reference image (higher is nearer), the share of each class among the ``k`` best-scoring references.
+
+        The references' labels are a non-trainable int32 weight. Uniform votes; of tied classes, argmax of
+        the output gives the lowest index (as scikit-learn's KNeighborsClassifier). Ops: top-k, gather,
+        one-hot, mean (TFLite builtins).
+        """
+
+        def __init__(self, k=1, num_classes=2, **kwargs):
+            super().__init__(**kwargs)
+            self.k = int(k)
+            self.num_classes = int(num_classes)
+
+        def build(self, input_shape):
+            self.reference_labels = self.add_weight(
+                name="reference_labels",
+                shape=(int(input_shape[-1]),),
+                dtype="int32",
+                initializer="zeros",
+                trainable=False,
+            )
+            super().build(input_shape)
+
+        def call(self, scores):
+            if tf is not None:
+                nearest = tf.math.top_k(scores, k=self.k).indices
+                votes = tf.one_hot(tf.gather(self.reference_labels, nearest), self.num_classes, dtype=scores.dtype)
+                return tf.reduce_mean(votes, axis=1)
+            _, nearest = ops.top_k(scores, k=self.k)
+            votes = ops.one_hot(ops.take(self.reference_labels, nearest), self.num_classes, dtype=scores.dtype)
+            return ops.mean(votes, axis=1)
+
+        def compute_output_shape(self, input_shape):
+            return (input_shape[0], self.num_classes)
+
+        def get_config(self):
+            return {**super().get_config(), "k": self.k, "num_classes": self.num_classes}
+
     classes = {
         "LocalResponseNormalization": LocalResponseNormalization,
         "ImagePreprocessing": ImagePreprocessing,
         "ChannelPad": ChannelPad,
         "RandomMasking": RandomMasking,
         "SaltAndPepper": SaltAndPepper,
+        "NeighbourVote": NeighbourVote,
     }
     for cls_name, cls in classes.items():
         cls.__qualname__ = cls_name

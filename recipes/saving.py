@@ -23,7 +23,7 @@ import types
 import zipfile
 import zlib
 
-from recipes._keras import check_api, get_keras
+from recipes._keras import api_of, check_api, get_keras
 from recipes.layers import custom_layers
 
 log = logging.getLogger(__name__)
@@ -425,8 +425,6 @@ def _attr(module, dotted: str):
 
 def _load_h5_model(K, api: str, path: str, name: str, compile: bool):
     """A full-model ``.h5`` file: its model_config is checked, then rebuilt, then its weights loaded strictly."""
-    from recipes.blocks import load_weights_file
-
     if compile:
         raise ValueError(
             f"{name}: compile=True restores the optimizer from .keras files only; load the .h5 file "
@@ -556,3 +554,142 @@ def _itemsize(dtype) -> int:
         return np.dtype(getattr(dtype, "as_numpy_dtype", dtype)).itemsize
     except TypeError:  # a dtype numpy does not name (bfloat16 under some Keras versions): bound it as 8 bytes
         return 8
+
+
+# --------------------------------------------------------------------------- weight files into a model
+class WeightsMismatchError(ValueError):
+    """A weights file that does not fit the model: the message names the first layer that does not match."""
+
+
+def load_weights_file(model, path: str, label: str | None = None) -> str:
+    """Loads the weights file ``path`` into ``model`` after checking that it fits; returns how it matched.
+
+    Args:
+        model: the target model.
+        path: a ``.keras`` model file, a ``.weights.h5`` file or a Keras 2 ``.h5`` (weights or full model).
+        label: how messages name the file (default: its name).
+
+    Returns:
+        "by name" or "in order".
+
+    Raises:
+        WeightsMismatchError: the first layer of ``model`` that gets no weights or weights of other
+            shapes (the message does not name the file: callers add it and the fix).
+        ValueError: not a weights file, or an unsafe one (these name the file).
+    """
+    label = label or os.path.basename(path)
+    if path.lower().endswith(".keras"):
+        return _copy_weights_by_name(model, path)
+    check_h5_file(path, label, max_dataset_bytes=max_weight_bytes(model))
+    layers = legacy_weight_layers(path, label)
+    if layers is None:  # the .weights.h5 layout: Keras matches every variable by its place, strictly
+        _keras_load(model, path, ".weights.h5")
+        return "in order"
+    problem = _mismatch_in_order(model, layers)
+    if problem is None:
+        _keras_load(model, path, ".h5")
+        return "in order"
+    file_names = {name for name, _ in layers}
+    weighted = [layer.name for layer in model.layers if layer.weights]
+    shared = sum(name in file_names for name in weighted)
+    if shared:
+        by_name = _mismatch_by_name(model, layers)
+        if by_name is None and api_of(model) == "tf_keras":
+            _keras_load(model, path, ".h5", by_name=True)
+            return "by name"
+        if 2 * shared >= len(weighted):  # mostly the same names: the file was meant to match by name
+            problem = by_name or "the file matches only by layer name, which Keras 3 does not load"
+    raise WeightsMismatchError(problem)
+
+
+def _keras_load(model, path: str, suffix: str, by_name: bool = False):
+    """Keras picks the layout by the file's suffix: a file named otherwise is linked under the right one."""
+    import tempfile
+
+    try:
+        if path.lower().endswith(suffix) and not (suffix == ".h5" and path.lower().endswith(".weights.h5")):
+            return model.load_weights(path, by_name=True) if by_name else model.load_weights(path)
+        with tempfile.TemporaryDirectory(prefix="ktoolkit-weights-") as tmp:
+            link = os.path.join(tmp, "weights" + suffix)
+            os.symlink(os.path.abspath(path), link)
+            return model.load_weights(link, by_name=True) if by_name else model.load_weights(link)
+    except (ValueError, KeyError, TypeError) as err:
+        raise WeightsMismatchError((str(err).strip().splitlines() or [type(err).__name__])[0][:300]) from None
+
+
+def _shapes(layer) -> list:
+    """The layer's weight shapes in the order Keras 2 ``.h5`` files store them (trainable first)."""
+    return [tuple(w.shape) for w in [*layer.trainable_weights, *layer.non_trainable_weights]]
+
+
+def _mismatch_in_order(model, layers) -> str | None:
+    targets = [(layer.name, _shapes(layer)) for layer in model.layers if layer.weights]
+    saved = [(name, shapes) for name, shapes in layers if shapes]
+    for (name, shapes), (file_name, file_shapes) in zip(targets, saved):
+        if shapes != file_shapes:
+            return (
+                f"layer {name!r} expects weights of shapes {shapes}, the file's layer in its place "
+                f"({file_name!r}) has {file_shapes}"
+            )
+    if len(targets) > len(saved):
+        return (
+            f"layer {targets[len(saved)][0]!r} has no weights in the file (the file has weights for "
+            f"{len(saved)} layers, the model for {len(targets)})"
+        )
+    if len(saved) > len(targets):
+        return (
+            f"the file has weights for {len(saved)} layers, the model for {len(targets)} (the first extra "
+            f"one is {saved[len(targets)][0]!r})"
+        )
+    return None
+
+
+def _mismatch_by_name(model, layers) -> str | None:
+    saved = dict(layers)
+    for layer in model.layers:
+        shapes = _shapes(layer)
+        file_shapes = saved.get(layer.name)
+        if shapes and not file_shapes:
+            return f"layer {layer.name!r} has no weights in the file"
+        if layer.name in saved and file_shapes != shapes:
+            return (
+                f"layer {layer.name!r} expects weights of shapes {shapes}, the file's layer of that name has "
+                f"{file_shapes}"
+            )
+    return None
+
+
+def _leaf_layers(model):
+    """The layers of ``model`` with nested models opened up, so a base inside a classifier matches too."""
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
+def _copy_weights_by_name(model, path) -> str:
+    """Copies the weights of the ``.keras`` model ``path`` into ``model`` by layer name, all or nothing."""
+    source = load_model(path, api=api_of(model))
+    by_name = {}
+    for layer in _leaf_layers(source):
+        by_name.setdefault(layer.name, layer)
+    pairs = []
+    for layer in _leaf_layers(model):
+        if not layer.weights:
+            continue
+        other = by_name.get(layer.name)
+        if other is None or not other.weights:
+            raise WeightsMismatchError(f"layer {layer.name!r} has no weights in the file")
+        shapes, file_shapes = [tuple(w.shape) for w in layer.weights], [tuple(w.shape) for w in other.weights]
+        if shapes != file_shapes:
+            raise WeightsMismatchError(
+                f"layer {layer.name!r} expects weights of shapes {shapes}, the file's layer "
+                f"of that name has {file_shapes}"
+            )
+        pairs.append((layer, other))
+    if not pairs:
+        raise WeightsMismatchError("the model has no layers with weights to load")
+    for layer, other in pairs:  # checked first, so a file that does not fit leaves the model as it was
+        layer.set_weights(other.get_weights())
+    return "by name"

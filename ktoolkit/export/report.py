@@ -11,6 +11,14 @@ from tflite_export.untrusted import confined, sanitize_text
 REPORT_MD, REPORT_JSON, COMPARE_PNG = "export_report.md", "export_report.json", "export_compare.png"
 
 
+def _interval(fraction: float, images: int) -> str:
+    """``91.20% (95% CI 88.1-93.6%)``."""
+    from ktoolkit.stats import Accuracy
+
+    low, high = Accuracy(round(fraction * images), images).interval
+    return f"{100 * fraction:.2f}% (95% CI {100 * low:.1f}-{100 * high:.1f}%)"
+
+
 def write_report(folder, results, *, source_info: dict, settings: dict) -> dict:
     """Writes the report files into ``folder`` (and nowhere else); returns their paths by kind ("md",
     "json", "png")."""
@@ -32,7 +40,8 @@ def _markdown(results, source_info, settings, png) -> str:
         (
             f"From `{source_info['origin']}`; verified on {source_info['images']} held-out images "
             f"(the `{source_info['split']}` split of `{source_info['data']}`). Accuracy budget: at most "
-            f"{settings['max_accuracy_drop']:g} point(s) below the Keras model's {100 * source_info['keras_accuracy']:.2f}%."
+            f"{settings['max_accuracy_drop']:g} point(s) below the Keras model's "
+            f"{_interval(source_info['keras_accuracy'], source_info['images'])}."
         ),
         "",
         "**All files are within the budget.**"
@@ -48,7 +57,7 @@ def _markdown(results, source_info, settings, png) -> str:
         ),
         "",
         (
-            "| mode | file | size | gzipped | accuracy | drop (points) | top-1 agreement | largest class change | "
+            "| mode | file | size | gzipped | accuracy (95% CI) | drop (points) | top-1 agreement | largest class change | "
             f"latency ({settings['threads']} threads, p50) | status |"
         ),
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -57,7 +66,7 @@ def _markdown(results, source_info, settings, png) -> str:
         v = r.verification
         gz = f"{_size(r.gzip_bytes)} ({source_info['keras_file_bytes'] / r.gzip_bytes:.1f}x)" if r.gzip_bytes else "-"
         lines.append(
-            f"| {r.mode} | `{r.path.name}` | {_size(r.size_bytes)} | {gz} | {100 * v.accuracy:.2f}% | {v.accuracy_drop:+.2f} | "
+            f"| {r.mode} | `{r.path.name}` | {_size(r.size_bytes)} | {gz} | {_interval(v.accuracy, v.images)} | {v.accuracy_drop:+.2f} | "
             f"{100 * v.agreement:.1f}% | {v.max_class_change:+.1f} ({sanitize_text(v.max_class_change_class)}) | "
             f"{r.latency_ms:.2f} ms | {'ok' if r.passed else 'FAILED'} |"
         )

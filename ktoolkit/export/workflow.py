@@ -86,7 +86,7 @@ class ExportResult:
     def lines(self) -> list[str]:
         """What `ktool export` prints: a table of the files (mode, file, size, accuracy, drop,
         agreement, latency, ok/OVER BUDGET), then the Keras model's accuracy and the report's path."""
-        rows = [("mode", "file", "size", "accuracy", "drop", "agreement", "latency", "")]
+        rows = [("mode", "file", "size", "accuracy (95% CI)", "drop", "agreement", "latency", "")]
         for f in self.files:
             v = f.verification
             size = f"{f.size_bytes / 2**20:.2f} MB" if f.size_bytes >= 2**20 else f"{f.size_bytes / 2**10:.1f} KB"
@@ -95,7 +95,7 @@ class ExportResult:
                     f.mode,
                     f.path.name,
                     size,
-                    f"{v.accuracy:.2%}",
+                    _with_interval(v.accuracy, v.images),
                     f"{v.accuracy_drop:+.2f}",
                     f"{v.agreement:.1%}",
                     f"{f.latency_ms:.2f} ms",
@@ -107,7 +107,8 @@ class ExportResult:
         keras = self.files[0].verification
         return [
             *lines,
-            f"Keras model: {keras.keras_accuracy:.2%} on {keras.images} held-out images; report: {self.report['md']}",
+            f"Keras model: {_accuracy(keras.keras_accuracy, keras.images).text()} on the held-out images; "
+            f"report: {self.report['md']}",
         ]
 
     def failure(self) -> str | None:
@@ -119,6 +120,18 @@ class ExportResult:
             f"{over} lost more than {self.settings['max_accuracy_drop']:g} accuracy point(s); the files are "
             f"kept, named *.FAILED.*, for inspection."
         )
+
+
+def _accuracy(fraction: float, images: int):
+    from ktoolkit.stats import Accuracy
+
+    return Accuracy(round(fraction * images), images)
+
+
+def _with_interval(fraction: float, images: int) -> str:
+    """``91.20% [88.1, 93.6]``: a file's accuracy with its 95% Wilson interval, in the table's width."""
+    low, high = _accuracy(fraction, images).interval
+    return f"{fraction:.2%} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def _tunable(mode_default, doc: str):

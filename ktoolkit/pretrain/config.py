@@ -67,6 +67,7 @@ class PretrainConfig(RunConfig):
     recipe_options: dict = field(default_factory=dict)
 
     KIND = "pretraining"
+    LABELLED = False  # class folders optional: labels are never used for training
     # Settings that may differ when an interrupted run is resumed (they do not change the result).
     RESUMABLE = ("epochs", "deterministic", "strict", "cache", "data_dir", "distribute")
 

@@ -56,6 +56,13 @@ class PretrainResult:
     seconds: float = 0.0
     resumed_from_epoch: int = 0
 
+    def lines(self) -> list[str]:
+        """What `ktool pretrain` prints: the measurements (losses, no accuracies: no labels) and the encoder."""
+        out = []
+        if self.measurements:
+            out.append("measured: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in self.measurements.items()))
+        return [*out, f"encoder: {self.run.encoder}  (report: {self.run.report_md})"]
+
 
 @run_command
 def pretrain(
@@ -75,16 +82,13 @@ def pretrain(
         ValueError: a bad setting (named), or an interrupted run with different settings in ``out``.
         RunExistsError: ``out`` holds a finished run and ``overwrite`` is False.
     """
-    import dataclasses
+    from ktoolkit.train.engine import start_run
 
-    config = dataclasses.replace(config or PretrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
-    config = config.resolved().validate()
-    started = time.time()
-    from ktoolkit.train.engine import open_run
-
-    # the folder checked, the distribution made (first: see ktoolkit.train.engine), the folder locked
-    run, distribution, description, chief = open_run(config, overwrite)
-    data = _data(config, run, distribution, description, chief, progress)
+    # the settings resolved and checked, the folder checked, the distribution made (first: see
+    # ktoolkit.train.engine), the folder locked, the images loaded (a resumed run's recorded split)
+    start = start_run(config or PretrainConfig(), overrides, overwrite=overwrite, progress=progress)
+    config, run, distribution, chief, started = start.config, start.run, start.distribution, start.chief, start.started
+    data = _data(config, run, start.source, distribution, start.description, chief)
     network, history, resumed = _fit_network(config, run, distribution, data, chief, progress)
     encoder = _save_networks(run, network, chief)
     measurements = {}
@@ -115,9 +119,9 @@ class _Data:
     steps: int
 
 
-def _data(config: PretrainConfig, run: Run, distribution, description: str, chief: bool, progress: bool) -> _Data:
-    """The images (resumed or loaded, class folders optional), the run header, the seed and the datasets: pixels
-    to pixels for the autoencoders, two views of each image for contrastive learning."""
+def _data(config: PretrainConfig, run: Run, source, distribution, description: str, chief: bool) -> _Data:
+    """The run header, the seed and the datasets of ``source`` (the run's images: class folders optional):
+    pixels to pixels for the autoencoders, two views of each image for contrastive learning."""
     import tf_keras
 
     import recipes
@@ -126,7 +130,6 @@ def _data(config: PretrainConfig, run: Run, distribution, description: str, chie
     from ktoolkit.train.engine import _global_batch, repeat_for_steps, steps_per_epoch, write_run_header
 
     recipe = recipes.get(config.recipe)
-    source = _images(config, run, progress)
     image_size = tuple(config.image_size or recipe.input_shape[:2])
     channels = config.channels or recipe.input_shape[2]
     global_batch = _global_batch(config, distribution, description)
@@ -161,13 +164,6 @@ def _data(config: PretrainConfig, run: Run, distribution, description: str, chie
     train_ds = repeat_for_steps(config, dataset(train_split, True))
     val_ds = dataset(val_split, False)
     return _Data(source, recipe, image_size, channels, train_split, val_split, train_ds, val_ds, steps)
-
-
-def _images(config: PretrainConfig, run: Run, progress: bool):
-    """A resumed run's recorded split, or the data loaded and split (a folder without class folders too)."""
-    from ktoolkit.train.engine import run_data
-
-    return run_data(run, config, progress, allow_unlabeled=True)
 
 
 def _fit_network(config: PretrainConfig, run: Run, distribution, data: _Data, chief: bool, progress: bool):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ktoolkit.io import save_model, write_json, write_text
 from ktoolkit.runs import resolve_encoder_path
+from ktoolkit.stats import Accuracy
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,11 @@ class ProbeResult:
     train_accuracy: float
     C: float
     probe: object  # ktoolkit.transfer.features.LinearProbe
+
+    @property
+    def measured(self) -> Accuracy:
+        """``accuracy`` as correct of ``images`` with its 95% interval."""
+        return Accuracy(round(self.accuracy * self.images), self.images, how=self.split)
 
 
 @dataclass
@@ -62,7 +68,9 @@ class LinearEvalResult:
 
     def to_dict(self) -> dict:
         def probe(p):
-            return None if p is None else {k: v for k, v in asdict(p).items() if k != "probe"}
+            if p is None:
+                return None
+            return {**{k: v for k, v in asdict(p).items() if k != "probe"}, "ci95": list(p.measured.interval)}
 
         return {
             "encoder": self.encoder,
@@ -76,6 +84,17 @@ class LinearEvalResult:
             "seconds": round(self.seconds, 1),
         }
 
+    def lines(self) -> list[str]:
+        """What `ktool linear-eval` prints."""
+        p = self.pretrained
+        out = [f"linear evaluation, {p.split} split: pretrained encoder {p.measured.text()}"]
+        if self.random is not None:
+            out.append(
+                f"  same architecture at random initialization {self.random.measured.text()}, difference "
+                f"{100 * self.difference:+.1f} points"
+            )
+        return [*out, f"written to {self.folder}"]
+
     def markdown(self) -> str:
         p = self.pretrained
         lines = [
@@ -84,13 +103,13 @@ class LinearEvalResult:
             f"validation split; accuracy on the **{p.split}** split ({p.images:,} images, {len(self.classes)} "
             "classes).",
             "",
-            f"| encoder | {p.split} accuracy | validation accuracy |",
+            f"| encoder | {p.split} accuracy (95% CI, images) | validation accuracy |",
             "|---|---|---|",
-            f"| pretrained (`{self.encoder}`) | {p.accuracy:.2%} | {_percent(p.val_accuracy)} |",
+            f"| pretrained (`{self.encoder}`) | {p.measured.text()} | {_percent(p.val_accuracy)} |",
         ]
         if self.random is not None:
             lines += [
-                f"| same architecture, random initialization | {self.random.accuracy:.2%} | "
+                f"| same architecture, random initialization | {self.random.measured.text()} | "
                 f"{_percent(self.random.val_accuracy)} |",
                 f"| difference | {100 * self.difference:+.1f} points | |",
             ]

@@ -20,6 +20,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "reduce-on-plateau")
 DISTRIBUTES = ("auto", "none", "mirrored", "multiworker")
 CACHES = ("memory", "none")  # or a file path
+CLASS_WEIGHTS = ("auto", "none")
+#: --class-weight auto weights the classes when the largest has more than this times the images of the smallest.
+IMBALANCE_THRESHOLD = 1.5
 #: A settings file is a few hundred bytes; anything bigger is the wrong file (and is not parsed).
 MAX_CONFIG_BYTES = 1 << 20
 #: Largest image side a run takes: beyond it one batch alone would not fit in memory.
@@ -179,6 +182,12 @@ class RunConfig:
 
     KIND = "run"  # in messages: "unknown run setting(s)"
     RESUMABLE = ()  # settings that may differ when an interrupted run is resumed
+    LABELLED = True  # the run trains a classifier: its data needs at least 2 classes
+
+    def resolved(self):
+        """A copy with defaults that depend on other fields filled in, as the run folder records it
+        (PretrainConfig fills the method's recipe and views); the fields as they are by default."""
+        return self
 
     def __post_init__(self):
         """Checks every field's type against its annotation, naming the field (YAML's "no" in quotes is a
@@ -201,8 +210,8 @@ class RunConfig:
             bad("schedule", f"use one of {', '.join(SCHEDULES)}.")
         if self.distribute not in DISTRIBUTES:
             bad("distribute", f"use one of {', '.join(DISTRIBUTES)}.")
-        if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            bad("epochs", "must be a whole number >= 1.")
+        if self.epochs is not None and not (isinstance(self.epochs, int) and self.epochs >= 1):
+            bad("epochs", "must be a whole number >= 1.")  # None: the command's default (ktool finetune)
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             bad("batch_size", "must be a whole number >= 1 (per replica).")
         if self.lr is not None and not self.lr > 0:  # None: the command's default (ktool finetune)
@@ -363,6 +372,9 @@ class TrainConfig(RunConfig):
         mixed_precision: float16 compute on GPUs (bfloat16 on CPUs), float32 variables.
         jit: compile the training step with XLA.
         early_stopping: patience in epochs on the validation loss (0: off).
+        class_weight: "auto" (balanced weights ``n / (classes * count)`` when the largest class of the
+            training split has more than :data:`IMBALANCE_THRESHOLD` times the images of the smallest)
+            or "none".
         recipe_options: extra keyword arguments of the recipe builder (e.g. {"dropout": 0.3}).
     """
 
@@ -371,6 +383,7 @@ class TrainConfig(RunConfig):
     mixed_precision: bool = False
     jit: bool = False
     early_stopping: int = 0
+    class_weight: str = "auto"
     recipe_options: dict = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
@@ -383,6 +396,8 @@ class TrainConfig(RunConfig):
             bad("label_smoothing", "must be in [0, 1), e.g. 0.1.")
         if self.early_stopping < 0:
             bad("early_stopping", "is a patience in epochs; 0 turns it off.")
+        if self.class_weight not in CLASS_WEIGHTS:
+            bad("class_weight", f"use one of {', '.join(CLASS_WEIGHTS)}.")
         from ktoolkit.data.augment import AugmentConfig
 
         AugmentConfig.parse(self.augment)  # a ValueError names a bad option, before anything is loaded

@@ -65,6 +65,20 @@ class TrainResult:
     seconds: float = 0.0
     resumed_from_epoch: int = 0
 
+    def lines(self) -> list[str]:
+        """What `ktool train` prints: the held-out accuracy with its interval and where the run is."""
+        from ktoolkit.evaluate import metrics_line
+
+        out = [metrics_line(self.metrics)] if self.metrics and self.metrics.get("images") else []
+        if self.metrics.get("cv"):
+            from ktoolkit.stats import Accuracy
+
+            cv = self.metrics["cv"]
+            out.append(
+                f"cross-validated accuracy {Accuracy(cv['correct'], cv['images'], folds=cv.get('folds', ())).text()}"
+            )
+        return [*out, f"run folder: {self.run.root}  (report: {self.run.report_md})"]
+
 
 @run_command
 def train(
@@ -117,6 +131,7 @@ class _Setup:
     val_ds: object
     test_ds: object
     steps: int
+    class_weight: dict | None = None  # {class index: weight}, see class_weights
 
 
 def _setup(start: RunStart, recipe) -> _Setup:
@@ -146,7 +161,10 @@ def _setup(start: RunStart, recipe) -> _Setup:
     if train_ds is None:
         raise ValueError(f"data={config.data!r}: the training split is empty.")
     steps = steps_per_epoch(config, len(source.splits["train"]), global_batch)
-    return _Setup(class_names, image_size, channels, global_batch, train_ds, val_ds, test_ds, steps)
+    weights = class_weights(source.splits["train"].labels, len(class_names), config.class_weight)
+    if weights:
+        log.info("class weights (--class-weight %s): %s", config.class_weight, _weights_text(weights, class_names))
+    return _Setup(class_names, image_size, channels, global_batch, train_ds, val_ds, test_ds, steps, weights)
 
 
 def _build_and_fit(start: RunStart, recipe, setup: _Setup, progress: bool):
@@ -197,6 +215,7 @@ def _build_and_fit(start: RunStart, recipe, setup: _Setup, progress: bool):
             steps=setup.steps,
             callbacks=schedule_callbacks,
             early_stopping=config.early_stopping,
+            class_weight=setup.class_weight,
             chief=start.chief,
             progress=progress,
         )
@@ -250,6 +269,50 @@ def classifier_metrics(num_classes: int) -> list:
     return ["accuracy"] + ([tf_keras.metrics.TopKCategoricalAccuracy(5, name="top5")] if num_classes > 5 else [])
 
 
+def class_weights(labels, num_classes: int, how: str = "auto") -> dict | None:
+    """Balanced class weights ``n / (classes * count_c)`` for the training labels, or None for none.
+
+    ``how`` "auto" weights only an imbalanced split: the largest class has more than
+    :data:`~ktoolkit.train.config.IMBALANCE_THRESHOLD` (1.5) times the images of the smallest (below
+    that, weighting changes little and adds noise to the gradient); "none" never weights. The weights
+    average 1 over the training images, so the loss keeps its scale. A class without training images
+    gets weight 0 (it has nothing to weight). Returns {class index: weight}.
+    """
+    import numpy as np
+
+    from ktoolkit.train.config import IMBALANCE_THRESHOLD
+
+    if how == "none":
+        return None
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)[:num_classes]
+    present = counts[counts > 0]
+    if len(present) < 2 or present.max() <= IMBALANCE_THRESHOLD * present.min():
+        return None
+    n, k = int(counts.sum()), len(present)
+    return {c: (n / (k * int(counts[c])) if counts[c] else 0.0) for c in range(num_classes)}
+
+
+def _weights_text(weights: dict, class_names) -> str:
+    return ", ".join(f"{class_names[c]} {w:.3g}" for c, w in weights.items())
+
+
+def weight_by_class(dataset, class_weight: dict | None):
+    """``dataset`` of (images, labels) with a third element: each image's weight, the class weights
+    averaged by its label (one-hot, or soft for MixUp/CutMix). Multi-output labels (a dict) are read
+    from "predictions" and the one weight applies to every output. Unchanged without weights."""
+    if dataset is None or not class_weight:
+        return dataset
+    import tensorflow as tf
+
+    table = tf.constant([class_weight.get(c, 0.0) for c in range(max(class_weight) + 1)], tf.float32)
+
+    def add_weight(x, y):
+        target = y["predictions"] if isinstance(y, dict) else y
+        return x, y, tf.reduce_sum(tf.cast(target, tf.float32) * table, axis=-1)
+
+    return dataset.map(add_weight, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 @dataclass
 class RunStart:
     """A classifier run, set up: the validated settings, the run folder, the tf.distribute strategy
@@ -265,17 +328,19 @@ class RunStart:
 
 
 def start_run(config, overrides: dict, *, overwrite: bool, progress: bool) -> RunStart:
-    """What `ktool train` and `ktool finetune` do first: apply ``overrides`` (the non-None ones) to
-    ``config`` and validate it, prepare the run folder, make the tf.distribute strategy
-    (the distribution), and load and split the data (at least 2 classes)."""
+    """What `ktool train`, `finetune` and `pretrain` do first: apply ``overrides`` (the non-None ones) to
+    ``config``, fill its derived defaults and validate it, prepare the run folder, make the tf.distribute
+    strategy (the distribution), and load and split the data (at least 2 classes for a classifier;
+    pretraining's ``LABELLED = False`` takes a folder without class folders too)."""
     import dataclasses
 
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    config = config.resolved()
     config.validate()
     started = time.time()
     run, distribution, description, chief = open_run(config, overwrite)
-    source = run_data(run, config, progress)
-    if source.num_classes < 2:
+    source = run_data(run, config, progress, allow_unlabeled=not config.LABELLED)
+    if config.LABELLED and source.num_classes < 2:
         raise ValueError(
             f"data={config.data!r} has {source.num_classes} class(es) with images; a classifier needs at least 2."
         )
@@ -362,14 +427,20 @@ def fit(
     steps: int,
     callbacks=(),
     early_stopping: int = 0,
+    stop_on: str = "loss",
+    class_weight: dict | None = None,
     chief: bool = True,
     progress: bool = False,
 ):
     """``model.fit`` with the run folder's crash recovery: history.csv, best.keras, the checkpoint.
 
-    Call it inside the distribution's scope. Returns (history rows, epoch resumed from, the BestModel callback,
-    or None when ``inference`` is None). The checkpoint is kept until ``finish`` has marked the run
-    complete, so a run killed after its last epoch resumes there (with nothing left to train).
+    Call it inside the distribution's scope. ``early_stopping`` is a patience in epochs on ``stop_on``
+    ("loss" or "accuracy", of the validation split when there is one); ``class_weight`` ({class index:
+    weight}, see :func:`class_weights`) weights each training image's loss by its class (as sample
+    weights, so soft MixUp/CutMix labels and multi-output models work too). Returns (history rows, epoch
+    resumed from, the BestModel callback, or None when ``inference`` is None). The checkpoint is kept until
+    ``finish`` has marked the run complete, so a run killed after its last epoch resumes there (with
+    nothing left to train).
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite; state.json says so ("failed").
@@ -377,7 +448,9 @@ def fit(
     from ktoolkit.train.callbacks import RunLog
 
     run_log = RunLog(run, epochs, write=chief)
-    best_model, all_callbacks = _fit_callbacks(run, model, inference, val_ds, run_log, callbacks, early_stopping, chief)
+    stopping = (early_stopping, stop_on)
+    best_model, all_callbacks = _fit_callbacks(run, model, inference, val_ds, run_log, callbacks, stopping, chief)
+    train_ds = weight_by_class(train_ds, class_weight)
     model.fit(
         train_ds,
         validation_data=val_ds,
@@ -397,10 +470,10 @@ def fit(
     return run_log.rows, run_log.started_at_epoch, best_model
 
 
-def _fit_callbacks(run: Run, model, inference, val_ds, run_log, callbacks, early_stopping: int, chief: bool):
+def _fit_callbacks(run: Run, model, inference, val_ds, run_log, callbacks, stopping: tuple, chief: bool):
     """``fit``'s callbacks, in the order that keeps a killed run consistent: RunLog, BestModel (when there is an
-    ``inference`` model), BackupAndRestore, the caller's, EarlyStopping, TensorBoard. Returns (BestModel or
-    None, the callbacks)."""
+    ``inference`` model), BackupAndRestore, the caller's, EarlyStopping (``stopping``: (patience, "loss" or
+    "accuracy")), TensorBoard. Returns (BestModel or None, the callbacks)."""
     import tf_keras
 
     from ktoolkit.train.callbacks import BestModel
@@ -417,10 +490,14 @@ def _fit_callbacks(run: Run, model, inference, val_ds, run_log, callbacks, early
         tf_keras.callbacks.BackupAndRestore(str(run.backup), save_freq="epoch", delete_checkpoint=False),
         *callbacks,
     ]
-    if early_stopping:
+    patience, stop_on = stopping
+    if patience:
+        main = "" if len(model.output_names) == 1 or stop_on == "loss" else "predictions_"
         all_callbacks.append(
             tf_keras.callbacks.EarlyStopping(
-                monitor="val_loss" if val_ds is not None else "loss", patience=early_stopping
+                monitor=("val_" if val_ds is not None else "") + main + stop_on,
+                patience=patience,
+                mode="min" if stop_on == "loss" else "max",
             )
         )
     if chief:

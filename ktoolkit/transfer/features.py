@@ -185,7 +185,13 @@ def extract_features(
 # --------------------------------------------------------------------------------- linear classifier
 @dataclass
 class LinearProbe:
-    """A multinomial logistic regression on standardized features (weights in the original scale)."""
+    """A multinomial logistic regression on standardized features (weights in the original scale).
+
+    A probe from :func:`fit_linear_cv` also carries its cross-validated accuracy (``cv``), the out-of-fold
+    prediction of every image it was fit on (``cv_predictions``, each made by a fold model that did not see
+    that image), the cross-validated accuracy of every C tried (``cv_scores``) and how many images and
+    folds were used.
+    """
 
     kernel: np.ndarray  # (D, classes), applies to raw features
     bias: np.ndarray  # (classes,)
@@ -195,6 +201,11 @@ class LinearProbe:
     seconds: float
     mean: np.ndarray | None = None  # (D,) the standardization the classifier was fit with
     scale: np.ndarray | None = None  # (D,)
+    cv: object = None  # ktoolkit.stats.Accuracy of the out-of-fold predictions (fit_linear_cv)
+    cv_predictions: np.ndarray | None = None  # (images,) out-of-fold predicted class of each image
+    cv_scores: dict = field(default_factory=dict)  # {C: cross-validated accuracy}
+    images: int = 0  # images the final classifier was fit on
+    folds: int = 0
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         logits = features @ self.kernel + self.bias
@@ -206,42 +217,40 @@ class LinearProbe:
         return float((self.predict_proba(features).argmax(1) == np.asarray(labels)).mean())
 
 
-def fit_linear(
-    train_x, train_y, val_x=None, val_y=None, *, num_classes: int | None = None, Cs=C_GRID, max_iter: int = 300
-) -> LinearProbe:
-    """Fits logistic regression on features, picking the inverse regularization C on the validation split.
+def standardization(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The per-feature mean and scale the classifiers standardize with, computed from ``x`` only.
 
-    Without validation data, C=1 (features are standardized, so that is a sensible scale).
+    The scale is the standard deviation floored at ``SCALE_FLOOR`` times the median one (see there);
+    all ones when no feature varies.
     """
+    x = np.asarray(x, np.float64)
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    varying = scale[scale > 1e-8]
+    scale = np.maximum(scale, SCALE_FLOOR * np.median(varying)) if len(varying) else np.ones_like(scale)
+    return mean, scale
+
+
+def _probe_path(x, y, Cs, num_classes: int, max_iter: int):
+    """Logistic regressions on ``x`` (standardized with ``x``'s own statistics), one per C in increasing
+    order, each warm-started from the previous solution (far fewer iterations in all): yields LinearProbes."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    started = time.time()
-    train_x, train_y = np.asarray(train_x, np.float64), np.asarray(train_y)
-    num_classes = num_classes or int(train_y.max()) + 1
-    mean = train_x.mean(axis=0)
-    scale = train_x.std(axis=0)
-    varying = scale[scale > 1e-8]
-    scale = np.maximum(scale, SCALE_FLOOR * np.median(varying)) if len(varying) else np.ones_like(scale)
-    z = (train_x - mean) / scale
-    has_val = val_x is not None and len(val_x) > 0
-    candidates = sorted(Cs) if has_val else (1.0,)
-    best = None
-    # one estimator, C increasing, warm-started from the previous solution: far fewer iterations in all
+    mean, scale = standardization(x)
+    z = (x - mean) / scale
     clf = LogisticRegression(max_iter=max_iter, tol=1e-3, warm_start=True)
-    for C in candidates:
+    for C in sorted(Cs):
         clf.set_params(C=C)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(z, train_y)
+            clf.fit(z, y)
         kernel = np.zeros((z.shape[1], num_classes))
         bias = np.full(num_classes, -1e4)  # classes absent from training are never predicted
-        coef = clf.coef_ if len(clf.classes_) > 2 else np.vstack([-clf.coef_[0] / 2, clf.coef_[0] / 2])
-        intercept = (
-            clf.intercept_ if len(clf.classes_) > 2 else np.array([-clf.intercept_[0] / 2, clf.intercept_[0] / 2])
-        )
+        binary = len(clf.classes_) == 2
+        coef = np.vstack([-clf.coef_[0] / 2, clf.coef_[0] / 2]) if binary else clf.coef_
+        intercept = np.array([-clf.intercept_[0] / 2, clf.intercept_[0] / 2]) if binary else clf.intercept_
         kernel[:, clf.classes_] = (coef / scale).T
         bias[clf.classes_] = intercept - (coef * (mean / scale)).sum(axis=1)
         probe = LinearProbe(
@@ -251,16 +260,72 @@ def fit_linear(
             0.0,
             None,
             0.0,
-            mean.astype(np.float32),
-            scale.astype(np.float32),
+            *(a.astype(np.float32) for a in (mean, scale)),
         )
-        probe.train_accuracy = probe.accuracy(train_x, train_y)
+        probe.train_accuracy = probe.accuracy(x, y)
+        probe.images = len(y)
+        yield probe
+
+
+def fit_linear(
+    train_x, train_y, val_x=None, val_y=None, *, num_classes: int | None = None, Cs=C_GRID, max_iter: int = 300
+) -> LinearProbe:
+    """Fits logistic regression on features, picking the inverse regularization C on the validation split.
+
+    Without validation data, C=1 (features are standardized, so that is a sensible scale). For small data,
+    :func:`fit_linear_cv` uses every labelled image instead.
+    """
+    started = time.time()
+    train_x, train_y = np.asarray(train_x, np.float64), np.asarray(train_y)
+    num_classes = num_classes or int(train_y.max()) + 1
+    has_val = val_x is not None and len(val_x) > 0
+    best = None
+    for probe in _probe_path(train_x, train_y, sorted(Cs) if has_val else (1.0,), num_classes, max_iter):
         if has_val:
             probe.val_accuracy = probe.accuracy(np.asarray(val_x, np.float64), val_y)
         if best is None or (probe.val_accuracy or 0) > (best.val_accuracy or 0):
             best = probe
     best.seconds = time.time() - started
     return best
+
+
+def fit_linear_cv(
+    x, y, *, num_classes: int | None = None, Cs=C_GRID, folds: int = 5, seed: int = 0, max_iter: int = 300
+) -> LinearProbe:
+    """Logistic regression on all of ``x``, with C chosen by stratified k-fold cross-validation.
+
+    Why: on small data a validation split of 10% (24 images of 245) both wastes a tenth of the images and
+    picks C on a handful of them. Here every image is predicted once by a model fit on the other folds
+    (standardized with that fold's fit part only: no leakage), the C with the most right out-of-fold
+    predictions wins (of equals, the smallest: the strongest regularization), and the final classifier is
+    refit on every image with it (the same warm-started path up to that C). ``folds`` is at most 5, fewer
+    when a class has fewer images (``ktoolkit.stats.stratified_folds``, which refuses classes of one image).
+
+    Returns:
+        A LinearProbe with ``cv`` (an Accuracy, "k-fold cross-validated", per-fold accuracies),
+        ``cv_predictions``, ``cv_scores``, ``C``, ``images`` and ``folds``; ``val_accuracy`` is None.
+    """
+    from ktoolkit.stats import Accuracy, stratified_folds
+
+    started = time.time()
+    x, y = np.asarray(x, np.float64), np.asarray(y).astype(np.int64)
+    num_classes = num_classes or int(y.max()) + 1
+    Cs = sorted(Cs)
+    splits = stratified_folds(y, folds, seed)
+    predicted = np.zeros((len(Cs), len(y)), np.int64)  # out-of-fold prediction per C
+    for fit, held in splits:
+        for i, probe in enumerate(_probe_path(x[fit], y[fit], Cs, num_classes, max_iter)):
+            predicted[i, held] = probe.predict_proba(x[held]).argmax(axis=1)
+    correct = (predicted == y).sum(axis=1)
+    best = int(np.argmax(correct))  # the first of equals: the smallest C
+    per_fold = [float((predicted[best, held] == y[held]).mean()) for _, held in splits]
+    *_, probe = _probe_path(x, y, Cs[: best + 1], num_classes, max_iter)
+    probe.cv = Accuracy.of(predicted[best], y, how=f"{len(splits)}-fold cross-validated", folds=per_fold)
+    probe.cv_predictions = predicted[best]
+    probe.cv_scores = {C: float(c) / len(y) for C, c in zip(Cs, correct)}
+    probe.folds = len(splits)
+    probe.seconds = time.time() - started
+    return probe
 
 
 def linear_classifier_model(model, layer: str, probe: LinearProbe, name: str | None = None):

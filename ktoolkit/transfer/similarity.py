@@ -10,13 +10,17 @@
    reported too (``mean_kl``) but not used: with MobileNetV2/ImageNet they depend on the input
    resolution and did not separate Fashion-MNIST from flower photos, while the first layer's did at
    every size we tried (96-224: flowers5 KL 0.02-0.05, digits 0.25, Fashion-MNIST 0.33-0.36).
-2. **Linear probes by depth**: a quick held-out logistic regression on the features of each cut point.
-   When the top features are the best (ratio top / best = 1), the network's most specific features fit
-   the data; when an earlier layer beats the top, the top has specialized in another domain. This works
-   for any network (VGG has no batch normalization) and also chooses the cut for `linear-early`.
+2. **Linear probes by depth**: a logistic regression on the features of each cut point, scored by
+   stratified k-fold cross-validation on a sample of train+val images (every sampled image scored once,
+   with a 95% interval). When the top features are the best (ratio top / best = 1), the network's most
+   specific features fit the data; when an earlier layer beats the top, the top has specialized in
+   another domain. This works for any network (VGG has no batch normalization) and also chooses the
+   cut for `linear-early`.
 
-The decision (recipes.transfer.decide) uses the batch-norm similarity when the base has BN layers,
-else the probe ratio. Validated with MobileNetV2's ImageNet weights: see benchmarks/README.md.
+The decision (recipes.transfer.decide): when the best earlier cut beats the top beyond the 95% interval
+of their paired difference (same images: Newcombe's interval), the data is "different" for this base;
+otherwise the batch-norm similarity decides when the base has BN layers, else the probe ratio.
+Validated with MobileNetV2's ImageNet weights: see benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ktoolkit.stats import Accuracy, PairedDifference, paired_difference, stratified_folds
 
 log = logging.getLogger(__name__)
 
@@ -103,21 +109,65 @@ def batchnorm_distance(
 
 @dataclass
 class ProbeResult:
+    """A linear probe at one cut point, scored by cross-validation on the probe sample.
+
+    Attributes:
+        layer: the cut point.
+        dims: its number of (pooled) features.
+        train_accuracy: mean over folds of the accuracy on the fold's own fit images.
+        accuracy: out-of-fold accuracy (each sampled image predicted once, by a probe that did not see it),
+            with its 95% interval and the per-fold accuracies.
+        correct: per image of the sample (the same images, in the same order, for every depth), whether its
+            out-of-fold prediction was right: what paired comparisons between depths use.
+        seconds: fitting time over all folds.
+    """
+
     layer: str
     dims: int
     train_accuracy: float
-    val_accuracy: float
-    seconds: float
+    accuracy: Accuracy
+    correct: np.ndarray = field(repr=False)
+    seconds: float = 0.0
+
+    @property
+    def val_accuracy(self) -> float:
+        """The held-out (out-of-fold) accuracy as a float, for callers that want one number."""
+        return self.accuracy.value
+
+    def to_dict(self) -> dict:
+        return {
+            "layer": self.layer,
+            "dims": self.dims,
+            "train_accuracy": self.train_accuracy,
+            "val_accuracy": self.val_accuracy,
+            "accuracy": self.accuracy.to_dict(),
+            "seconds": round(self.seconds, 3),
+        }
 
 
-def probe_depths(features: dict, train_labels, val_features: dict, val_labels, num_classes: int) -> list[ProbeResult]:
-    """One held-out linear probe per layer (``features``: {layer: (N, D)}, input to output)."""
+def probe_depths(features: dict, labels, num_classes: int, *, folds: int = 5, seed: int = 0) -> list[ProbeResult]:
+    """One linear probe per layer (``features``: {layer: (N, D)}, input to output), scored by stratified k-fold
+    cross-validation over all N images: every image is scored once, by a probe fit on the other folds (the
+    standardization too), so the comparison between depths rests on N images, not on a small validation split.
+    The folds are the same for every layer, so per-image results pair up across depths."""
     from ktoolkit.transfer.features import fit_linear
 
+    labels = np.asarray(labels)
+    splits = stratified_folds(labels, folds, seed)
+    how = f"{len(splits)}-fold cross-validated"
     results = []
     for layer, x in features.items():
-        probe = fit_linear(x, train_labels, val_features[layer], val_labels, num_classes=num_classes, Cs=(0.3,))
-        results.append(ProbeResult(layer, int(x.shape[1]), probe.train_accuracy, probe.val_accuracy, probe.seconds))
+        predicted, fit_accuracy, fold_accuracy, seconds = np.zeros(len(labels), np.int64), [], [], 0.0
+        for fit, held in splits:
+            probe = fit_linear(x[fit], labels[fit], x[held], labels[held], num_classes=num_classes, Cs=(0.3,))
+            predicted[held] = probe.predict_proba(x[held]).argmax(1)
+            fit_accuracy.append(probe.train_accuracy)
+            fold_accuracy.append(float((predicted[held] == labels[held]).mean()))
+            seconds += probe.seconds
+        accuracy = Accuracy.of(predicted, labels, how=how, folds=fold_accuracy)
+        results.append(
+            ProbeResult(layer, int(x.shape[1]), float(np.mean(fit_accuracy)), accuracy, predicted == labels, seconds)
+        )
     return results
 
 
@@ -125,3 +175,55 @@ def probe_ratio(results: list[ProbeResult]) -> float:
     """Top-layer probe accuracy over the best probe accuracy at any depth (1.0: the top is best)."""
     best = max(r.val_accuracy for r in results)
     return float(results[-1].val_accuracy / best) if best > 0 else 0.0
+
+
+def within_uncertainty(best: ProbeResult, other: ProbeResult) -> bool:
+    """Whether ``best`` does not beat ``other`` beyond the 95% interval of their paired difference."""
+    return not paired_difference(best.correct, other.correct).low > 0
+
+
+def chosen_cut(results: list[ProbeResult]) -> ProbeResult:
+    """The cut for linear-early: of the probes within the best one's uncertainty, the deepest. Deeper
+    features are the more robust ones (to int8 quantization too), so an earlier cut must win beyond
+    the noise of the probes, not by an image or two."""
+    best = max(reversed(results), key=lambda r: r.val_accuracy)
+    return next(r for r in reversed(results) if r is best or within_uncertainty(best, r))
+
+
+@dataclass(frozen=True)
+class TopComparison:
+    """The best probe before the top layer against the top layer's, on the same images."""
+
+    earlier: ProbeResult
+    top: ProbeResult
+    difference: PairedDifference  # earlier minus top
+
+    @property
+    def earlier_cut_better(self) -> bool:
+        """The earlier cut beats the top beyond the 95% interval (the interval is above 0)."""
+        return self.difference.low > 0
+
+    def text(self) -> str:
+        return f"{self.earlier.layer} minus top {self.top.layer}: {self.difference.text()}"
+
+    def to_dict(self) -> dict:
+        d = self.difference
+        return {
+            "earlier": self.earlier.layer,
+            "top": self.top.layer,
+            "difference": d.difference,
+            "ci95": [d.low, d.high],
+            "only_earlier": d.only_a,
+            "only_top": d.only_b,
+            "images": d.images,
+            "mcnemar_p": d.p_value,
+            "earlier_cut_better": self.earlier_cut_better,
+        }
+
+
+def compare_to_top(results: list[ProbeResult]) -> TopComparison | None:
+    """The best earlier probe (of equals, the deepest) minus the top one, paired; None with one probe."""
+    if len(results) < 2:
+        return None
+    earlier = max(reversed(results[:-1]), key=lambda r: r.val_accuracy)
+    return TopComparison(earlier, results[-1], paired_difference(earlier.correct, results[-1].correct))
