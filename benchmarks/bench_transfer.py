@@ -13,6 +13,7 @@ speed-up of cold linear over the Keras recipe (target >= 5). Imports happen befo
 
     python benchmarks/bench_transfer.py                                   # digits, fashion, cifar10, flowers5
     python benchmarks/bench_transfer.py --datasets digits --strategies linear,knn,auto
+    python benchmarks/bench_transfer.py --datasets pair     # 245 photos of 2 classes, tested on 153 others
 """
 
 from __future__ import annotations
@@ -57,6 +58,84 @@ def fashion_npz(folder: Path, n: int = 6000) -> str | None:
     names = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
     np.savez(path, x=x[:n], y=y[:n], class_names=np.array(names))
     return str(path)
+
+
+def small_pair(folder: Path) -> tuple[str, str]:
+    """The hymenoptera-like case of issue 14 from flowers5: one folder of 245 photos of two classes (rose 122,
+    tulip 123: the pair flowers5 confuses most) to train on, and 153 other photos of them to test on."""
+    train, test = folder / "pair-train", folder / "pair-test"
+    for name, (n_train, n_test) in {"rose": (122, 76), "tulip": (123, 77)}.items():
+        files = sorted((FLOWERS / name).iterdir())
+        for target, chosen in ((train, files[:n_train]), (test, files[n_train : n_train + n_test])):
+            (target / name).mkdir(parents=True, exist_ok=True)
+            for f in chosen:
+                shutil.copy(f, target / name / f.name)
+    return str(train), str(test)
+
+
+def bench_pair(args, work: Path):
+    """auto on all 245 photos (no test split carved out), tested on the 153 others, vs the practitioner."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from ktoolkit.data import load_data
+    from ktoolkit.evaluate import evaluate_run
+    from ktoolkit.stats import Accuracy
+    from ktoolkit.transfer.bases import load_base
+    from ktoolkit.transfer.features import FeatureCache, extract_features
+    from ktoolkit.transfer.finetune import FinetuneConfig, finetune
+
+    train, test = small_pair(work)
+    os.environ["KTOOLKIT_CACHE_DIR"] = str(work / "cache-pair")
+    rows = []
+    for test_fraction in (0.0, 0.1):
+        config = FinetuneConfig(
+            base="mobilenet_v2",
+            weights=args.weights,
+            data=train,
+            out=str(work / f"pair-{test_fraction}"),
+            test_fraction=test_fraction,
+        )
+        started = time.perf_counter()
+        result = finetune(config)
+        seconds = time.perf_counter() - started
+        metrics, _ = evaluate_run(str(result.run.root), data=test)
+        own = Accuracy.from_metrics(result.metrics) if result.metrics.get("images") else None
+        cv = result.metrics.get("cv")
+        rows.append(
+            [
+                f"ktool finetune (auto -> {result.strategy}), test_fraction {test_fraction}",
+                accuracy_cell(Accuracy.from_metrics(metrics)),
+                f"{seconds:.1f}",
+                (f"run's own test {accuracy_cell(own)}; " if own else "")
+                + (f"CV {cv['accuracy']:.1%} on {cv['images']}" if cv else ""),
+            ]
+        )
+        size = tuple(json.loads((result.run.root / "data.json").read_text())["image_size"])
+    base = load_base("mobilenet_v2", weights=args.weights, image_size=size)
+    started = time.perf_counter()
+
+    def features(data):
+        split = load_data(data, val_fraction=0.0, test_fraction=0.0).splits["train"]
+        x = extract_features(
+            base.model, [base.top], split, image_size=base.image_size, channels=3, cache=FeatureCache()
+        )
+        return x[base.top], np.asarray(split.labels)
+
+    (x, y), (tx, ty) = features(train), features(test)
+    clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=10, cv=5, max_iter=1000)).fit(x, y)
+    rows.append(
+        [
+            f"practitioner: LogisticRegressionCV on all {len(y)}",
+            accuracy_cell(Accuracy.of(clf.predict(tx), ty)),
+            f"{time.perf_counter() - started:.1f}",
+            "warm features",
+        ]
+    )
+    print(f"\n### small pair (flowers5 rose/tulip: 245 photos to learn from, 153 to test) at {size[0]}x{size[1]}\n")
+    print(table(rows, ["strategy", "accuracy on the 153 [95% CI] (images)", "seconds", "notes"]))
 
 
 def accuracy_cell(acc) -> str:
@@ -275,6 +354,9 @@ def main():
         "flowers5": lambda: str(FLOWERS) if FLOWERS.exists() else None,
     }
     for name in args.datasets.split(","):
+        if name == "pair":
+            bench_pair(args, work)
+            continue
         data = sources[name]() if name in sources else None
         if data is None:
             print(f"{name}: not available, skipped")

@@ -64,6 +64,27 @@ def custom_layers(api: str | None = None) -> types.SimpleNamespace:
         tf = None
         ops = K.ops
 
+    factories = (
+        _local_response_normalization,
+        _image_preprocessing,
+        _channel_pad,
+        _random_masking,
+        _salt_and_pepper,
+        _neighbour_vote,
+    )
+    classes = {}
+    for factory in factories:
+        cls = factory(K, tf, ops)
+        cls.__qualname__ = cls.__name__
+        cls.__module__ = __name__
+        register(cls)
+        classes[cls.__name__] = cls
+    return types.SimpleNamespace(**classes)
+
+
+def _local_response_normalization(K, tf, ops):
+    """The LocalResponseNormalization class for one Keras API (``tf``: TensorFlow under tf_keras, else None; ``ops``: keras.ops)."""
+
     class LocalResponseNormalization(K.layers.Layer):
         """Local response normalization across channels (Krizhevsky et al. 2012, section 3.3).
 
@@ -101,6 +122,12 @@ def custom_layers(api: str | None = None) -> types.SimpleNamespace:
                 "beta": self.beta,
             }
 
+    return LocalResponseNormalization
+
+
+def _image_preprocessing(K, tf, ops):
+    """The ImagePreprocessing class for one Keras API (``tf``: TensorFlow under tf_keras, else None; ``ops``: keras.ops)."""
+
     class ImagePreprocessing(K.layers.Layer):
         """The normalization an architecture expects, inside the model, so it takes plain pixels.
 
@@ -131,6 +158,12 @@ def custom_layers(api: str | None = None) -> types.SimpleNamespace:
         def get_config(self):
             return {**super().get_config(), "mode": self.mode}
 
+    return ImagePreprocessing
+
+
+def _channel_pad(K, tf, ops):
+    """The ChannelPad class for one Keras API (``tf``: TensorFlow under tf_keras, else None; ``ops``: keras.ops)."""
+
     class ChannelPad(K.layers.Layer):
         """Zero-pads the channel axis up to ``channels``: the parameter-free projection shortcut
         ("option A") of the CIFAR ResNets (He et al. 2016, section 4.2)."""
@@ -150,6 +183,12 @@ def custom_layers(api: str | None = None) -> types.SimpleNamespace:
 
         def get_config(self):
             return {**super().get_config(), "channels": self.channels}
+
+    return ChannelPad
+
+
+def _random_masking(K, tf, ops):
+    """The RandomMasking class for one Keras API (``tf``: TensorFlow under tf_keras, else None; ``ops``: keras.ops)."""
 
     class RandomMasking(K.layers.Layer):
         """Masking noise for denoising autoencoders: during training, each input value is set to 0
@@ -175,6 +214,12 @@ def custom_layers(api: str | None = None) -> types.SimpleNamespace:
 
         def get_config(self):
             return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+    return RandomMasking
+
+
+def _salt_and_pepper(K, tf, ops):
+    """The SaltAndPepper class for one Keras API (``tf``: TensorFlow under tf_keras, else None; ``ops``: keras.ops)."""
 
     class SaltAndPepper(K.layers.Layer):
         """Salt-and-pepper noise: during training, a fraction ``rate`` of input values is set to
@@ -207,6 +252,12 @@ def custom_layers(api: str | None = None) -> types.SimpleNamespace:
 
         def get_config(self):
             return {**super().get_config(), "rate": self.rate, "low": self.low, "high": self.high, "seed": self.seed}
+
+    return SaltAndPepper
+
+
+def _neighbour_vote(K, tf, ops):
+    """The NeighbourVote class for one Keras API (``tf``: TensorFlow under tf_keras, else None; ``ops``: keras.ops)."""
 
     class NeighbourVote(K.layers.Layer):
         """The vote of a k-nearest-neighbour classifier (ktoolkit/transfer/knn.py): from one score per
@@ -247,16 +298,4 @@ def custom_layers(api: str | None = None) -> types.SimpleNamespace:
         def get_config(self):
             return {**super().get_config(), "k": self.k, "num_classes": self.num_classes}
 
-    classes = {
-        "LocalResponseNormalization": LocalResponseNormalization,
-        "ImagePreprocessing": ImagePreprocessing,
-        "ChannelPad": ChannelPad,
-        "RandomMasking": RandomMasking,
-        "SaltAndPepper": SaltAndPepper,
-        "NeighbourVote": NeighbourVote,
-    }
-    for cls_name, cls in classes.items():
-        cls.__qualname__ = cls_name
-        cls.__module__ = __name__
-        register(cls)
-    return types.SimpleNamespace(**classes)
+    return NeighbourVote

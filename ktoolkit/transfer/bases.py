@@ -205,14 +205,21 @@ def _load_base(name: str, weights, image_size) -> Base:
     try:
         recipe = recipes.get(key)
     except recipes.UnknownRecipeError:
-        import difflib
-
-        close = difflib.get_close_matches(key, list(dict.fromkeys([*APPLICATIONS, *recipes.names()])), 4, 0.6)
-        raise ValueError(
-            f"--base {name!r} is not a keras.applications base ({', '.join(APPLICATIONS)}), a recipe "
-            "(`ktool recipes`) or a run folder" + (f"; did you mean {', '.join(close)}?" if close else ".")
-        ) from None
+        raise _unknown_base(name, key) from None
     return _from_recipe(recipe, weights or "none", image_size)
+
+
+def _unknown_base(name: str, key: str) -> ValueError:
+    """The error for a --base that is no application, recipe or run folder, with the closest names."""
+    import difflib
+
+    import recipes
+
+    close = difflib.get_close_matches(key, list(dict.fromkeys([*APPLICATIONS, *recipes.names()])), 4, 0.6)
+    return ValueError(
+        f"--base {name!r} is not a keras.applications base ({', '.join(APPLICATIONS)}), a recipe "
+        "(`ktool recipes`) or a run folder" + (f"; did you mean {', '.join(close)}?" if close else ".")
+    )
 
 
 def check_base(name: str, weights: str | None = None):
@@ -237,13 +244,7 @@ def check_base(name: str, weights: str | None = None):
         try:
             recipes.get(key)
         except recipes.UnknownRecipeError:
-            import difflib
-
-            close = difflib.get_close_matches(key, list(dict.fromkeys([*APPLICATIONS, *recipes.names()])), 4, 0.6)
-            raise ValueError(
-                f"--base {name!r} is not a keras.applications base ({', '.join(APPLICATIONS)}), a "
-                "recipe (`ktool recipes`) or a run folder" + (f"; did you mean {', '.join(close)}?" if close else ".")
-            ) from None
+            raise _unknown_base(name, key) from None
     if (
         weights is not None
         and str(weights).lower() not in ("imagenet", "none", "run")
