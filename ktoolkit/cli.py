@@ -842,7 +842,8 @@ def _export_options(f):
             flag(
                 "max_accuracy_drop",
                 type=float,
-                help="Budget in accuracy points; a file over it is kept as *.FAILED.* and the command exits with 1.",
+                help="Budget in accuracy points; a file whose drop is over it is kept as *.FAILED.* and the command "
+                "exits with 1. The verdict says whether the held-out images support that (else: cannot decide).",
             ),
             flag("epochs", type=int, help="Fine-tuning epochs per step of qat, prune and cluster modes."),
             flag("steps_per_epoch", type=int, help="Cap on fine-tuning batches per epoch."),
@@ -863,10 +864,15 @@ def _export_options(f):
 def export_cmd(model, verbose, **options):
     """Export a trained run for a phone (.tflite) or a Jetson (.onnx), verified on the held-out split.
 
-    Every file is run on the held-out images and compared with the Keras model (accuracy, top-1
-    agreement, largest per-class change); the report (export_report.md/.json, export_compare.png)
-    also has file sizes, latency on this machine, the operators, and what the GPU delegate and NNAPI
-    would not run.
+    Every file is run on the held-out images (the test split, plus val when the test split has fewer
+    than 300) and compared with the Keras model: accuracy and top-1 agreement with 95% intervals, the
+    drop with its paired interval and McNemar's p, and a verdict: within budget, over budget, or cannot
+    decide (too few images for the budget). The drop's point estimate names the file (*.FAILED.* over
+    the budget) and sets the exit status. Files are named by model, input size, I/O type and mode, so
+    exports never replace each other's files; re-exporting the same file replaces it and says so. The
+    report (export_report.md/.json, export_compare.png) lists every file in the folder, with sizes,
+    latency (all files of an export timed together, interleaved), the operators, and what the GPU
+    delegate and NNAPI would not run.
     """
     _check_exists(model, "--model", "a run folder (or a .keras file with --data)")
     _check_data(options["data"])

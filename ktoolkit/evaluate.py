@@ -159,7 +159,7 @@ class EvaluationRun(NamedTuple):
         """What `ktool evaluate` prints: the accuracy with its interval, macro F1, every class, the most
         confused pairs and where it was written."""
         m = self.metrics
-        out = [f"{metrics_line(m)}, macro F1 {m['macro_f1']:.3f}"]
+        out = [f"{metrics_line(m).replace(' accuracy ', ': accuracy ', 1)}, macro F1 {m['macro_f1']:.3f}"]
         for c in m["per_class"]:
             low, high = c.get("recall_ci95") or wilson(round(c["recall"] * c["support"]), c["support"])
             out.append(

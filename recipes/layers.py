@@ -143,13 +143,21 @@ def _image_preprocessing(K, tf, ops):
             self._scale, self._offset, self._reverse = scale, offset, reverse
             super().build(input_shape)
 
+        def is_scalar(self) -> bool:
+            """True when every channel gets the same scale and offset and none is reordered ("tf", "unit",
+            one channel): the normalization is then one multiply and one add by scalars, which the
+            converters keep scalar and an int8 export can fold into the input's quantization."""
+            return not self._reverse and len(set(self._scale)) == 1 and len(set(self._offset)) == 1
+
         def call(self, inputs):
             x = inputs
             if self._reverse:
                 x = tf.reverse(x, axis=[-1]) if tf is not None else ops.flip(x, axis=-1)
             dtype = x.dtype
-            scale = K.ops.convert_to_tensor(self._scale, dtype) if tf is None else tf.constant(self._scale, dtype)
-            offset = K.ops.convert_to_tensor(self._offset, dtype) if tf is None else tf.constant(self._offset, dtype)
+            # Scalars when the channels agree: the same numbers, and no per-channel vector ops in the files.
+            scale, offset = (self._scale[0], self._offset[0]) if self.is_scalar() else (self._scale, self._offset)
+            scale = K.ops.convert_to_tensor(scale, dtype) if tf is None else tf.constant(scale, dtype)
+            offset = K.ops.convert_to_tensor(offset, dtype) if tf is None else tf.constant(offset, dtype)
             return x * scale + offset
 
         def compute_output_shape(self, input_shape):

@@ -143,7 +143,9 @@ def test_int8_files_are_really_integer(run, tmp_path):
     assert types <= {"int8", "uint8", "int32"}, types  # int32: biases and shapes; no float anywhere
     assert interpreter.get_input_details()[0]["dtype"] == np.uint8
     assert interpreter.get_output_details()[0]["dtype"] == np.uint8
-    assert interpreter.get_input_details()[0]["quantization"] == pytest.approx((1.0, 0))  # pixel bytes as they are
+    # pixel bytes as they are: the input's quantization is LeNet-5's "unit" normalization (issue 15: the
+    # normalization folded into the input tensor, as Google's files do, instead of an int8 MUL in the graph)
+    assert interpreter.get_input_details()[0]["quantization"] == pytest.approx((1 / 255, 0))
     assert sum(np.dtype(t["dtype"]) == np.int8 and len(t["shape"]) == 4 for t in tensors) >= 3  # conv kernels
     assert result.files[0].verification.agreement >= AGREEMENT["int8"]
 
@@ -248,7 +250,8 @@ def test_over_the_budget_the_command_fails_and_marks_the_file(run, tmp_path):
         ],
     )
     assert result.exit_code == 1, result.output
-    assert (tmp_path / "lenet5_prune.FAILED.tflite").exists() and not (tmp_path / "lenet5_prune.tflite").exists()
+    assert (tmp_path / "lenet5_32x32x1_prune.FAILED.tflite").exists()
+    assert not (tmp_path / "lenet5_32x32x1_prune.tflite").exists()
     report = json.loads((tmp_path / "export_report.json").read_text())
     assert report["exports"][0]["passed"] is False and report["exports"][0]["verification"]["accuracy_drop"] > 1
     assert "FAILED" in (tmp_path / "export_report.md").read_text()
@@ -273,7 +276,7 @@ def test_onnx_and_saved_model_formats(run, heldout, onnx_export, tmp_path):
     ]
     assert zero_points and all((z == 0).all() for z in zero_points)  # symmetric: what TensorRT's INT8 takes
     saved = export(run, format="saved_model", out=tmp_path).files[0]
-    assert saved.path.name == "lenet5_float32.saved_model" and (saved.path / "saved_model.pb").exists()
+    assert saved.path.name == "lenet5_32x32x1_float32.saved_model" and (saved.path / "saved_model.pb").exists()
     assert saved.verification.max_probability_change < 1e-5
     with pytest.raises(ValueError, match="float16.*tflite"):
         export(run, mode="float16", format="onnx", out=tmp_path)
@@ -431,6 +434,7 @@ def test_readme_export_commands_run(run, digits_folder, tmp_path):
         line = (
             line.replace("runs/mine", str(run))
             .replace("resnet18", "lenet5")
+            .replace("224x224x3", "32x32x1")
             .replace("mydir/cat/001.jpg", str(image))
             .replace("qat", "qat --epochs 1")
         )
@@ -441,9 +445,8 @@ def test_readme_export_commands_run(run, digits_folder, tmp_path):
         if line.startswith("ktool benchmark"):
             assert len(re.findall(r"^\s+[124]\s+\d+\.\d+", result.output, re.M)) == 3
     exported = Path(run) / "export"
-    assert {"lenet5_int8.tflite", "lenet5_int8.onnx", "lenet5_qat.tflite", "export_report.md"} <= {
-        p.name for p in exported.iterdir()
-    }
+    names = {"lenet5_32x32x1_uint8io_int8.tflite", "lenet5_32x32x1_int8.tflite", "lenet5_32x32x1_int8.onnx"}
+    assert names | {"lenet5_32x32x1_qat.tflite", "export_report.md"} <= {p.name for p in exported.iterdir()}
 
 
 def test_predict_and_benchmark_run_exported_files_without_tensorflow(post_training, onnx_export, digits_folder):

@@ -104,7 +104,7 @@ def test_every_evaluation_line_carries_its_interval_and_count(tmp_path):
     assert metrics["correct"] == 27 and metrics["accuracy_ci95"] == pytest.approx(list(wilson(27, 30)))
     assert metrics["per_class"][0]["recall_ci95"] == pytest.approx(list(wilson(17, 20)))
     lines = EvaluationRun(metrics, tmp_path).lines()
-    assert lines[0].startswith("test accuracy 90.0% (95% CI 74.4-96.5%, 30 images)")
+    assert lines[0].startswith("test: accuracy 90.0% (95% CI 74.4-96.5%, 30 images)")
     assert "[0.64, 0.95]" in lines[1] and "(20 images)" in lines[1]
     assert "| accuracy | 90.00% (95% CI 74.4-96.5%) |" in _results_section(metrics)
     metrics, folder = EvaluationRun(metrics, tmp_path)  # unpacks as before

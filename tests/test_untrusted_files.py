@@ -103,7 +103,7 @@ def test_a_model_named_like_a_path_writes_only_inside_out(tmp_path):
     target.mkdir(parents=True)
     users = {
         target / name: f"the user's {name}".encode()
-        for name in ("NAME_float32.tflite", "NAME_float32.FAILED.tflite", "NAME_float32.saved_model")
+        for name in ("NAME_8x8x1_float32.tflite", "NAME_8x8x1_float32.FAILED.tflite", "NAME_8x8x1_float32.saved_model")
     }
     for path, text in users.items():
         path.write_bytes(text)
@@ -112,7 +112,7 @@ def test_a_model_named_like_a_path_writes_only_inside_out(tmp_path):
     elsewhere.mkdir()
     (elsewhere / "keep.txt").write_text("the user's")
     out.mkdir(parents=True)
-    stem = safe_filename("../../escape/NAME") + "_float32"
+    stem = safe_filename("../../escape/NAME") + "_8x8x1_float32"
     (out / f"{stem}.tflite").symlink_to(outside)  # a previous "export" that is a link out of --out
     (out / f".{stem}.saved_model.tmp").symlink_to(elsewhere, target_is_directory=True)
     before = tree(tmp_path)

@@ -12,7 +12,10 @@ the same way.
 Normalization: ktoolkit models normalize inside (an ``ImagePreprocessing`` layer) and take RGB
 pixels on the 0..255 scale, so the metadata says mean 0, std 1: the Task Library computes
 ``(pixel - mean) / std`` for float inputs, and that must leave the pixels unchanged. The
-in-model normalization is named in the input's description.
+in-model normalization is named in the input's description. An int8 file whose uint8 input's
+quantization is the normalization (as Google's int8 files, and ktoolkit's of "tf" and "unit"
+models) still takes the pixel bytes; its metadata gives the normalization's mean and std
+(:func:`input_normalization` reads which case a file is).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -88,6 +92,60 @@ def add_metadata(tflite: bytes, info: ModelInfo) -> bytes:
     return out.getvalue()
 
 
+class InputNormalization(NamedTuple):
+    """What a file's input takes, for its metadata: NormalizationOptions' ``mean`` and ``std`` (one per
+    channel, or one for all) and a line for the input's description."""
+
+    mean: list
+    std: list
+    description: str
+
+
+def input_normalization(tflite: bytes, preprocessing: str | None = None) -> InputNormalization:
+    """The normalization metadata that describes ``tflite``'s input tensor, read from the file.
+
+    - An integer input whose quantization is not scale 1, zero point 0 takes the *normalized* image and
+      its quantization is the normalization (ktoolkit's int8 files of "tf"/"unit" models, Google's
+      int8 files): the raw byte is the pixel, ``real = scale * (pixel - zero_point)``. The metadata
+      says what the network was trained with: the mean and std of ``preprocessing`` (127.5 and 127.5
+      for "tf", as Google writes, though the zero point is 127 or 128; 0 and 255 for "unit"), or, with
+      no mode given, the quantization itself (mean = zero point, std = 1 / scale). The Task Library and
+      MediaPipe copy uint8 pixels into such a tensor as they are.
+    - Any other input (float32, or uint8 pixels with scale 1) takes 0..255 pixels and normalizes
+      inside: mean 0, std 1 per channel, so that the Task Library's ``(pixel - mean) / std`` for
+      float inputs leaves the pixels unchanged.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    graph = schema.Model.GetRootAs(tflite, 0).Subgraphs(0)
+    tensor = graph.Tensors(graph.Inputs(0))
+    channels = int(tensor.ShapeAsNumpy()[-1])
+    kind = {schema.TensorType.UINT8: "uint8", schema.TensorType.INT8: "int8"}.get(tensor.Type(), "float32")
+    q = tensor.Quantization()
+    scale = float(q.Scale(0)) if q is not None and q.ScaleLength() else 0.0
+    zero = int(q.ZeroPoint(0)) if q is not None and q.ZeroPointLength() else 0
+    if kind == "float32" or (scale in (0.0, 1.0) and zero == (-128 if kind == "int8" else 0)):
+        pixels = "RGB pixels" if channels == 3 else "grayscale pixels"
+        inside = f"; the model applies '{preprocessing}' normalization itself" if preprocessing else ""
+        return InputNormalization([0.0] * channels, [1.0] * channels, f"{pixels} on the 0..255 scale ({kind}){inside}")
+    from tflite_export.prepare import Normalization
+
+    norm = Normalization.of_mode(preprocessing, channels) if preprocessing not in (None, "none") else None
+    if norm is not None and not norm.reverse:
+        mean, std = norm.mean, norm.std
+    else:
+        mean, std = [float(zero)] * channels, [1.0 / scale] * channels
+    if len(set(mean)) == 1 and len(set(std)) == 1:
+        mean, std = mean[:1], std[:1]  # one value for all channels, as Google's files have
+    named = f"'{preprocessing}' normalization" if norm is not None else "normalization"
+    return InputNormalization(
+        [float(m) for m in mean],
+        [float(s) for s in std],
+        f"{kind} pixels 0..255 as they are; the input's quantization (scale {scale:.6g}, zero point {zero}) is "
+        f"the model's {named}, (pixel - mean) / std",
+    )
+
+
 def read_metadata(tflite: bytes) -> dict | None:
     """The metadata of a .tflite file as a dict (None when it has none), associated files included.
 
@@ -100,6 +158,19 @@ def read_metadata(tflite: bytes) -> dict | None:
     Raises:
         ValueError: not a TFLite model, or a metadata flatbuffer or packed archive that is corrupt
             (every offset is checked against the buffer: a hostile file cannot crash the reader).
+    """
+    meta = _parse_metadata(tflite)
+    if meta is not None:
+        associated = meta["output"]["associated_files"]
+        meta["files"] = packed_files(tflite, names=[LABELS_FILE] + [f["name"] for f in associated if f["name"]])
+    return meta
+
+
+def _parse_metadata(tflite: bytes) -> dict | None:
+    """:func:`read_metadata` without the packed files: the flatbuffer's fields only.
+
+    Raises:
+        ValueError: not a TFLite model, or a metadata flatbuffer that is corrupt.
     """
     data = _metadata_buffer(tflite)
     if data is None:
@@ -138,7 +209,6 @@ def read_metadata(tflite: bytes) -> dict | None:
             **_range(out.table(5)),
             "associated_files": associated,
         },
-        "files": packed_files(tflite, names=[LABELS_FILE] + [f["name"] for f in associated if f["name"]]),
     }
 
 
@@ -239,6 +309,61 @@ def packed_labels(tflite: bytes) -> list[str] | None:
     """
     text = packed_files(tflite).get(LABELS_FILE)
     return label_lines(text.encode(), f"the packed {LABELS_FILE}") if text else None
+
+
+def model_labels(tflite: bytes) -> list[str] | None:
+    """The class names of a .tflite classifier, sanitized, in output order; None when it names none.
+
+    The labels file the metadata associates with the output as TENSOR_AXIS_LABELS (what the Task Library
+    and MediaPipe read: ``imagenet_labels.txt`` in Google's files, with "background" at index 0 of 1001),
+    else a packed labels.txt. A corrupt metadata flatbuffer is passed over (running the model does not
+    need it; a packed labels.txt still names the classes).
+
+    Raises:
+        ValueError: a labels file over the size or line caps.
+    """
+    try:
+        meta = _parse_metadata(tflite)
+    except ValueError:
+        meta = None
+    associated = meta["output"]["associated_files"] if meta else []
+    names = [f["name"] for f in associated if f["type"] == _TENSOR_AXIS_LABELS and f["name"]]
+    files = packed_files(tflite, names=[*names, LABELS_FILE])
+    for name in [*names, LABELS_FILE]:
+        if files.get(name):
+            return label_lines(files[name].encode(), f"the packed {name!r}")
+    return None
+
+
+def read_normalization(tflite: bytes, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, std) of the input's NormalizationOptions, one float32 per channel: a float input takes
+    ``(pixel - mean) / std``, as the Task Library computes it. None without metadata or normalization, or
+    with a corrupt metadata flatbuffer.
+
+    Raises:
+        ValueError: a normalization that cannot be applied (not one value or one per channel, a std of 0,
+            or a value that is not finite).
+    """
+    try:
+        meta = _parse_metadata(tflite)
+    except ValueError:
+        return None
+    mean, std = (meta["input"]["mean"], meta["input"]["std"]) if meta else (None, None)
+    if not mean and not std:
+        return None
+    mean, std = np.asarray(mean or [0.0], np.float32), np.asarray(std or [1.0], np.float32)
+    if (
+        len(mean) not in (1, channels)
+        or len(std) not in (1, channels)
+        or not np.all(np.isfinite(mean))
+        or not np.all(np.isfinite(std))
+        or np.any(std == 0)
+    ):
+        raise ValueError(
+            f"its metadata's input normalization (mean {mean.tolist()[:8]}, std {std.tolist()[:8]}) cannot be "
+            f"applied to {channels}-channel images: one finite value, or one per channel, with std not 0."
+        )
+    return np.broadcast_to(mean, (channels,)).copy(), np.broadcast_to(std, (channels,)).copy()
 
 
 # ------------------------------------------------------------------------------------- flatbuffer

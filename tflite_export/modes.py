@@ -41,15 +41,15 @@ class Mode:
     def formats(self) -> tuple[str, ...]:
         """The formats this mode can be written as.
 
-        ONNX takes float models and int8 as QuantizeLinear/DequantizeLinear pairs with symmetric
-        scales (onnxruntime's static quantization, calibrated like TFLite's int8), which TensorRT
-        builds into an INT8 engine. float16 is left to TensorRT (``--fp16``); dynamic range and
-        16x8 have no TensorRT form; tfmot's quantization-aware training learns asymmetric
-        activation ranges, which TensorRT's INT8 does not take.
+        ONNX takes float models and every int8 mode as QuantizeLinear/DequantizeLinear pairs with
+        symmetric int8 scales, which TensorRT builds into an INT8 engine: post-training int8 is
+        calibrated by onnxruntime's static quantization, and the quantization-aware modes keep the
+        ranges they learned (made symmetric; see :func:`tflite_export.onnx_export.qat_to_qdq`).
+        float16 is left to TensorRT (``--fp16``); dynamic range and 16x8 have no TensorRT form.
         """
         if self.quantize is None:
             return tuple(FORMATS)
-        if self.quantize == "int8" and "qat" not in self.compress:
+        if self.quantize == "int8":
             return ("tflite", "onnx")
         return ("tflite",)
 

@@ -87,17 +87,23 @@ def _labels_beside(path: Path) -> list[str] | None:
 
 
 class Runner:
-    """Runs an exported classifier on float32 images of 0..255 pixels; returns probabilities.
+    """Runs an exported classifier on float32 images of 0..255 pixels; returns its outputs (probabilities).
+
+    What the input tensor gets is read from the file (:func:`_model_input`): an integer input takes the
+    pixel bytes as they are, a float input ``(pixel - mean) / std`` from the TFLite metadata's
+    normalization (the pixels themselves without one, as ktoolkit's files take them).
 
     Attributes:
         kind: "tflite", "onnx" or "saved_model".
-        input_shape: (height, width, channels).
+        input_shape: (height, width, channels), whatever the file's layout (an NCHW .onnx is transposed).
         input_dtype: numpy dtype of the input tensor (uint8/int8 for integer I/O).
+        normalization: (mean, std) per channel applied to a float input, or None.
         labels: class names from the file's metadata (or labels.txt beside it), or None.
     """
 
     kind = ""
     labels: list[str] | None = None
+    normalization: tuple[np.ndarray, np.ndarray] | None = None
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -113,7 +119,7 @@ class TFLiteRunner(Runner):
     def __init__(self, content: bytes, *, threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
-        from tflite_export.metadata import packed_labels
+        from tflite_export.metadata import model_labels, read_normalization
 
         if len(content) < 8 or bytes(content[4:8]) != b"TFL3":
             raise ValueError(
@@ -132,7 +138,9 @@ class TFLiteRunner(Runner):
         self.input_dtype = np.dtype(self._input["dtype"])
         self._dynamic_batch = int(self._input["shape_signature"][0]) == -1
         self._batch = None
-        self.labels = packed_labels(content)
+        self.labels = model_labels(content)
+        if self.input_dtype.kind == "f":
+            self.normalization = read_normalization(content, self.input_shape[-1])
 
     def _resize(self, batch: int):
         if self._batch != batch:
@@ -146,7 +154,7 @@ class TFLiteRunner(Runner):
         if not self._dynamic_batch and len(images) != 1:
             return np.concatenate([self.predict(image[None]) for image in images])
         self._resize(len(images))
-        self.interpreter.set_tensor(self._input["index"], _quantize(images, self.input_dtype, self._input))
+        self.interpreter.set_tensor(self._input["index"], _model_input(images, self.input_dtype, self.normalization))
         self.interpreter.invoke()
         return _dequantize(self.interpreter.get_tensor(self._output["index"]), self._output)
 
@@ -175,12 +183,30 @@ class OnnxRunner(Runner):
                 f"{str(err)[:200]}); was it written completely?"
             ) from None
         self._input = self.session.get_inputs()[0]
-        self.input_shape = _image_shape(self._input.shape)
-        self.input_dtype = np.dtype(np.float32)
+        shape = list(self._input.shape)
+        self._channels_first = _channels_first(shape)
+        self.input_shape = _image_shape([shape[0], *shape[2:], shape[1]] if self._channels_first else shape)
+        self.input_dtype = np.dtype(_ONNX_TYPES.get(self._input.type, np.float32))
         self.labels = _onnx_labels(self.session.get_modelmeta().custom_metadata_map.get("labels"))
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self._input.name: np.asarray(images, dtype=np.float32)})[0]
+        images = _model_input(np.asarray(images, dtype=np.float32), self.input_dtype)
+        if self._channels_first:
+            images = images.transpose(0, 3, 1, 2)
+        return self.session.run(None, {self._input.name: images})[0]
+
+
+_ONNX_TYPES = {"tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(float16)": np.float16}
+
+
+def _channels_first(shape) -> bool:
+    """True for an (N, C, H, W) image input (PyTorch's layout): 1, 3 or 4 channels second, a last axis
+    that cannot be channels."""
+    return (
+        len(shape) == 4
+        and shape[1] in (1, 3, 4)
+        and not (isinstance(shape[3], (int, np.integer)) and 0 < shape[3] <= 4)
+    )
 
 
 def _image_shape(shape) -> tuple[int, int, int]:
@@ -291,12 +317,23 @@ class SavedModelRunner(Runner):
         return self._serve(input=np.asarray(images, dtype=np.float32))["predictions"].numpy()
 
 
-def _quantize(images: np.ndarray, dtype: np.dtype, details: dict) -> np.ndarray:
-    if dtype == np.float32:
-        return images
-    scale, zero_point = details["quantization"]
-    info = np.iinfo(dtype)
-    return np.clip(np.round(images / scale + zero_point), info.min, info.max).astype(dtype)
+def _model_input(images: np.ndarray, dtype: np.dtype, normalization=None) -> np.ndarray:
+    """What an input tensor of ``dtype`` takes for float32 images of 0..255 pixels, as phone clients feed it.
+
+    An integer input gets the pixel bytes as they are (int8: shifted by 128), as the Task Library and
+    MediaPipe copy camera bytes into a uint8 tensor: the tensor's quantization *is* the normalization
+    (Google's uint8 files: scale 1/127.5, zero point 127, so real = (pixel - 127) / 127.5; ktoolkit's:
+    scale 1, zero point 0, the pixel itself). Quantizing 0..255 as if the pixels were the real values
+    would saturate every byte at 255 on Google's files. A float input gets ``(pixel - mean) / std`` with
+    the metadata's normalization, or the pixels as they are without one.
+    """
+    if dtype.kind in "iu":
+        pixels = np.clip(np.round(images), 0, 255)
+        return (pixels - 128 if dtype == np.int8 else pixels).astype(dtype)
+    if normalization is not None:
+        mean, std = normalization
+        images = (images - mean) / std
+    return np.asarray(images, dtype=dtype)
 
 
 def _dequantize(values: np.ndarray, details: dict) -> np.ndarray:
@@ -346,3 +383,63 @@ def _progress(iterable, show: bool, what: str):
     from tqdm import tqdm
 
     return tqdm(iterable, desc=what, unit="run", leave=False)
+
+
+def interleaved_latency(models, *, threads: int = 1, runs: int = 30, rounds: int = 5, warmup: int = 3) -> list[dict]:
+    """Single-image latency of several files measured together, round-robin, like a benchmark.
+
+    Timing one file, then converting the next, then timing that one compares files under whatever else the
+    machine was doing at each moment (under load a file can look 2x slower than it is). Here every file
+    gets a runner first; then ``rounds`` times, in a rotating order, each file runs ``warmup`` untimed and
+    about ``runs / rounds`` timed single-image inferences on a fixed random image, so every file is timed in
+    every stretch of the measurement and a burst of load spreads over all of them. The result per file is
+    the median (and p90, mean, min) over all its timed runs, plus the spread of the per-round medians.
+
+    Args:
+        models: paths (or anything :func:`open_model` takes) of the files to time together.
+        threads: CPU threads of every runner.
+        runs: timed runs per file in all (at least ``rounds``; rounded up to a multiple of it).
+        rounds: repetitions of the round-robin.
+        warmup: untimed runs per file at the start of each round (caches, XNNPACK's first-run packing).
+
+    Returns:
+        One dict per model, in ``models`` order: threads, runs, rounds, p50_ms, p90_ms, mean_ms, min_ms,
+        round_p50_ms (min and max of the per-round medians), interleaved (True).
+    """
+    if not models:
+        return []
+    if runs < 1 or rounds < 1:
+        raise ValueError(f"runs={runs}, rounds={rounds}: both must be >= 1.")
+    rounds = min(rounds, runs)
+    per_round = -(-runs // rounds)
+    runners = [open_model(model, threads=int(threads)) for model in models]
+    rng = np.random.default_rng(0)
+    images = [rng.uniform(0, 255, runner.input_shape).astype(np.float32) for runner in runners]
+    times = [[[] for _ in range(rounds)] for _ in runners]
+    for r in range(rounds):
+        for k in range(len(runners)):
+            i = (k + r) % len(runners)  # rotate who goes first: no file always runs right after another
+            for _ in range(warmup):
+                runners[i].predict_one(images[i])
+            for _ in range(per_round):
+                start = time.perf_counter()
+                runners[i].predict_one(images[i])
+                times[i][r].append((time.perf_counter() - start) * 1000)
+    results = []
+    for per_file in times:
+        flat = [t for chunk in per_file for t in chunk]
+        medians = [statistics.median(chunk) for chunk in per_file]
+        results.append(
+            {
+                "threads": int(threads),
+                "runs": len(flat),
+                "rounds": rounds,
+                "p50_ms": statistics.median(flat),
+                "p90_ms": float(np.percentile(flat, 90)),
+                "mean_ms": statistics.fmean(flat),
+                "min_ms": min(flat),
+                "round_p50_ms": [min(medians), max(medians)],
+                "interleaved": True,
+            }
+        )
+    return results

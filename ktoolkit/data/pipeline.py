@@ -4,8 +4,9 @@ Images leave the pipeline as float32 in 0..255: every ktoolkit model normalizes 
 Between decoding and batching they are uint8, so the cache and the shuffle buffer take a quarter
 of the memory float32 would.
 
-Decoding uses ``tf.io.decode_image`` with ``expand_animations=False`` (JPEG, PNG, BMP, GIF's first
-frame, WebP; 16-bit PNGs are scaled to 8 bits) in the file's own channels, which are then converted
+Decoding (:func:`decode_image`) uses ``tf.io.decode_image`` with ``expand_animations=False`` (PNG, BMP,
+GIF's first frame, WebP; 16-bit PNGs are cut to 8 bits) and, for JPEG, ``tf.io.decode_jpeg`` with the
+accurate integer DCT (which Pillow reproduces exactly), in the file's own channels, which are then converted
 to ``channels`` (alpha dropped, gray copied to RGB, RGB weighted to gray): decode_image's own
 conversion fails for CMYK JPEG, GIF, BMP and WebP to one channel and RGBA WebP to three. Then
 bilinear ``tf.image.resize`` to ``image_size`` (the aspect ratio is not kept). A file that still
@@ -136,17 +137,8 @@ def _decoded(ds, split: Split, shape, cache, shuffle: bool, seed: int, shuffle_b
     height, width, channels = shape
 
     def prepare(image_or_path, label):
-        if split.kind == "paths":
-            # Decoded as stored and converted here: decode_image's own conversion fails for some
-            # formats (channels=1 for CMYK JPEG, GIF, BMP, WebP; channels=3 for RGBA WebP).
-            image = tf.io.decode_image(tf.io.read_file(image_or_path), channels=0, expand_animations=False)
-        else:
-            image = image_or_path
-        image = _convert_channels(image, channels)
-        image = tf.image.resize(image, (height, width))
-        # uint8 until batching: exact for 8-bit sources, and a quarter of float32's memory in cache/buffer.
-        image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-        return image, label
+        image = decode_image(tf.io.read_file(image_or_path)) if split.kind == "paths" else image_or_path
+        return model_pixels(image, height, width, channels), label
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     if split.kind == "paths":
@@ -219,6 +211,51 @@ def _check_args(split, num_classes, image_size, channels, batch_size, cache, shu
     if shuffle_buffer is not None and (not isinstance(shuffle_buffer, int) or shuffle_buffer < 1):
         raise ValueError(f"make_dataset: shuffle_buffer={shuffle_buffer!r} must be a positive integer or None.")
     return size
+
+
+def decode_image(contents):
+    """A file's bytes decoded in its own channels, uint8 (height, width, 1..4), as training decodes them.
+
+    ``tf.io.decode_image`` (first frame, 16-bit PNGs cut to their high byte), except JPEG, which is decoded
+    with libjpeg's accurate integer DCT (``dct_method="INTEGER_ACCURATE"``) instead of decode_image's fixed
+    fast one: the accurate DCT is exact in every libjpeg-turbo build (SIMD or not), so Pillow, which uses
+    it, gives the same pixels bit for bit and ``ktool predict`` can decode exactly as training without
+    TensorFlow (:func:`ktoolkit.predict.read_image`). Channels are converted by :func:`model_pixels`:
+    decode_image's own conversion fails for some formats (channels=1 for CMYK JPEG, GIF, BMP, WebP;
+    channels=3 for RGBA WebP).
+    """
+    import tensorflow as tf
+
+    return tf.cond(
+        tf.io.is_jpeg(contents),
+        lambda: tf.io.decode_jpeg(contents, channels=0, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(contents, channels=0, expand_animations=False),
+    )
+
+
+def model_pixels(image, height: int, width: int, channels: int):
+    """A decoded uint8 image (any of 1..4 channels) as the model sees it: converted to ``channels``,
+    resized with ``tf.image.resize`` (bilinear, half-pixel centers, no antialiasing) and rounded to uint8
+    (half to even): exact for 8-bit sources, and a quarter of float32's memory in a cache or buffer."""
+    import tensorflow as tf
+
+    image = tf.image.resize(_convert_channels(image, channels), (height, width))
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def load_image(path, height: int, width: int, channels: int):
+    """One image file as training's pipeline makes it: uint8 numpy (height, width, channels).
+
+    Raises:
+        ValueError: TensorFlow cannot decode the file (its message says why).
+    """
+    import tensorflow as tf
+
+    try:
+        image = decode_image(tf.io.read_file(os.fsencode(path)))
+        return model_pixels(image, height, width, channels).numpy()
+    except tf.errors.OpError as err:
+        raise ValueError(err.message.split(" [Op:")[0]) from None
 
 
 def _convert_channels(image, channels):

@@ -230,12 +230,18 @@ def _read_header(path: str, size: int) -> Verdict:
     try:
         with Image.open(path) as image:
             fmt, mode, dims = image.format, image.mode, tuple(image.size)
+            animated = bool(getattr(image, "is_animated", False))
     except UnidentifiedImageError:
         return Verdict("not an image: cannot identify image file")
     except Exception as err:  # noqa: BLE001 - OSError, DecompressionBombError, SyntaxError: all mean a bad file
         return Verdict(_describe(err))
     if fmt not in FORMATS:
         return Verdict(f"unsupported format: {fmt} (TensorFlow decodes {', '.join(FORMATS)})", fmt, mode, dims)
+    if fmt == "WEBP" and animated and mode != "RGBA":
+        # TensorFlow 2.21 writes such a file's RGBA frames into an RGB buffer (memory corruption, a crash)
+        return Verdict(
+            "animated WebP without alpha: TensorFlow cannot decode it safely; save its first frame", fmt, mode, dims
+        )
     if dims[0] * dims[1] > MAX_PIXELS:  # decoding it would take gigabytes (a decompression bomb, or a scan)
         return Verdict(f"too large: {dims[0]}x{dims[1]} pixels, over {MAX_PIXELS:,}; downsize it", fmt, mode, dims)
     return Verdict(None, fmt, mode, dims)

@@ -19,6 +19,10 @@ from tflite_export.prepare import find_preprocessing, prepare_model
 
 log = logging.getLogger(__name__)
 
+# The verdict on a file wants at least this many held-out images: with fewer, one image is over a third of
+# a point and a 1-point budget can rarely be decided. The test split alone when it has them, else val too.
+MIN_VERDICT_IMAGES = 300
+
 
 @dataclass
 class ExportSource:
@@ -66,6 +70,27 @@ class ExportSource:
             seed=seed,
             cache="memory" if training else None,
         )
+
+    def verdict_splits(self, min_images: int = MIN_VERDICT_IMAGES) -> list[str]:
+        """The held-out splits an exported file is judged on: ``heldout`` (the test split), plus "val" when
+        the test split has fewer than ``min_images`` images and the data has a val split. Never "train": the
+        splits are the run's own (splits.json), or other data with this run's training images left out.
+
+        Val chose the run's best epoch, so the Keras model's accuracy on it is a little optimistic; the drop,
+        the Keras model against the file on the same images, is not biased by that."""
+        splits = [self.heldout]
+        val = self.data.splits.get("val")
+        if self.heldout == "test" and len(self.data.splits["test"]) < min_images and val is not None and len(val):
+            splits.append("val")
+        return splits
+
+    def heldout_dataset(self, splits, *, batch_size: int = 32):
+        """The ``splits`` (names) one after the other, in that order, as one pipeline of (images, labels)."""
+        datasets = [self.dataset(name, batch_size=batch_size) for name in splits]
+        combined = datasets[0]
+        for more in datasets[1:]:
+            combined = combined.concatenate(more)
+        return combined
 
     def calibration_images(self, count: int, seed: int = 0) -> np.ndarray:
         """``count`` training images (float32, 0..255), drawn at random with ``seed``: the
@@ -131,6 +156,8 @@ def _run_data(run, data, names, progress):
         counts = found.verification.counts
         recorded = next((s for s in ("test", "val") if counts.get(s, {}).get("recorded")), None)
         found.verification.check([recorded] if recorded else [], "verifying on")
+        if recorded == "test" and counts.get("val", {}).get("unchanged"):  # val may join the verdict's images
+            found.verification.check(["val"], "verifying on")
         found.verification.check(["train"], "calibrating and fine-tuning on")
     if list(source.class_names) != list(names):
         raise ValueError(

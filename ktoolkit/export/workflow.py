@@ -2,9 +2,13 @@
 the held-out split and compared with the Keras model before it is called done.
 
 For every mode: (fine-tune with tensorflow-model-optimization) -> convert -> add metadata -> run
-the file on the held-out images -> compare with the Keras model -> write the file (marked
-``.FAILED`` when it loses more accuracy than the budget) -> time it -> list its operators and
-what the GPU delegate and NNAPI would not take. Then one report for all of them.
+the file on the held-out images (the test split, plus val when the test split is small) -> judge it
+against the Keras model (:class:`ktoolkit.export.report.Gate`: intervals, McNemar, a verdict that says
+when the images cannot decide) -> write the file, named by model, input size, I/O type and mode (marked
+``.FAILED`` when the drop's point estimate is over the budget) -> list its operators and what the GPU
+delegate and NNAPI would not take. Then all files of the export are timed together, interleaved, and
+the report gets an entry per file (earlier exports' files in the folder keep theirs). Every step logs
+its time.
 
 The steps on files and models are :mod:`tflite_export`'s (file in, file out); this module adds what
 knows about run folders: the model and data of a run, the lock, atomic writes, the report.
@@ -13,6 +17,7 @@ knows about run folders: the model and data of a run, the lock, atomic writes, t
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import gzip
 import logging
@@ -41,12 +46,15 @@ class ExportedFile:
     description: str
     size_bytes: int
     gzip_bytes: int | None
-    verification: object  # tflite_export.verify.Verification
-    latency: dict
-    passed: bool
+    verification: object  # tflite_export.verify.Verification, on the run's test split alone
+    latency: dict  # interleaved_latency's, after every file of the export is written; vs_float32 added
+    passed: bool  # gate.passed: the point estimate of the drop is within the budget
     seconds: float
     ops: dict | None = None
     notes: list = field(default_factory=list)
+    gate: object = None  # ktoolkit.export.report.Gate: the verdict, on every held-out image used
+    replaced: str | None = None  # the previous export's file this one replaced (same name or its .FAILED twin)
+    input: dict = field(default_factory=dict)  # shape, dtype and output_dtype: what the file takes and gives
 
     @property
     def latency_ms(self) -> float:
@@ -66,6 +74,9 @@ class ExportedFile:
             "latency": self.latency,
             "ops": self.ops,
             "notes": self.notes,
+            "gate": None if self.gate is None else self.gate.to_dict(),
+            "replaced": self.replaced,
+            "input": {k: v for k, v in self.input.items() if k != "tag"},
         }
 
 
@@ -77,6 +88,7 @@ class ExportResult:
     folder: Path
     report: dict
     settings: dict = field(default_factory=dict)  # ExportConfig.settings(): what the report records
+    heldout: dict = field(default_factory=dict)  # the splits the verdicts rest on: name -> images, in order
 
     @property
     def ok(self) -> bool:
@@ -84,32 +96,40 @@ class ExportResult:
         return all(f.passed for f in self.files)
 
     def lines(self) -> list[str]:
-        """What `ktool export` prints: a table of the files (mode, file, size, accuracy, drop,
-        agreement, latency, ok/OVER BUDGET), then the Keras model's accuracy and the report's path."""
-        rows = [("mode", "file", "size", "accuracy (95% CI)", "drop", "agreement", "latency", "")]
+        """What `ktool export` prints: a table of the files (mode, file, size, accuracy and the drop with their
+        95% intervals, McNemar's p, agreement, latency and its ratio to float32, verdict, ok/OVER BUDGET), the
+        images the verdicts rest on, a line per file the images cannot decide and per file that replaced an
+        earlier export's, then the Keras model's accuracy and the report's path."""
+        head = ("mode", "file", "size", "accuracy (95% CI)", "drop (95% CI)", "McNemar p", "agreement", "latency")
+        rows = [(*head, "x float32", "verdict", "")]
         for f in self.files:
-            v = f.verification
-            size = f"{f.size_bytes / 2**20:.2f} MB" if f.size_bytes >= 2**20 else f"{f.size_bytes / 2**10:.1f} KB"
+            g, ratio = f.gate, f.latency.get("vs_float32")
             rows.append(
                 (
                     f.mode,
                     f.path.name,
-                    size,
-                    _with_interval(v.accuracy, v.images),
-                    f"{v.accuracy_drop:+.2f}",
-                    f"{v.agreement:.1%}",
+                    f"{f.size_bytes / 2**20:.2f} MB" if f.size_bytes >= 2**20 else f"{f.size_bytes / 2**10:.1f} KB",
+                    _with_interval(g.file),
+                    f"{g.drop_points:+.2f} [{100 * g.drop.low:+.1f}, {100 * g.drop.high:+.1f}]",
+                    f"{g.drop.p_value:.2g}",
+                    f"{g.agreement.value:.1%}",
                     f"{f.latency_ms:.2f} ms",
+                    "-" if ratio is None else f"{ratio:.2f}x",
+                    g.verdict,
                     "ok" if f.passed else "OVER BUDGET",
                 )
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        keras = self.files[0].verification
-        return [
-            *lines,
-            f"Keras model: {_accuracy(keras.keras_accuracy, keras.images).text()} on the held-out images; "
-            f"report: {self.report['md']}",
-        ]
+        gate = self.files[0].gate
+        splits = " + ".join(f"{name} {count:,}" for name, count in self.heldout.items())
+        lines.append(
+            f"Verdicts on {gate.images:,} held-out images ({splits}): one image is {gate.one_image:.3g} points, "
+            f"the budget {gate.budget:g}."
+        )
+        lines += [f"{f.mode}: {f.gate.text()}." for f in self.files if not f.gate.supported]
+        lines += [f"{f.mode}: replaced the previous export's {f.replaced}." for f in self.files if f.replaced]
+        return [*lines, f"Keras model: {gate.keras.text()} on the held-out images; report: {self.report['md']}"]
 
     def failure(self) -> str | None:
         """The line that says which files are over the budget; None when all are within it."""
@@ -122,16 +142,11 @@ class ExportResult:
         )
 
 
-def _accuracy(fraction: float, images: int):
-    from ktoolkit.stats import Accuracy
-
-    return Accuracy(round(fraction * images), images)
-
-
-def _with_interval(fraction: float, images: int) -> str:
-    """``91.20% [88.1, 93.6]``: a file's accuracy with its 95% Wilson interval, in the table's width."""
-    low, high = _accuracy(fraction, images).interval
-    return f"{fraction:.2%} [{100 * low:.1f}, {100 * high:.1f}]"
+def _with_interval(acc) -> str:
+    """``91.20% [88.1, 93.6]``: an :class:`ktoolkit.stats.Accuracy` with its 95% Wilson interval, in the table's
+    width."""
+    low, high = acc.interval
+    return f"{acc.value:.2%} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def _tunable(mode_default, doc: str):
@@ -233,53 +248,138 @@ def export(model, config: ExportConfig | None = None, *, progress: bool = False,
 
 
 def _export_all(model, modes, folder: Path, data, settings: dict, progress: bool) -> ExportResult:
-    """Loads the model and its data, exports and verifies every mode into ``folder``, writes the report."""
+    """Loads the model and its data, exports and verifies every mode into ``folder``, times the files together,
+    writes the report. Every step logs when it starts and how long it took (``ktool export`` shows INFO lines)."""
+    from ktoolkit.export.report import write_report
     from ktoolkit.export.source import load_source
+
+    token = _STARTED.set(time.time())
+    try:
+        with _step("loading the model and its data"):
+            source = load_source(model, data=data, progress=progress)
+        heldout = _keras_on_heldout(source, settings, progress)
+        write_text(confined(folder, "labels.txt"), "\n".join(_labels(source)) + "\n")
+        files = [_export_mode(m, settings["format"], source, folder, heldout, settings, progress) for m in modes]
+        _time_together(files, settings)
+        for f in files:
+            _log_file(f)
+        info = _source_info(source, heldout, files)
+        report = write_report(folder, files, source_info=info, settings=settings)
+    finally:
+        _STARTED.reset(token)
+    return ExportResult(files=files, folder=folder, report=report, settings=settings, heldout=heldout.splits)
+
+
+# When the running export began (for the progress lines' "s into the export").
+_STARTED: contextvars.ContextVar = contextvars.ContextVar("ktoolkit_export_started", default=None)
+LATENCY_ROUNDS = 5  # round-robin repetitions of the latency measurement
+
+
+@contextlib.contextmanager
+def _step(what: str):
+    """Logs ``what`` when it starts and, when it ends, how long it took and how long the export has run, so
+    a minute-long int8 calibration of MobileNetV2 is not silent."""
+    began = time.time()
+    log.info("%s ...", what)
+    yield
+    now = time.time()
+    log.info("%s: done in %.1f s (%.0f s into the export)", what, now - began, now - (_STARTED.get() or began))
+
+
+@dataclass
+class _Heldout:
+    """The held-out images every file is judged on, and the Keras model's probabilities on them.
+
+    Attributes:
+        dataset: the splits one after the other, as (images, labels) batches.
+        splits: split name -> images, in the order they come (the run's test split first).
+        probs: the Keras model's probabilities, (images, classes).
+        labels: the true classes.
+    """
+
+    dataset: object
+    splits: dict
+    probs: object
+    labels: object
+
+    @property
+    def primary(self) -> int:
+        """How many of the images are the first split's (the Verification's: the run's test split alone)."""
+        return next(iter(self.splits.values()))
+
+
+def _keras_on_heldout(source, settings: dict, progress: bool) -> _Heldout:
+    """The Keras model on the verdict's held-out splits (:meth:`ExportSource.verdict_splits`)."""
     from tflite_export.verify import run_over
 
-    batch_size = settings["batch_size"]
-    source = load_source(model, data=data, progress=progress)
-    heldout = source.dataset(source.heldout, batch_size=batch_size)
+    splits = {name: len(source.data.splits[name]) for name in source.verdict_splits()}
+    dataset = source.heldout_dataset(list(splits), batch_size=settings["batch_size"])
+    shown = " + ".join(f"{name} {count:,}" for name, count in splits.items())
+    with _step(f"{sanitize_text(source.name)}: the Keras model on {sum(splits.values()):,} held-out images ({shown})"):
+        probs, labels = run_over(
+            lambda x: source.model(x, training=False), dataset, progress=progress, what="Keras model"
+        )
+    return _Heldout(dataset, splits, probs, labels)
+
+
+def _time_together(files, settings: dict) -> None:
+    """Times every file of the export together, interleaved (:func:`tflite_export.runtime.interleaved_latency`),
+    after all conversions; sets each file's ``latency``, with its ratio to this export's float32 file."""
+    from tflite_export.runtime import interleaved_latency
+
+    runs, threads = settings["latency_runs"], settings["threads"]
+    what = (
+        f"timing {len(files)} file(s) together: {min(LATENCY_ROUNDS, runs)} interleaved round(s), "
+        f"{runs} single-image runs each, {threads} thread(s)"
+    )
+    with _step(what):
+        timed = interleaved_latency([f.path for f in files], threads=threads, runs=runs, rounds=LATENCY_ROUNDS)
+    base = next((t["p50_ms"] for f, t in zip(files, timed) if f.mode == "float32"), None)
+    for f, t in zip(files, timed):
+        f.latency = {**t, "vs_float32": None if not base else t["p50_ms"] / base}
+
+
+def _log_file(f) -> None:
+    g, ratio = f.gate, f.latency.get("vs_float32")
     log.info(
-        "%s: the Keras model on %d held-out images", sanitize_text(source.name), len(source.data.splits[source.heldout])
+        "%s: %s, accuracy %s (Keras %.2f%%), drop %+.2f points [%+.1f, %+.1f], McNemar p=%.2g, top-1 agreement "
+        "%.1f%%, %.2f ms%s: %s%s",
+        f.mode,
+        f.path.name,
+        _with_interval(g.file),
+        100 * g.keras.value,
+        g.drop_points,
+        100 * g.drop.low,
+        100 * g.drop.high,
+        g.drop.p_value,
+        100 * g.agreement.value,
+        f.latency_ms,
+        "" if ratio is None else f" ({ratio:.2f}x float32)",
+        g.verdict,
+        "" if f.passed else "  OVER THE BUDGET",
     )
-    keras_probs, labels = run_over(
-        lambda x: source.model(x, training=False), heldout, progress=progress, what="Keras model"
-    )
-    write_text(confined(folder, "labels.txt"), "\n".join(_labels(source)) + "\n")
 
-    files = []
-    for m in modes:
-        files.append(
-            _export_mode(m, settings["format"], source, folder, heldout, keras_probs, labels, settings, progress)
-        )
-        f = files[-1]
-        log.info(
-            "%s: %s, accuracy %.2f%% (Keras %.2f%%), top-1 agreement %.1f%%, %.2f ms%s",
-            m.name,
-            f.path.name,
-            100 * f.verification.accuracy,
-            100 * f.verification.keras_accuracy,
-            100 * f.verification.agreement,
-            f.latency_ms,
-            "" if f.passed else "  OVER THE BUDGET",
-        )
 
-    from ktoolkit.export.report import write_report
+def _source_info(source, heldout: _Heldout, files) -> dict:
+    """What the report says about the model and the images: ``split``/``images`` are the run's test split
+    (the Verification's), ``verdict_splits`` the images the verdicts rest on."""
+    from ktoolkit.export.source import MIN_VERDICT_IMAGES
 
-    source_info = {
+    return {
         "name": sanitize_text(source.name),
         "origin": source.origin,
         "data": str(source.data.origin),
         "split": source.heldout,
-        "images": len(labels),
+        "images": heldout.primary,
+        "verdict_splits": heldout.splits,
+        "verdict_images": len(heldout.labels),
+        "min_verdict_images": MIN_VERDICT_IMAGES,
         "class_names": _labels(source),
         "keras_accuracy": files[0].verification.keras_accuracy,
+        "keras": files[0].gate.keras.to_dict(),
         "keras_file_bytes": keras_file_bytes(source.model),
         "preprocessing": source.preprocessing,
     }
-    report = write_report(folder, files, source_info=source_info, settings=settings)
-    return ExportResult(files=files, folder=folder, report=report, settings=settings)
 
 
 # tunable -> (does this mode, written as this format, use it?, the modes that do, in words)
@@ -358,38 +458,34 @@ def _check_numbers(**values):
             raise ValueError(f"{name}={value!r}: must be a whole number >= 1.")
 
 
-def _export_mode(mode, fmt, source, folder, heldout, keras_probs, labels, settings, progress) -> ExportedFile:
+def _export_mode(mode, fmt, source, folder, heldout: _Heldout, settings, progress) -> ExportedFile:
+    """One mode: (fine-tune) -> convert -> run on the held-out images -> judge -> write. Timing comes later,
+    with every file of the export together (:func:`_time_together`)."""
     from tflite_export.verify import compare, run_over
 
     started = time.time()
     keras_model, converted_probs, notes = source.model, None, []
     if mode.compress:
-        keras_model, converted_probs, note = _fine_tune(mode, source, heldout, labels, settings, progress)
-        notes.append(note)
-    log.info("%s: converting to %s", mode.name, fmt)
-    content, runner, notes_of_format = _convert(mode, fmt, source, keras_model, settings, folder, progress)
-    notes += notes_of_format
-    file_probs, _ = run_over(runner.predict, heldout, progress=progress, what=f"{mode.name} {fmt} file")
-    verification = compare(keras_probs, file_probs, labels, source.class_names, converted_probs)
-    passed = verification.accuracy_drop <= settings["max_accuracy_drop"] + 1e-9
-
-    path, size, gzipped = _write(content, runner, folder, _stem(source, mode), FORMATS[fmt], passed)
-
-    from tflite_export.runtime import benchmark
-
-    latency = benchmark(path, threads=(settings["threads"],), runs=settings["latency_runs"])[0]
-    ops = None
-    if fmt == "tflite":
-        from tflite_export.compat import kernel_stats, op_report
-
-        ops = op_report(content)
-        stats = kernel_stats(content)
-        if "prune" in mode.compress:
-            notes.append(f"zero weights in the Conv2D/Dense kernels: {stats['zero_fraction']:.1%}")
-        if "cluster" in mode.compress:
-            notes.append(
-                f"distinct values per output channel of the Conv2D/Dense kernels: at most {stats['max_distinct']}"
+        with _step(f"{mode.name}: fine-tuning ({' + '.join(mode.compress)}) on the training split"):
+            keras_model, converted_probs, note = _fine_tune(
+                mode, source, heldout.dataset, heldout.labels, settings, progress
             )
+        notes.append(note)
+    calibrating = f", calibrating on {settings['calib_samples']} training images" if mode.needs_calibration else ""
+    with _step(f"{mode.name}: converting to {fmt}{calibrating}"):
+        content, runner, notes_of_format = _convert(mode, fmt, source, keras_model, settings, folder, progress)
+    notes += notes_of_format
+    with _step(f"{mode.name}: running the file on {len(heldout.labels):,} held-out images"):
+        file_probs, _ = run_over(runner.predict, heldout.dataset, progress=progress, what=f"{mode.name} {fmt} file")
+    k = heldout.primary
+    converted = None if converted_probs is None else converted_probs[:k]
+    verification = compare(heldout.probs[:k], file_probs[:k], heldout.labels[:k], source.class_names, converted)
+    gate = _judge(heldout, file_probs, settings["max_accuracy_drop"])
+    io = _io(runner)
+    path, size, gzipped, replaced = _write(
+        content, runner, folder, _stem(source, mode, io["tag"]), FORMATS[fmt], gate.passed
+    )
+    ops = _ops(mode, fmt, content, notes)
     return ExportedFile(
         mode=mode.name,
         format=fmt,
@@ -398,12 +494,66 @@ def _export_mode(mode, fmt, source, folder, heldout, keras_probs, labels, settin
         size_bytes=size,
         gzip_bytes=gzipped,
         verification=verification,
-        latency=latency,
-        passed=passed,
+        latency={},
+        passed=gate.passed,
         seconds=time.time() - started,
         ops=ops,
         notes=notes,
+        gate=gate,
+        replaced=replaced,
+        input=io,
     )
+
+
+def _judge(heldout: _Heldout, file_probs, budget: float):
+    """The file's :class:`~ktoolkit.export.report.Gate` on every held-out image, against the Keras model."""
+    from ktoolkit.export.report import judge
+
+    keras_top, file_top = heldout.probs.argmax(-1), file_probs.argmax(-1)
+    how = "held-out: " + " + ".join(heldout.splits)
+    return judge(keras_top == heldout.labels, file_top == heldout.labels, keras_top == file_top, budget, how=how)
+
+
+def _ops(mode, fmt, content, notes: list):
+    """A .tflite file's operators (and what the GPU delegate and NNAPI would not take); notes on its pruned
+    or clustered kernels are appended to ``notes``. None for other formats."""
+    if fmt != "tflite":
+        return None
+    from tflite_export.compat import kernel_stats, op_report
+
+    ops = op_report(content)
+    stats = kernel_stats(content)
+    if "prune" in mode.compress:
+        notes.append(f"zero weights in the Conv2D/Dense kernels: {stats['zero_fraction']:.1%}")
+    if "cluster" in mode.compress:
+        notes.append(f"distinct values per output channel of the Conv2D/Dense kernels: at most {stats['max_distinct']}")
+    return ops
+
+
+# ONNX tensor types -> numpy dtype names (what an .onnx file's input or output takes or gives)
+_ONNX_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(uint8)": "uint8",
+    "tensor(int8)": "int8",
+}
+
+
+def _io(runner) -> dict:
+    """What the file takes and gives: input shape and dtype, output dtype, and the file name's tag for them:
+    "" for float32 in and out, ``_uint8io`` when both are uint8, ``_uint8in`` / ``_uint8out`` when one is."""
+    inp = out = "float32"
+    if runner.kind == "tflite":
+        inp = runner.interpreter.get_input_details()[0]["dtype"].__name__
+        out = runner.interpreter.get_output_details()[0]["dtype"].__name__
+    elif runner.kind == "onnx":
+        inp = _ONNX_TYPES.get(runner.session.get_inputs()[0].type, "float32")
+        out = _ONNX_TYPES.get(runner.session.get_outputs()[0].type, "float32")
+    if inp == out:
+        tag = "" if inp == "float32" else f"_{inp}io"
+    else:
+        tag = ("" if inp == "float32" else f"_{inp}in") + ("" if out == "float32" else f"_{out}out")
+    return {"shape": list(runner.input_shape), "dtype": inp, "output_dtype": out, "tag": tag}
 
 
 def _fine_tune(mode, source, heldout, labels, settings, progress):
@@ -434,25 +584,35 @@ def _fine_tune(mode, source, heldout, labels, settings, progress):
     return keras_model, probs, note
 
 
-def _stem(source, mode) -> str:
-    """The exported files' name without suffix: the model's stored name (which a stranger's file sets)
-    and the mode, made a plain file name, never a path."""
-    return f"{safe_filename(source.name)}_{safe_filename(mode.name)}"
+def _stem(source, mode, io: str = "") -> str:
+    """The exported file's name without suffix: everything that changes what the file takes and gives, so two
+    exports that differ in any of it never replace each other: the model's stored name (which a stranger's
+    file sets), the input size (height x width x channels), the I/O type when it is not float32 (``io``:
+    :func:`_io`'s tag, e.g. ``_uint8io``) and, last, the mode; the suffix adds the format. Made a plain file
+    name, never a path: ``lenet5_32x32x1_int8``, ``lenet5_32x32x1_uint8io_int8`` (``*_int8.tflite`` finds both)."""
+    h, w, c = source.image_shape
+    return f"{safe_filename(source.name)}_{h}x{w}x{c}{io}_{safe_filename(mode.name)}"
 
 
 def _write(content, runner, folder, stem, suffix, passed):
-    """Writes the file (``stem.FAILED.suffix`` when over the budget) in place of the previous export's;
-    returns (path, size in bytes, gzipped size or None for a SavedModel folder). Every path is checked
-    to lie directly in ``folder``."""
+    """Writes the file (``stem.FAILED.suffix`` when over the budget) in place of a previous export of the same
+    name (or its ``.FAILED`` twin), and says so in the log; returns (path, size in bytes, gzipped size or None
+    for a SavedModel folder, the name of the file it replaced or None). Every path is checked to lie directly
+    in ``folder``; files of other names (other modes, I/O types, sizes) are never touched."""
+    replaced = None
     for old in (confined(folder, f"{stem}{suffix}"), confined(folder, f"{stem}{FAILED_MARK}{suffix}")):
+        there = old.is_symlink() or old.exists()
         _remove_previous(old)
+        if there:
+            replaced = old.name
+            log.info("replacing the previous export's %s", old.name)
     path = confined(folder, f"{stem}{'' if passed else FAILED_MARK}{suffix}")
     if content is None:  # a SavedModel folder, written beside and moved into place
         shutil.move(str(runner.folder), str(path))
-        return path, sum(p.stat().st_size for p in path.rglob("*") if p.is_file()), None
+        return path, sum(p.stat().st_size for p in path.rglob("*") if p.is_file()), None, replaced
     with atomic_path(path) as tmp:
         tmp.write_bytes(content)
-    return path, len(content), len(gzip.compress(content, compresslevel=9))
+    return path, len(content), len(gzip.compress(content, compresslevel=9)), replaced
 
 
 def _remove_previous(path: Path) -> None:
@@ -487,11 +647,19 @@ def _convert(mode, fmt, source, keras_model, settings, folder, progress):
         content, notes = _to_tflite(mode, source, keras_model, settings, name, description, progress)
         return content, open_model((content, "tflite")), notes
     if fmt == "onnx":
-        from tflite_export.onnx_export import quantize_int8, to_onnx
+        from tflite_export.onnx_export import CALIBRATION, qat_to_qdq, quantize_int8, to_onnx
 
         content = to_onnx(keras_model, labels=_labels(source), description=description)
-        if mode.quantize == "int8":
-            content = quantize_int8(content, source.calibration_images(settings["calib_samples"]), progress=progress)
+        if "qat" in mode.compress:  # the fake-quantization ranges QAT learned become the QDQ scales
+            content = qat_to_qdq(content)
+            notes.append("int8 QDQ from the quantization-aware model's learned ranges, made symmetric for TensorRT")
+        elif mode.quantize == "int8":
+            images = source.calibration_images(settings["calib_samples"])
+            content = quantize_int8(content, images, progress=progress)
+            notes.append(
+                f"int8 QDQ calibrated ({CALIBRATION}) on {len(images)} training images: symmetric int8, weights "
+                "per channel, float input, normalization, biases and softmax"
+            )
         h, w, c = source.image_shape
         name = _stem(source, mode)
         notes.append(
@@ -514,27 +682,39 @@ def _convert(mode, fmt, source, keras_model, settings, folder, progress):
 def _to_tflite(mode, source, keras_model, settings, name, description, progress):
     """The .tflite file's bytes, with its metadata (labels, 0..255 input); returns (bytes, notes)."""
     from tflite_export.convert import to_tflite
-    from tflite_export.metadata import ModelInfo, add_metadata
+    from tflite_export.metadata import ModelInfo, add_metadata, input_normalization
 
     int8_io = settings["int8_io"] and mode.integer
-    representative = source.calibration_images(settings["calib_samples"]) if mode.needs_calibration else None
-    content = to_tflite(keras_model, mode.quantize, representative=representative, int8_io=int8_io, progress=progress)
-    channels = source.image_shape[2]
-    inside = f"; the model applies '{source.preprocessing}' normalization itself" if source.preprocessing else ""
+    representative = None
+    if mode.needs_calibration:
+        with _step(f"{mode.name}: reading {settings['calib_samples']} calibration images (training split)"):
+            representative = source.calibration_images(settings["calib_samples"])
+    # Post-training integer files take the normalization out of the int8 graph (into the input's quantization,
+    # the first convolution, or float ops before QUANTIZE: tflite_export.convert); not yet for tfmot-trained
+    # models, whose fake-quant ranges were learned with the normalization inside.
+    fold = mode.quantize in ("int8", "int16x8") and not mode.compress
+    content = to_tflite(
+        keras_model,
+        mode.quantize,
+        representative=representative,
+        int8_io=int8_io,
+        progress=progress,
+        fold_normalization=fold,
+    )
+    norm = input_normalization(content, source.preprocessing)
     content = add_metadata(
         content,
         ModelInfo(
             name=name,
             description=description,
             labels=_labels(source),
-            channels=channels,
-            mean=[0.0] * channels,
-            std=[1.0] * channels,
-            input_description=f"{'RGB' if channels == 3 else 'grayscale'} pixels on the 0..255 scale "
-            f"({'uint8' if int8_io else 'float32'}){inside}",
+            channels=source.image_shape[2],
+            mean=list(norm.mean),
+            std=list(norm.std),
+            input_description=norm.description,
         ),
     )
     notes = []
     if int8_io:
-        notes.append("uint8 input and output: the input takes pixel bytes as they are (scale 1, zero point 0)")
+        notes.append(f"uint8 input and output: {norm.description}")
     return content, notes
