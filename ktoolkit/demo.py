@@ -159,7 +159,7 @@ def _train_base(base_run: Path, data: Path, base_epochs: int, overwrite: bool, p
     )
     result = _reuse_or_run(base_run, lambda: train(config, progress=progress, overwrite=overwrite), echo, overwrite)
     base_accuracy = result.metrics.get("accuracy") if result else _accuracy(base_run)
-    echo(f"      base: test accuracy {base_accuracy:.1%} on the digits 0-4  ->  {base_run}")
+    echo(f"      base: test accuracy {_measured(base_run)} on the digits 0-4  ->  {base_run}")
     return base_run, base_accuracy
 
 
@@ -180,10 +180,7 @@ def _finetune(tuned_run: Path, base, weights, data: Path, epochs: int, overwrite
     if tuned is not None:
         for line in tuned.advice.lines():
             echo(f"      {line}")
-        echo(
-            f"      strategy: {tuned.strategy}; test accuracy {tuned.metrics['accuracy']:.1%} on "
-            f"{tuned.metrics['images']} images  ->  {tuned_run}"
-        )
+        echo(f"      strategy: {tuned.strategy}; test accuracy {_measured(tuned_run)}  ->  {tuned_run}")
     return tuned
 
 
@@ -238,10 +235,29 @@ def _accuracy(folder: Path) -> float:
     return json.loads(Run(folder).metrics.read_text())["accuracy"]
 
 
+def _measured(folder: Path) -> str:
+    """A run folder's test accuracy with its image count and 95% interval (from its metrics.json)."""
+    import json
+
+    from ktoolkit.runs import Run
+    from ktoolkit.stats import Accuracy
+
+    return Accuracy.from_metrics(json.loads(Run(folder).metrics.read_text())).text()
+
+
+def _interval(fraction: float, images: int) -> str:
+    """``93.50% [89.7, 95.9]``: a verified file's accuracy with its 95% Wilson interval."""
+    from ktoolkit.stats import Accuracy
+
+    low, high = Accuracy(round(fraction * images), images).interval
+    return f"{fraction:.2%} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
 def _verdict(f) -> str:
     v = f.verification
     return (
-        f"accuracy {v.accuracy:.2%} against {v.keras_accuracy:.2%} for the Keras model on {v.images} test images, "
+        f"accuracy {_interval(v.accuracy, v.images)} against {_interval(v.keras_accuracy, v.images)} for the Keras "
+        f"model on {v.images} test images, "
         f"top-1 agreement {v.agreement:.1%}, {'within' if f.passed else 'OVER'} the 1-point budget"
     )
 
@@ -255,7 +271,6 @@ def _write_page(result: DemoResult, folders, base, tflite):
     root = result.root
     tuned = root / "finetune"
     decision = json.loads((tuned / "decision.json").read_text())
-    metrics = json.loads((tuned / "metrics.json").read_text())
     v = tflite.verification
     lines = [
         "# ktoolkit demo",
@@ -266,7 +281,7 @@ def _write_page(result: DemoResult, folders, base, tflite):
     ]
     if result.base_accuracy is not None:
         lines.append(
-            f"2. **Base**: cifar_resnet20 trained on the digits 0-4, test accuracy {result.base_accuracy:.1%} "
+            f"2. **Base**: cifar_resnet20 trained on the digits 0-4, test accuracy {_measured(root / 'base')} "
             f"([report](base/report.md))."
         )
     else:
@@ -275,10 +290,11 @@ def _write_page(result: DemoResult, folders, base, tflite):
     lines += [
         f"3. **Transfer** to the digits 5-9 ([report](finetune/report.md)): {advice['images_per_class']:.0f} training "
         f"images per class, similarity {advice['similarity']:.3f} -> {advice['decision']['quadrant']} -> strategy "
-        f"**{decision['strategy']}**; test accuracy {metrics['accuracy']:.1%} on {metrics['images']} images "
+        f"**{decision['strategy']}**; test accuracy {_measured(tuned)} "
         "([confusion matrix](finetune/confusion_matrix.png)).",
         f"4. **Export**: `{tflite.path.relative_to(root)}`, {tflite.size_bytes / 1024:.0f} KB "
-        f"({tflite.description}); on the test split {v.accuracy:.2%} against {v.keras_accuracy:.2%} for the Keras "
+        f"({tflite.description}); on the test split {_interval(v.accuracy, v.images)} against "
+        f"{_interval(v.keras_accuracy, v.images)} for the Keras "
         f"model, top-1 agreement {v.agreement:.1%}: **{'within' if tflite.passed else 'OVER'} the 1-point budget** "
         "([export report](finetune/export/export_report.md)).",
         "5. **Latency** on this machine (LiteRT, XNNPACK): "

@@ -289,13 +289,13 @@ def _probes(model, source, *, baseline: bool, seed: int, batch_size: int, cache:
 
     feature_cache = FeatureCache() if cache else None
     pretrained = linear_probe(model, source, batch_size=batch_size, cache=feature_cache, progress=progress)
-    log.info("pretrained encoder: %s accuracy %.2f%% (C=%g)", pretrained.split, 100 * pretrained.accuracy, pretrained.C)
+    log.info("pretrained encoder: %s accuracy %s (C=%g)", pretrained.split, pretrained.measured.text(), pretrained.C)
     random = None
     if baseline:
         tf_keras.utils.set_random_seed(seed)
         fresh = tf_keras.models.clone_model(model)  # the same layers, newly initialized weights
         random = linear_probe(fresh, source, batch_size=batch_size, cache=feature_cache, progress=progress)
-        log.info("random initialization: %s accuracy %.2f%%", random.split, 100 * random.accuracy)
+        log.info("random initialization: %s accuracy %s", random.split, random.measured.text())
     return pretrained, random
 
 
