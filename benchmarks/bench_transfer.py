@@ -290,14 +290,18 @@ def bench_dataset(name: str, data: str, args, work: Path):
     for strategy in args.strategies:
         cold = strategy == "linear"
         real = "linear" if strategy == "linear-warm" else strategy
-        result, seconds, acc = run_strategy(
-            data, args.weights, work / f"{name}-{strategy}", real, size, args.epochs, cache, cold
-        )
+        same = _auto_reuses(results) if real == "auto" else None
+        if same is not None:  # auto's choice (the same advice, data and seed) already ran: not trained twice
+            result, seconds, acc = results[same]
+        else:
+            result, seconds, acc = run_strategy(
+                data, args.weights, work / f"{name}-{strategy}", real, size, args.epochs, cache, cold
+            )
         results[strategy] = (result, seconds, acc)
         size = size or tuple(json.loads((result.run.root / "data.json").read_text())["image_size"])
         label = {"linear": "linear (cold cache)", "linear-warm": "linear (warm cache)"}.get(strategy, strategy)
         if real == "auto":
-            label = f"auto -> {result.strategy}"
+            label = f"auto -> {result.strategy}" + (f" (the {same} run: the same advice)" if same else "")
         detail = result.plan.get("features", "") if real in ("linear-early",) else ""
         epochs = f"{len(result.history)} epochs" if result.history else ""
         rows.append([label, accuracy_cell(acc), f"{seconds:.1f}", " ".join(x for x in (detail, epochs) if x)])
@@ -323,6 +327,16 @@ def bench_dataset(name: str, data: str, args, work: Path):
         print()
     print(table(rows, ["strategy", "test accuracy [95% CI] (images)", "seconds", "notes"]))
     verdicts(results, p_acc, floor, k_seconds)
+
+
+def _auto_reuses(results) -> str | None:
+    """The strategy auto would pick, when a run of it is already in ``results`` (every finetune run advises
+    on the same data with the same seed, so its advice is auto's)."""
+    for result, _, _ in results.values():
+        chosen = result.advice.decision.strategy if getattr(result, "advice", None) else None
+        if chosen in results:
+            return chosen
+    return None
 
 
 def verdicts(results, practitioner_acc, floor: float, keras_seconds):
@@ -352,6 +366,7 @@ def main():
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"of {', '.join(STRATEGIES)}")
     parser.add_argument("--size", type=int, nargs=2, help="HEIGHT WIDTH (default: what ktoolkit picks for the data)")
     parser.add_argument("--epochs", type=int, help="epochs of finetune and full (default: ktoolkit's rule)")
+    parser.add_argument("--fashion-images", type=int, default=6000, help="the first N Fashion-MNIST training images")
     parser.add_argument("--no-keras-recipe", action="store_true", help="skip the 10-epoch Keras recipe baseline")
     parser.add_argument(
         "--weights", default=str(WEIGHTS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
@@ -373,7 +388,7 @@ def main():
 
     sources = {
         "digits": lambda: digits_npz(work),
-        "fashion": lambda: fashion_npz(work),
+        "fashion": lambda: fashion_npz(work, args.fashion_images),
         "cifar10": lambda: str(CIFAR) if CIFAR.exists() else None,
         "flowers5": lambda: without_conflicts(FLOWERS, work) if FLOWERS.exists() else None,
     }

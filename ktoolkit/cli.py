@@ -840,6 +840,11 @@ def _export_options(f):
                 help="Full-integer modes take and give uint8 (camera bytes) instead of float32.",
             ),
             flag(
+                "onnx_target",
+                help="Post-training int8 .onnx for: tensorrt (symmetric int8) or onnxruntime (asymmetric uint8, "
+                "faster on onnxruntime's CPU kernels, not buildable by TensorRT; named *_ort_<mode>.onnx).",
+            ),
+            flag(
                 "max_accuracy_drop",
                 type=float,
                 help="Budget in accuracy points; a file whose drop is over it is kept as *.FAILED.* and the command "

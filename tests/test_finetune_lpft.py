@@ -75,6 +75,8 @@ def test_lpft_head_is_the_standardized_probe_and_predicts_what_it_does(tiny):
 
     standardize = model.get_layer("feature_standardization")
     assert not standardize.trainable and model.get_layer("predictions").trainable
+    # pooled first, then standardized (per element before the pooling, int8 requantized the whole map coarsely)
+    assert base.model.get_layer(base.top).output.shape[1] > 1 and standardize.input_shape[1:3] == (1, 1)
     np.testing.assert_allclose(standardize.get_weights()[0].ravel(), 1.0 / probe.scale, rtol=1e-6)
     kernel = model.get_layer("predictions").get_weights()[0]
     np.testing.assert_allclose(kernel, probe.kernel * probe.scale[:, None], rtol=1e-5, atol=1e-6)

@@ -233,3 +233,140 @@ def test_qat_and_prune_qat_export_as_onnx(run, heldout, tmp_path):
         if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].size > 1000
     ]
     assert zeros and max(zeros) > 0.3  # prune-qat's sparsity survives into the int8 weights
+
+
+def relu6_model(seed: int = 0):
+    """An untrained MobileNetV2-like stack: ReLU6 after every convolution, read by a 3x3 depthwise
+    convolution with implicit padding, one behind an explicit ZeroPadding2D, and a 1x1 convolution."""
+    import tf_keras
+
+    layers = tf_keras.layers
+    tf_keras.utils.set_random_seed(seed)
+    inputs = tf_keras.Input((16, 16, 3), name="input")
+    x = layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = layers.ReLU(6.0)(layers.Conv2D(8, 3, strides=2, padding="same")(x))
+    x = layers.ReLU(6.0)(layers.DepthwiseConv2D(3, padding="same")(x))
+    x = layers.ZeroPadding2D(((0, 1), (0, 1)))(layers.ReLU(6.0)(layers.Conv2D(16, 1)(x)))
+    x = layers.ReLU(6.0)(layers.DepthwiseConv2D(3, strides=2)(x))
+    x = layers.ReLU(6.0)(layers.Conv2D(8, 1)(x))
+    outputs = layers.Dense(3, activation="softmax")(layers.GlobalAveragePooling2D()(x))
+    model = tf_keras.Model(inputs, outputs)
+    rng = np.random.default_rng(seed)
+    for layer in model.layers[:-1]:  # larger weights than the initializer's, so that the ReLU6s reach their bound
+        if layer.weights:
+            layer.set_weights([3 * w if w.ndim > 1 else rng.normal(0.5, 0.5, w.shape) for w in layer.get_weights()])
+    kernel, bias = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([kernel / 10, bias])  # probabilities away from 0 and 1, where errors show
+    return model
+
+
+def test_center_clips_is_exact_in_float():
+    """Every ReLU6 a convolution reads (4 of 5) becomes a symmetric Clip, the padding an explicit Pad with -c,
+    and the model still computes what it computed; the last, read by the pooling, is left as it was."""
+    from tflite_export.onnx_export import center_clips
+
+    content = to_onnx(relu6_model(), labels=["a", "b", "c"])
+    images = np.random.default_rng(1).uniform(0, 255, (16, 16, 16, 3)).astype(np.float32)
+    model = onnx.load_from_string(content)
+    shifted = center_clips(model)
+    onnx.checker.check_model(model, full_check=True)
+    inits = initializers(model)
+    clips = [n for n in model.graph.node if n.op_type == "Clip"]
+    assert len(clips) == 5 and all(float(inits[c.input[1]]) == -float(inits[c.input[2]]) == -3 for c in clips[:4])
+    assert (float(inits[clips[4].input[1]]), float(inits[clips[4].input[2]])) == (0, 6)
+    pads = [n for n in model.graph.node if n.op_type == "Pad"]
+    assert len(pads) == 2 and all(float(inits[p.input[2]]) == -3 for p in pads)
+    assert len(shifted) == 2 * 4 + 2 and all(r == (-3, 3) for r in shifted.values())
+    np.testing.assert_allclose(run_onnx(model.SerializeToString(), images), run_onnx(content, images), atol=1e-5)
+
+
+def test_centered_relu6_gets_twice_the_int8_levels():
+    """The default file: each centered ReLU6 tensor is quantized symmetric over its centered range, at half
+    the step of center=False's, zero points 0, and the file computes what the float model computed. (On the
+    flowers5 MobileNetV2 run centering halves the KL divergence from float; on this untrained stack the
+    output errors of the two files are too small to rank: 0.0004 and 0.0005.)"""
+    model = relu6_model()
+    content = to_onnx(model, labels=["a", "b", "c"])
+    rng = np.random.default_rng(2)
+    calibration, images = (rng.uniform(0, 255, (n, 16, 16, 3)).astype(np.float32) for n in (32, 64))
+    files = {center: quantize_int8(content, calibration, center=center) for center in (True, False)}
+    steps = {}
+    for center, data in files.items():
+        quantized = onnx.load_from_string(data)
+        inits, made_by = initializers(quantized), producers(quantized)
+        clip_inputs = [made_by[n.input[0]] for n in quantized.graph.node if n.op_type == "Clip"]
+        steps[center] = [float(inits[dq.input[1]]) for dq in clip_inputs if dq.op_type == "DequantizeLinear"]
+        assert len(steps[center]) == 5
+        assert not [n.name for n in quantized.graph.node if n.op_type == "QuantizeLinear" and inits[n.input[2]].any()]
+    np.testing.assert_allclose(steps[True][:4], np.array(steps[False][:4]) / 2, rtol=0.05)
+    np.testing.assert_allclose(steps[True][4], steps[False][4], rtol=0.05)  # read by the pooling: not centered
+    reference = np.asarray(model(images))
+    probabilities = run_onnx(files[True], images)
+    assert np.abs(probabilities - reference).max() < 0.05
+    assert np.mean(probabilities.argmax(-1) == reference.argmax(-1)) >= 0.95
+
+
+def zero_points(model) -> list:
+    """The zero points of every QuantizeLinear node (the activations'), as arrays."""
+    inits = initializers(model)
+    return [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+
+
+def test_the_onnxruntime_form_is_its_own_file_beside_the_tensorrt_one(run, tmp_path):
+    """--onnx-target onnxruntime: asymmetric uint8 activations under an ``_ort`` name, written beside the
+    default (TensorRT) file of an earlier export, which it leaves alone; the report lists both, says which
+    form each is, and gives trtexec advice only for the files TensorRT builds."""
+    import json
+
+    from ktoolkit.export import export
+
+    quick = {"format": "onnx", "calib_samples": 16, "latency_runs": 2, "max_accuracy_drop": 100, "out": tmp_path}
+    default = export(run, mode="int8", **quick).files[0]  # budget off: the names, not the verdicts, are tested
+    before = default.path.read_bytes()
+    result = export(run, mode="int8", compare="float32", onnx_target="onnxruntime", **quick)
+    ort, float32 = result.files
+    assert result.settings["onnx_target"] == "onnxruntime"
+    assert ort.path.name == default.path.name.replace("_int8.onnx", "_ort_int8.onnx") != default.path.name
+    assert ort.replaced is None and default.path.read_bytes() == before
+    assert "_ort" not in float32.path.name  # the setting is only for post-training int8
+    for path, dtype, any_nonzero in ((ort.path, np.uint8, True), (default.path, np.int8, False)):
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        zeros = zero_points(model)
+        assert len(zeros) >= 6 and all(z.dtype == dtype for z in zeros), path.name
+        assert any(z.any() for z in zeros) is any_nonzero, path.name
+    assert any("TensorRT cannot build" in n for n in ort.notes) and not any("trtexec" in n for n in ort.notes)
+    assert any("trtexec" in n for n in default.notes) and any("trtexec" in n for n in float32.notes)
+    listed = json.loads(result.report["json"].read_text())["files"]
+    assert {default.path.name, ort.path.name, float32.path.name} <= set(listed)
+    assert listed[default.path.name]["settings"]["onnx_target"] == "tensorrt"
+    markdown = result.report["md"].read_text()
+    assert default.path.name in markdown and ort.path.name in markdown
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("float32", "onnx"), ("qat", "onnx"), ("int8", "tflite")],
+)
+def test_onnx_target_given_to_a_mode_that_ignores_it_is_refused(mode, fmt, tmp_path):
+    from ktoolkit.export import export
+
+    with pytest.raises(ValueError, match=rf"^onnx_target='onnxruntime' \(--onnx-target\) does nothing in mode {mode}"):
+        export(tmp_path / "never-read", mode=mode, format=fmt, onnx_target="onnxruntime")
+
+
+def test_an_unknown_onnx_target_is_refused_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from ktoolkit.cli import main
+    from ktoolkit.export import export
+
+    with pytest.raises(ValueError, match=r"^onnx_target='trt' \(--onnx-target\): one of 'tensorrt', 'onnxruntime'"):
+        export(tmp_path / "never-read", mode="int8", format="onnx", onnx_target="trt")
+    args = ["export", "--model", str(tmp_path), "--mode", "int8", "--format", "onnx", "--onnx-target", "trt"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        "Error: onnx_target='trt' (--onnx-target): one of 'tensorrt', 'onnxruntime', the runtime the int8 .onnx "
+        "file is made for."
+    ]

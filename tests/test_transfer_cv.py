@@ -53,6 +53,40 @@ def test_cv_probe_is_refit_on_every_image_with_the_C_of_the_best_out_of_fold_acc
     assert small.folds == 3 and small.cv.images == len(few) == small.images
 
 
+def test_the_C_walk_stops_after_patience_cs_without_a_new_best_and_scores_every_c_it_tried(projected):
+    """The folds walk the grid from the strongest regularization up; past the best C only C_PATIENCE more are
+    fit. The walk's scores equal each C fit on its own (warm starts change where the solver starts, not
+    what it converges to, within its tolerance)."""
+    from ktoolkit.transfer.features import C_PATIENCE, fit_linear_cv
+
+    x, y = projected[0][:400], projected[1][:400]
+    grid = tuple(np.logspace(-4, 3, 15))
+    probe = fit_linear_cv(x, y, num_classes=10, Cs=grid, seed=0)
+    tried = sorted(probe.cv_scores)
+    assert tried == sorted(grid)[: len(tried)]
+    best_at = tried.index(probe.C)
+    assert len(tried) < len(grid), "the walk went to the end of a 15-value grid"
+    assert len(tried) - 1 - best_at == C_PATIENCE
+    assert all(probe.cv_scores[C] <= probe.cv_scores[probe.C] for C in tried)
+    alone = fit_linear_cv(x, y, num_classes=10, Cs=(probe.C,), seed=0)
+    assert abs(alone.cv.value - probe.cv.value) <= 2 / len(y)  # the same C, fit cold: at most 2 images apart
+
+
+def test_classifiers_fit_with_one_blas_thread():
+    """The CV fits run with BLAS limited to one thread (OpenBLAS threads spinning on a loaded machine made
+    them 8-18x slower); the caller's limit is back afterwards."""
+    from threadpoolctl import threadpool_info
+
+    from ktoolkit.transfer.features import one_blas_thread
+
+    def blas_threads():
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    before = blas_threads()
+    assert one_blas_thread(blas_threads)() == {1}
+    assert blas_threads() == before
+
+
 def test_out_of_fold_predictions_come_from_models_that_never_saw_the_image(projected):
     """Exactly: each fold's predictions are those of the path fit (and standardized) on the other folds only.
     And in effect: on random labels a model memorizes what it saw (training accuracy 100%), while the
@@ -202,7 +236,7 @@ def test_linear_strategy_fits_on_all_of_train_and_val_and_never_the_test_split(s
     labels = np.concatenate([splits["train"].labels, splits["val"].labels])
     probe = fit_linear_cv(np.concatenate(feats), labels, num_classes=10, seed=0)
     dense = saved.get_layer("predictions").get_weights()[0]
-    assert saved.get_layer("feature_standardization")  # c5 is image-shaped (1x1): standardized before pooling
+    assert saved.get_layer("feature_standardization")  # c5 is image-shaped (1x1): pooled, then standardized
     np.testing.assert_allclose(dense, probe.kernel * probe.scale[:, None], rtol=1e-4, atol=1e-6)
 
     no_test = _finetune(small_digits, tmp_path / "no_test", monkeypatch, strategy="linear", test_fraction=0.0)

@@ -162,9 +162,14 @@ def _setting(default, doc: str):
 class ExportConfig:
     """The settings of `export` (and the flags of `ktool export`, same names): defaults and checks in one place.
 
-    The tunables (``calib_samples``, ``int8_io``, ``epochs``, ``steps_per_epoch``, ``lr``, ``sparsity``,
-    ``clusters``) default to None: the mode's default (:data:`TUNABLE_DEFAULTS`). One given to modes
-    that all ignore it is refused, so a setting never silently does nothing.
+    The tunables (``calib_samples``, ``int8_io``, ``onnx_target``, ``epochs``, ``steps_per_epoch``, ``lr``,
+    ``sparsity``, ``clusters``) default to None: the mode's default (:data:`TUNABLE_DEFAULTS`). One given to
+    modes that all ignore it is refused, so a setting never silently does nothing.
+
+    ``onnx_target`` (named for whom the file is made; its values are runtimes) picks the post-training int8
+    ONNX form: "tensorrt", symmetric int8 (zero points 0), the only form TensorRT builds; "onnxruntime",
+    asymmetric uint8 activations, which onnxruntime's CPU kernels run fast and TensorRT cannot build. The
+    second is named ``*_ort_<mode>.onnx``, so it never replaces the first (:data:`ONNX_TARGET_TAGS`).
     """
 
     mode: str = _setting("float32", "the export mode (see tflite_export.modes.MODES)")
@@ -174,6 +179,9 @@ class ExportConfig:
     data: str | None = _setting(None, "images to calibrate and verify on (default: the run's data and split)")
     calib_samples: int | None = _tunable(200, "training images that full-integer quantization calibrates on")
     int8_io: bool | None = _tunable(False, ".tflite full-integer modes get uint8 input and output tensors")
+    onnx_target: str | None = _tunable(
+        "tensorrt", 'post-training int8 .onnx: "tensorrt" (symmetric int8) or "onnxruntime" (asymmetric uint8)'
+    )
     max_accuracy_drop: float = _setting(1.0, "the budget, in accuracy points lost on the held-out split")
     epochs: int | None = _tunable(2, "fine-tuning epochs per step of the pruning, clustering and QAT modes")
     steps_per_epoch: int | None = _tunable(None, "cap on fine-tuning batches per epoch (None: the whole split)")
@@ -382,10 +390,19 @@ def _source_info(source, heldout: _Heldout, files) -> dict:
     }
 
 
+def _post_training_int8_onnx(mode, fmt) -> bool:
+    """The mode, in this format, is calibrated by :func:`tflite_export.onnx_export.quantize_int8` (not QAT)."""
+    return fmt == "onnx" and mode.quantize == "int8" and "qat" not in mode.compress
+
+
+# onnx_target -> the file name's tag (after the I/O tag, before the mode): the TensorRT form keeps the plain name.
+ONNX_TARGET_TAGS = {"tensorrt": "", "onnxruntime": "_ort"}
+
 # tunable -> (does this mode, written as this format, use it?, the modes that do, in words)
 _USED_BY = {
     "calib_samples": (lambda m, fmt: m.needs_calibration, "calibrated full-integer modes"),
     "int8_io": (lambda m, fmt: m.integer and fmt == "tflite", "full-integer int8 modes written as .tflite"),
+    "onnx_target": (_post_training_int8_onnx, "post-training int8 modes written as .onnx (not QAT)"),
     "epochs": (lambda m, fmt: bool(m.compress), "fine-tuning modes"),
     "steps_per_epoch": (lambda m, fmt: bool(m.compress), "fine-tuning modes"),
     "lr": (lambda m, fmt: bool(m.compress), "fine-tuning modes"),
@@ -428,6 +445,11 @@ def _check_settings(settings: dict) -> None:
         raise ValueError(f"max_accuracy_drop={settings['max_accuracy_drop']!r}: accuracy points, >= 0 (e.g. 1.0).")
     if not settings["lr"] > 0:
         raise ValueError(f"lr={settings['lr']!r}: the fine-tuning learning rate must be > 0, e.g. 1e-3.")
+    if settings["onnx_target"] not in ONNX_TARGET_TAGS:
+        raise ValueError(
+            f"onnx_target={settings['onnx_target']!r} (--onnx-target): one of "
+            f"{', '.join(map(repr, ONNX_TARGET_TAGS))}, the runtime the int8 .onnx file is made for."
+        )
 
 
 def _labels(source) -> list[str]:
@@ -482,9 +504,8 @@ def _export_mode(mode, fmt, source, folder, heldout: _Heldout, settings, progres
     verification = compare(heldout.probs[:k], file_probs[:k], heldout.labels[:k], source.class_names, converted)
     gate = _judge(heldout, file_probs, settings["max_accuracy_drop"])
     io = _io(runner)
-    path, size, gzipped, replaced = _write(
-        content, runner, folder, _stem(source, mode, io["tag"]), FORMATS[fmt], gate.passed
-    )
+    stem = _stem(source, mode, io["tag"] + _target_tag(mode, fmt, settings))
+    path, size, gzipped, replaced = _write(content, runner, folder, stem, FORMATS[fmt], gate.passed)
     ops = _ops(mode, fmt, content, notes)
     return ExportedFile(
         mode=mode.name,
@@ -584,12 +605,19 @@ def _fine_tune(mode, source, heldout, labels, settings, progress):
     return keras_model, probs, note
 
 
+def _target_tag(mode, fmt, settings) -> str:
+    """``_ort`` for a post-training int8 .onnx file in the onnxruntime form, else "": the two forms differ in
+    what runs them, so they get different names (:data:`ONNX_TARGET_TAGS`)."""
+    return ONNX_TARGET_TAGS[settings["onnx_target"]] if _post_training_int8_onnx(mode, fmt) else ""
+
+
 def _stem(source, mode, io: str = "") -> str:
     """The exported file's name without suffix: everything that changes what the file takes and gives, so two
     exports that differ in any of it never replace each other: the model's stored name (which a stranger's
     file sets), the input size (height x width x channels), the I/O type when it is not float32 (``io``:
-    :func:`_io`'s tag, e.g. ``_uint8io``) and, last, the mode; the suffix adds the format. Made a plain file
-    name, never a path: ``lenet5_32x32x1_int8``, ``lenet5_32x32x1_uint8io_int8`` (``*_int8.tflite`` finds both)."""
+    :func:`_io`'s tag, e.g. ``_uint8io``, then :func:`_target_tag`'s ``_ort``) and, last, the mode; the suffix
+    adds the format. Made a plain file name, never a path: ``lenet5_32x32x1_int8``, ``lenet5_32x32x1_uint8io_int8``
+    (``*_int8.tflite`` finds both)."""
     h, w, c = source.image_shape
     return f"{safe_filename(source.name)}_{h}x{w}x{c}{io}_{safe_filename(mode.name)}"
 
@@ -647,26 +675,7 @@ def _convert(mode, fmt, source, keras_model, settings, folder, progress):
         content, notes = _to_tflite(mode, source, keras_model, settings, name, description, progress)
         return content, open_model((content, "tflite")), notes
     if fmt == "onnx":
-        from tflite_export.onnx_export import CALIBRATION, qat_to_qdq, quantize_int8, to_onnx
-
-        content = to_onnx(keras_model, labels=_labels(source), description=description)
-        if "qat" in mode.compress:  # the fake-quantization ranges QAT learned become the QDQ scales
-            content = qat_to_qdq(content)
-            notes.append("int8 QDQ from the quantization-aware model's learned ranges, made symmetric for TensorRT")
-        elif mode.quantize == "int8":
-            images = source.calibration_images(settings["calib_samples"])
-            content = quantize_int8(content, images, progress=progress)
-            notes.append(
-                f"int8 QDQ calibrated ({CALIBRATION}) on {len(images)} training images: symmetric int8, weights "
-                "per channel, float input, normalization, biases and softmax"
-            )
-        h, w, c = source.image_shape
-        name = _stem(source, mode)
-        notes.append(
-            f"TensorRT on the device: trtexec --onnx={name}.onnx --shapes=input:1x{h}x{w}x{c} "
-            + ("--int8 --fp16" if mode.quantize == "int8" else "--fp16")
-            + f" --saveEngine={name}.engine"
-        )
+        content, notes = _to_onnx(mode, source, keras_model, settings, description, progress)
         return content, open_model((content, "onnx")), notes
     from tflite_export.convert import to_saved_model
 
@@ -677,6 +686,45 @@ def _convert(mode, fmt, source, keras_model, settings, folder, progress):
         shutil.rmtree(tmp)  # a crashed export's leftover: the name is ktoolkit's own
     to_saved_model(keras_model, tmp)
     return None, SavedModelRunner(tmp), notes
+
+
+def _to_onnx(mode, source, keras_model, settings, description, progress):
+    """The .onnx file's bytes: float, QAT's learned ranges as QDQ, or post-training int8 in the form
+    ``onnx_target`` names; returns (bytes, notes). The notes say which form it is and, for the forms TensorRT
+    builds, the trtexec command."""
+    from tflite_export.onnx_export import CALIBRATION, qat_to_qdq, quantize_int8, to_onnx
+
+    content, notes = to_onnx(keras_model, labels=_labels(source), description=description), []
+    tensorrt = settings["onnx_target"] == "tensorrt" or not _post_training_int8_onnx(mode, "onnx")
+    if "qat" in mode.compress:  # the fake-quantization ranges QAT learned become the QDQ scales
+        content = qat_to_qdq(content)
+        notes.append("int8 QDQ from the quantization-aware model's learned ranges, made symmetric for TensorRT")
+    elif mode.quantize == "int8":
+        images = source.calibration_images(settings["calib_samples"])
+        content = quantize_int8(content, images, symmetric=tensorrt, progress=progress)
+        form = (
+            "symmetric int8 (the TensorRT form), weights"
+            if tensorrt
+            else "asymmetric uint8 activations (the onnxruntime form, --onnx-target onnxruntime), int8 weights"
+        )
+        notes.append(
+            f"int8 QDQ calibrated ({CALIBRATION}) on {len(images)} training images: {form} per channel, float "
+            "input, normalization, biases and softmax"
+        )
+    if not tensorrt:
+        notes.append(
+            "for onnxruntime only: TensorRT cannot build this file (its activation zero points are not 0); "
+            "export without --onnx-target onnxruntime for the TensorRT form, for a Jetson"
+        )
+        return content, notes
+    h, w, c = source.image_shape
+    name = _stem(source, mode)
+    notes.append(
+        f"TensorRT on the device: trtexec --onnx={name}.onnx --shapes=input:1x{h}x{w}x{c} "
+        + ("--int8 --fp16" if mode.quantize == "int8" else "--fp16")
+        + f" --saveEngine={name}.engine"
+    )
+    return content, notes
 
 
 def _to_tflite(mode, source, keras_model, settings, name, description, progress):

@@ -19,6 +19,12 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PROBE_FOLDS = 5
+# Up to this many train+val images of each class are probed. 100 (the value before) was too few to see a
+# 4-point difference: on flowers5 (MobileNetV2, 128x128) block_13 beat the top by +2.4 points, 95% CI -1.6 to
+# +6.3, on 500 images ("no earlier cut is better"), and by +3.8, CI +1.2 to +6.4, on 1,500 (300 per class);
+# the classifier on all 3,876 labelled images then scores 72.9% at block_13 against 71.0% at the top on the
+# 431 test photos. The fits cost 3.3 s either way (one BLAS thread).
+PROBE_IMAGES_PER_CLASS = 300
 SIZE_COUNTED = "labelled images per class (train+val, median)"
 
 
@@ -58,7 +64,8 @@ class Advice:
             bn = self.batchnorm
             out.append(
                 f"batch-norm similarity {bn.similarity:.3f} = exp(-KL {bn.first_kl:.3f} at {bn.layers[0][0]}) "
-                f"on {bn.images} images (mean KL over all {len(bn.layers)} BN layers: {bn.mean_kl:.3f})"
+                f"on {bn.images} images"
+                + ("" if bn.mean_kl is None else f" (mean KL over all {len(bn.layers)} BN layers: {bn.mean_kl:.3f})")
             )
         if self.probes:
             how = self.probes[0].accuracy.how
@@ -167,7 +174,7 @@ def advise(
     small_threshold: float | None = None,
     similarity_threshold: float | None = None,
     similarity_images: int = 256,
-    probe_images_per_class: int = 100,
+    probe_images_per_class: int = PROBE_IMAGES_PER_CLASS,
     seed: int = 0,
     cache=None,
     whole_split_limit: int = 50_000,

@@ -673,8 +673,8 @@ def _head(base, num_classes: int, dropout: float, probe):
 
     With a probe (finetune: LP-FT, Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"), the
     head is the probe as it was fit: :func:`~ktoolkit.transfer.features.linear_classifier_model`'s
-    per-channel standardization (a 1x1 depthwise convolution, "feature_standardization") before the
-    pooling, then the Dense of the probe's standardized-space weights; so before any step the model
+    pooling, then the per-channel standardization (a 1x1 depthwise convolution, "feature_standardization"),
+    then the Dense of the probe's standardized-space weights; so before any step the model
     predicts what the probe does. Dropout is off in inference mode, so it does not move that start;
     in training it drops standardized features (what it does to any features). Without a probe (full),
     the Dense starts at random on the raw pooled features.

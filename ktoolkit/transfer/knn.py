@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ktoolkit.transfer.features import one_blas_thread
+
 KS = (1, 3, 5, 7, 11, 15, 21)
 METRICS = ("cosine", "l2")
 # Every reference is a unit of the Dense layer: 20,000 references of 1,280 features are 100 MB of weights
@@ -133,6 +135,7 @@ def _oof_predictions(x, y, splits, ks, metrics, num_classes) -> dict:
     return predicted
 
 
+@one_blas_thread
 def fit_knn(
     x,
     y,
