@@ -174,5 +174,10 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     if n == 0:
         return 1.0
     k = min(only_a, only_b)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    if n <= 1000:  # exact in integers; 2.0**n overflows a float from n = 1024 on
+        tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    else:  # the regularized incomplete beta function: exact to float precision at any n
+        from scipy.stats import binom
+
+        tail = float(binom.cdf(k, n, 0.5))
     return min(1.0, 2 * tail)

@@ -49,6 +49,15 @@ def test_mcnemar_exact_is_the_binomial_test():
         assert mcnemar_exact(a, b) == pytest.approx(binomtest(min(a, b), a + b).pvalue)
 
 
+def test_mcnemar_exact_holds_past_a_thousand_discordant_images():
+    """2.0**1024 overflows a float: an export gate or a benchmark on thousands of images must still get its p."""
+    from scipy.stats import binomtest
+
+    for a, b in [(520, 504), (1500, 1600), (5000, 5000), (100, 2000)]:
+        assert mcnemar_exact(a, b) == pytest.approx(binomtest(min(a, b), a + b).pvalue, rel=1e-6, abs=1e-300)
+    assert mcnemar_exact(5000, 5000) == 1.0
+
+
 def test_paired_difference_on_the_same_images():
     rng = np.random.default_rng(1)
     truth = rng.random(400)
