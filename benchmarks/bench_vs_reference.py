@@ -56,6 +56,9 @@ def main():
     parser.add_argument("--reps", type=int, default=7, help="Interleaved timing repetitions per thread count.")
     parser.add_argument("--runs", type=int, default=40, help="Timed invocations per file per repetition.")
     parser.add_argument("--plain", action="store_true", help="Also measure the file without the fold.")
+    parser.add_argument(
+        "--control", action="store_true", help="Also time a byte copy of Google's file: the noise floor of the ratio."
+    )
     parser.add_argument("--work", default="/tmp/bench_vs_reference", help="Folder for the exported files.")
     parser.add_argument("--json", default=None, help="Write the results here too.")
     parser.add_argument("--time-spec", default=None, help=argparse.SUPPRESS)  # the timing process
@@ -77,9 +80,10 @@ def main():
         files["ktoolkit_plain"] = export_int8(model, calibration, fold=False, work=work)
     log(f"files ready ({time.time() - started:.0f} s); timing them")
 
+    timed = {**files, "google_copy": files["google"]} if args.control else files  # timed only, not scored
     results = {
         "files": describe(files),
-        "latency": latency(files, threads=(1, 2), reps=args.reps, runs=args.runs, image=calibration[0], work=work),
+        "latency": latency(timed, threads=(1, 2), reps=args.reps, runs=args.runs, image=calibration[0], work=work),
         "calibration": {"set": "flowers5", "images": len(calibration_files), "seed": 0},
     }
     calibrated = set(calibration_files)
