@@ -9,11 +9,14 @@ from recipes.layers import PREPROCESSING_MODES
 
 ALL = recipes.names()
 IMAGE_CLASSIFIERS = recipes.names(task="classification")
-# The deepest residual networks repeat a shallower one's blocks (resnet101/152: resnet50's bottleneck, 3-4-23-3
-# and 3-8-36-3 times instead of 3-4-6-3; cifar_resnet110: cifar_resnet20's basic block): their depth is checked
-# against the papers' parameter counts (test_canonical_parameter_count_matches_registry). Building, running,
-# saving and reloading 45-60M parameters again in the tests below adds about 90 s of CI time and no layer type.
-REPEATS = {"resnet101", "resnet152", "cifar_resnet110"}
+# Deeper variants that only repeat a shallower recipe's blocks: resnet34 (resnet18's basic block), resnet101/152
+# (resnet50's bottleneck, 3-4-23-3 and 3-8-36-3 times instead of 3-4-6-3), cifar_resnet32-110 (cifar_resnet20's
+# block), vgg_b/d/e (vgg_a's 3x3 stacks; vgg_c keeps its 1x1 convolutions, vgg_a_lrn its LRN). Their depth is
+# checked against the papers' parameter counts (test_canonical_parameter_count_matches_registry); building,
+# running, saving and reloading them again in the three tests below added about 2.5 minutes of CI time and no
+# layer type, no code path.
+REPEATS = {"resnet34", "resnet101", "resnet152", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56"}
+REPEATS |= {"cifar_resnet110", "vgg_b", "vgg_d", "vgg_e"}
 BUILT = [name for name in ALL if name not in REPEATS]
 
 
