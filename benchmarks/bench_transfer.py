@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import FLOWERS, SHARED, WEIGHTS, need, table
+from _common import FLOWERS, SHARED, WEIGHTS, need, table, without_conflicts
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 CIFAR = SHARED / "data" / "cifar10_1k"
@@ -136,30 +136,6 @@ def bench_pair(args, work: Path):
     )
     print(f"\n### small pair (flowers5 rose/tulip: 245 photos to learn from, 153 to test) at {size[0]}x{size[1]}\n")
     print(table(rows, ["strategy", "accuracy on the 153 [95% CI] (images)", "seconds", "notes"]))
-
-
-def without_conflicts(folder: Path, work: Path) -> str:
-    """flowers5 holds 4 photos saved under two labels (identical bytes); ktoolkit refuses such data, as it
-    should, so the benchmark uses a copy without both copies of each (linked, not copied)."""
-    import hashlib
-
-    seen: dict[str, set] = {}
-    files = [f for f in sorted(folder.glob("*/*")) if f.is_file()]
-    for f in files:
-        seen.setdefault(hashlib.sha256(f.read_bytes()).hexdigest(), set()).add(f.parent.name)
-    conflicted = {h for h, labels in seen.items() if len(labels) > 1}
-    if not conflicted:
-        return str(folder)
-    clean = work / f"{folder.name}-clean"
-    dropped = 0
-    for f in files:
-        if hashlib.sha256(f.read_bytes()).hexdigest() in conflicted:
-            dropped += 1
-            continue
-        (clean / f.parent.name).mkdir(parents=True, exist_ok=True)
-        os.symlink(f, clean / f.parent.name / f.name)
-    print(f"{folder.name}: left out {dropped} files: {len(conflicted)} images saved under two labels")
-    return str(clean)
 
 
 def accuracy_cell(acc) -> str:

@@ -7,21 +7,26 @@ TensorFlow is imported only by the commands that build or run models, so ``ktool
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import click
 
-# TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise at a terminal; errors still show.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ log lines (oneDNN and CPU-feature notes, "oneDNN supports DT_UINT8 only on platforms with
+# AVX-512 ...") are noise at a terminal; what fails still raises a Python exception. `-v` shows them
+# (_setup_logging), unless TF_CPP_MIN_LOG_LEVEL was set by the user.
+_TF_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import ktoolkit
-import recipes  # the registry: names and metadata, no TensorFlow
+import ktoolkit  # noqa: E402  (kept below the setting above, which TensorFlow reads when it loads)
+import recipes  # noqa: E402  the registry: names and metadata, no TensorFlow
 
 _DATA_KINDS = "a folder with one subfolder per class, a .csv of path,label rows, an .npz, or tfds:NAME"
 # Operating-system errors that are the user's situation, not a bug: what to do about each.
@@ -161,6 +166,53 @@ def _check_exists(value, flag: str, what: str):
         raise FileNotFoundError(f"{flag} {value}: no such file or folder; give {what}.")
 
 
+# What a command writes into a new folder before its real work (the run's metadata, the export's labels,
+# the lock): a failed command whose new folder holds only these leaves no folder behind.
+_PREPARATION_FILES = frozenset(
+    {"config.yaml", "classes.json", "labels.txt", "data.json", "splits.json", "state.json", "train_images.png"}
+    | {".lock"}
+)
+
+
+@contextlib.contextmanager
+def _no_folder_left_on_failure(folder):
+    """Removes ``folder``, and the parents this command created for it, when the block fails and left in it
+    nothing but :data:`_PREPARATION_FILES` (no model, no epoch, nothing of the user's).
+
+    Only folders that did not exist when the command started are ever removed; a folder that existed,
+    or holds anything else (a subfolder, another file, a link, a run with epochs), is left as it is.
+    """
+    created = []
+    path = Path(os.fspath(folder)) if folder is not None else None
+    while path is not None and not os.path.lexists(path) and path != path.parent:
+        created.append(path)
+        path = path.parent
+    try:
+        yield
+    except BaseException:
+        if created and _only_preparation(created[0]):
+            for entry in created[0].iterdir():
+                entry.unlink()
+            for made in created:
+                try:
+                    made.rmdir()  # only when empty
+                except OSError:
+                    break
+        raise
+
+
+def _only_preparation(folder: Path) -> bool:
+    """Whether ``folder`` is a real folder that holds only files of :data:`_PREPARATION_FILES` and no
+    trained epoch."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    entries = list(folder.iterdir())
+    if any(e.is_symlink() or not e.is_file() or e.name not in _PREPARATION_FILES for e in entries):
+        return False
+    state = folder / "state.json"
+    return not state.exists() or "epochs_completed" not in state.read_text(errors="replace")
+
+
 def _quiet_tensorflow_import():
     """Imports TensorFlow (and probes its devices) with file descriptor 2 sent to /dev/null.
 
@@ -184,11 +236,15 @@ def _quiet_tensorflow_import():
         os.close(devnull)
 
 
-def _setup_logging(verbose: bool = False):
-    """ktoolkit's log lines go to stderr as plain sentences; TensorFlow's own logging is quieted."""
+def _setup_logging(verbose: bool = False, tensorflow: bool = True):
+    """ktoolkit's log lines go to stderr as plain sentences; TensorFlow's own logging (imported here unless
+    not ``tensorflow``: predict and benchmark of exported files run without it) and the native libraries'
+    stderr lines are quieted, unless ``verbose`` (`-v`)."""
     import logging
 
-    if not verbose:
+    if verbose and not _TF_LEVEL_GIVEN:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"  # read when TensorFlow loads
+    if not verbose and tensorflow:
         _quiet_tensorflow_import()
 
     logging.basicConfig(level=logging.INFO if not verbose else logging.DEBUG, format="%(message)s", force=True)
@@ -225,8 +281,23 @@ def _parse_numbers(value: str | None, count: int, form: str, param_hint: str):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(ktoolkit.__version__, prog_name="ktool")
-def main():
+@click.pass_context
+def main(ctx):
     """ktoolkit: classic CNN recipes, training, transfer learning and verified on-device export."""
+    ctx.meta["ktoolkit.started"] = _process_start()  # the command's start, for the demo's true total
+
+
+def _process_start() -> float:
+    """When this process started (``time.time()`` scale) if it is the ``ktool`` command, Python's start-up
+    included (Linux); else now, e.g. for a command invoked inside another program."""
+    if Path(sys.argv[0]).name not in ("ktool", "cli.py"):
+        return time.time()
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.time()
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 @main.group("recipes", invoke_without_command=True)
@@ -384,7 +455,7 @@ def _train_flags(config_class=None) -> dict:
         "epochs": flag("epochs", type=int),
         "batch_size": flag("batch_size", type=int, help="Per replica; the global batch is this times the replicas."),
         "optimizer": flag("optimizer", type=click.Choice(OPTIMIZERS)),
-        "lr": flag("lr", type=float, help="Learning rate."),
+        "lr": _lr_flag(flag, config_class or TrainConfig),
         "momentum": flag("momentum", type=float),
         "schedule": flag("schedule", type=click.Choice(SCHEDULES)),
         "weight_decay": flag("weight_decay", type=float),
@@ -413,6 +484,16 @@ def _train_flags(config_class=None) -> dict:
         "overwrite": click.option("--overwrite", is_flag=True, help="Replace a finished run in --out."),
         "verbose": click.option("-v", "--verbose", is_flag=True),
     }
+
+
+def _lr_flag(flag, config_class):
+    """--lr: a number, or auto (the learning-rate finder's pick) where the config takes it (not pretrain)."""
+    from ktoolkit.train.config import accepts_auto, number_or_auto
+
+    if not accepts_auto(config_class):
+        return flag("lr", type=float, help="Learning rate.")
+    help = "Learning rate; auto: found by `ktool lr-find` first, written into config.yaml."
+    return flag("lr", type=number_or_auto, metavar="FLOAT|auto", help=help)
 
 
 def _with_options(f, options):
@@ -472,7 +553,8 @@ def train_cmd(config_file, overwrite, verbose, **values):
     _setup_logging(verbose)
     from ktoolkit.train import train
 
-    _print_result(train(config, progress=_interactive(), overwrite=overwrite))
+    with _no_folder_left_on_failure(config.out):
+        _print_result(train(config, progress=_interactive(), overwrite=overwrite))
 
 
 def _check_run_folder(config, overwrite: bool):
@@ -552,7 +634,8 @@ def pretrain_cmd(config_file, overwrite, verbose, **values):
     _setup_logging(verbose)
     from ktoolkit.pretrain import pretrain
 
-    _print_result(pretrain(config, progress=_interactive(), overwrite=overwrite))
+    with _no_folder_left_on_failure(config.out):
+        _print_result(pretrain(config, progress=_interactive(), overwrite=overwrite))
 
 
 @main.command("linear-eval")
@@ -572,14 +655,35 @@ def pretrain_cmd(config_file, overwrite, verbose, **values):
 @click.option("--strict/--no-strict", default=False, help="Fail on unreadable images instead of skipping.")
 @click.option("--data-dir", help="tensorflow-datasets folder for tfds: sources.")
 @click.option("--cache/--no-cache", default=True, show_default=True, help="Keep the features in the feature cache.")
+@click.option(
+    "--labels-per-class",
+    default="10,100,all",
+    show_default=True,
+    help="Label budgets: linear and kNN readouts trained on this many labels per class, and the learning "
+    "curve ('none': only the linear probe on every label).",
+)
 @_user_errors
 def linear_eval_cmd(
-    encoder, data, out, baseline, val_fraction, test_fraction, seed, batch_size, strict, data_dir, cache
+    encoder,
+    data,
+    out,
+    baseline,
+    val_fraction,
+    test_fraction,
+    seed,
+    batch_size,
+    strict,
+    data_dir,
+    cache,
+    labels_per_class,
 ):
     """Freeze the encoder, train a linear classifier on its features, report the accuracy (linear evaluation)."""
     _check_exists(encoder, "--encoder", "a `ktool pretrain` run folder or an encoder .keras file")
     _check_data(data)
     _check_out(out)
+    from ktoolkit.pretrain.budgets import parse_budgets
+
+    budgets = () if labels_per_class.strip().lower() == "none" else parse_budgets(labels_per_class)
     _setup_logging()
     from ktoolkit.pretrain import linear_eval
 
@@ -596,6 +700,7 @@ def linear_eval_cmd(
         data_dir=data_dir,
         cache=cache,
         progress=_interactive(),
+        labels_per_class=budgets,
     )
     _print_result(result)
 
@@ -679,7 +784,85 @@ def finetune_cmd(config_file, overwrite, verbose, **values):
     _setup_logging(verbose)
     from ktoolkit.transfer.finetune import finetune
 
-    _print_result(finetune(config, progress=_interactive(), overwrite=overwrite))
+    with _no_folder_left_on_failure(config.out):
+        _print_result(finetune(config, progress=_interactive(), overwrite=overwrite))
+
+
+# ------------------------------------------------------------------------------------------------ lr-find
+# The flags `ktool lr-find` shares with `ktool train`: what the sweep depends on, in --help order.
+_LR_FIND_SHARED = (
+    *("config_file", "recipe", "data", "batch_size", "optimizer", "momentum", "weight_decay", "label_smoothing"),
+    *("mixed_precision", "jit", "image_size", "channels", "val_fraction", "test_fraction", "seed", "augment"),
+    *("cache", "class_weight", "strict", "deterministic", "data_dir"),
+)
+# The settings of a sweep of `ktool finetune`'s model (lr-find --base): FinetuneConfig fields.
+_LR_FIND_BASE = ("weights", "strategy", "unfreeze", "lr_decay", "dropout")
+
+
+def _lr_find_options(f):
+    from ktoolkit.train.lr_find import MAX_STEPS, MIN_STEPS
+
+    train = _train_flags()
+    own = [
+        click.option("--out", help="Folder for lr_find.png and lr_find.json.  [default: runs/lr-find]"),
+        click.option(
+            "--steps",
+            type=click.IntRange(10),
+            help=f"Steps of the sweep, one batch each.  [default: twice the training batches, {MIN_STEPS}-{MAX_STEPS}]",
+        ),
+        click.option(
+            "--base",
+            help="Sweep `ktool finetune`'s model on this base (mobilenet_v2, resnet50, ..., a run folder), "
+            "not a --recipe.",
+        ),
+        click.option("--weights", help="--base: imagenet, a .h5/.keras file, or none (as for finetune)."),
+        click.option(
+            "--strategy",
+            type=click.Choice(["auto", "finetune", "full"]),
+            help="--base: finetune (LP-FT; also for auto) or full.  [default: finetune]",
+        ),
+        click.option("--unfreeze", type=int, help="--base, finetune: top groups of the base to train.  [default: 2]"),
+        click.option(
+            "--lr-decay", type=float, help="--base, finetune: each deeper group's rate factor.  [default: 0.3]"
+        ),
+        click.option("--dropout", type=float, help="--base: dropout before the new classifier.  [default: 0.2]"),
+        click.option("-v", "--verbose", is_flag=True),
+    ]
+    return _with_options(f, [*(train[k] for k in _LR_FIND_SHARED), *own])
+
+
+@main.command("lr-find")
+@_lr_find_options
+@_user_errors
+def lr_find_cmd(config_file, out, steps, verbose, **values):
+    """Find a learning rate: a short training with the rate growing from 1e-7 to 10; plots the loss and
+    suggests a rate (fastai's valley; steepest descent too). `ktool train --lr auto` does this first."""
+    config = _lr_find_config(config_file, out or "runs/lr-find", values)
+    _setup_logging(verbose)
+    from ktoolkit.train.lr_find import lr_find
+
+    _print_result(lr_find(config, steps=steps, out=config.out, progress=_interactive()))
+
+
+def _lr_find_config(config_file, out: str, values: dict):
+    """A TrainConfig for a --recipe, a FinetuneConfig for a --base (given or in --config), checked before
+    TensorFlow loads; ``out`` must not be the data (or base) folder."""
+    from ktoolkit.train.config import read_settings
+    from ktoolkit.train.engine import _check_place
+    from ktoolkit.transfer.finetune import FinetuneConfig
+
+    in_file = read_settings(config_file) if config_file else {}
+    base = values.get("base") or in_file.get("base")
+    if base and (values.get("recipe") or in_file.get("recipe")):
+        raise ValueError("--base and --recipe: give one (a recipe to train, or a base to finetune).")
+    if not base:
+        given = [k for k in ("base", *_LR_FIND_BASE) if values.get(k) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')}: a setting of a --base sweep; give --base too.")
+    values = {k: v for k, v in values.items() if not (base is None and k in ("base", *_LR_FIND_BASE))}
+    config = _train_config(config_file, FinetuneConfig if base else None, **values, out=out)
+    _check_place(Path(out), config)
+    return config
 
 
 def _advise_options(f):
@@ -789,14 +972,15 @@ def evaluate_cmd(model, data, split, out, batch_size):
 @click.option("--model", required=True, help="A run folder, a .keras file, or an exported .tflite or .onnx file.")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, the runtimes' own lines included.")
 @_user_errors
-def predict_cmd(model, images, top_k):
+def predict_cmd(model, images, top_k, verbose):
     """Top-k labels with probabilities for each image file."""
     from ktoolkit.predict import is_exported, predict_files
 
     _check_exists(model, "--model", "a run folder, a .keras file, or an exported .tflite or .onnx file")
-    if not is_exported(model):  # .tflite and .onnx files run without TensorFlow (a Jetson, a phone board)
-        _setup_logging()
+    # .tflite and .onnx files run without TensorFlow (a Jetson, a phone board)
+    _setup_logging(verbose, tensorflow=not is_exported(model))
 
     results = predict_files(model, images, top_k=top_k)
     failed = 0
@@ -886,7 +1070,9 @@ def export_cmd(model, verbose, **options):
     from ktoolkit.export import export
 
     given = {name: value for name, value in options.items() if value is not None}
-    result = export(model, **given, progress=_interactive())
+    folder = options["out"] or (Path(model) if os.path.isdir(model) else Path(model).parent) / "export"
+    with _no_folder_left_on_failure(folder):
+        result = export(model, **given, progress=_interactive())
     for line in result.lines():
         click.echo(_printable(line))
     if not result.ok:
@@ -905,8 +1091,9 @@ def export_cmd(model, verbose, **options):
     help="Timed single-image runs per thread count.",
 )
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, the runtimes' own lines included.")
 @_user_errors
-def benchmark_cmd(model, threads, runs, warmup):
+def benchmark_cmd(model, threads, runs, warmup, verbose):
     """Latency of a .tflite (LiteRT with XNNPACK) or .onnx (onnxruntime) file: p50/p90 per thread count.
 
     Needs no TensorFlow, so it runs as is on a Jetson or a phone dev board with ai-edge-litert.
@@ -919,6 +1106,7 @@ def benchmark_cmd(model, threads, runs, warmup):
         counts = ()
     if not counts or min(counts) < 1:
         raise click.BadParameter(f"{threads!r}: write thread counts like 1,2,4.", param_hint="--threads")
+    _setup_logging(verbose, tensorflow=False)
     results = benchmark(model, threads=counts, runs=runs, warmup=warmup, progress=_interactive())
     click.echo(_printable(f"{model}: single-image latency, {runs} runs after {warmup} warm-up"))
     click.echo("threads  p50 (ms)  p90 (ms)  mean (ms)")
@@ -962,16 +1150,18 @@ def demo_cmd(out, base, weights, base_epochs, epochs, overwrite, verbose):
     _setup_logging(verbose)
     from ktoolkit.demo import demo
 
-    result = demo(
-        out,
-        base=base,
-        weights=weights,
-        base_epochs=base_epochs,
-        epochs=epochs,
-        overwrite=overwrite,
-        progress=_interactive(),
-        echo=click.echo,
-    )
+    with _no_folder_left_on_failure(out):
+        result = demo(
+            out,
+            base=base,
+            weights=weights,
+            base_epochs=base_epochs,
+            epochs=epochs,
+            overwrite=overwrite,
+            progress=_interactive(),
+            echo=click.echo,
+            started=click.get_current_context().meta.get("ktoolkit.started"),
+        )
     if not result.ok:
         sys.exit(1)
 

@@ -20,6 +20,8 @@ replaces only ktoolkit's own files in their run folders (anything else in ``out`
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import shutil
 import time
@@ -83,6 +85,7 @@ def demo(
     overwrite: bool = False,
     progress: bool = False,
     echo=log.info,
+    started: float | None = None,
 ) -> DemoResult:
     """Runs the demo into ``out``; see the module docstring. ``echo`` receives the progress lines.
 
@@ -94,51 +97,59 @@ def demo(
         base_epochs: epochs of the base's training on the digits 0-4.
         epochs: epochs of the finetune/full strategies, and of quantization-aware training if int8
             post-training quantization misses the accuracy budget.
+        started: when the command began (``time.time()``; default now), so the total includes its start-up.
     """
-    started = time.time()
+    started = time.time() if started is None else started
     root = Path(out)
-    say = _step_printer(5 if base is None else 4, started, echo)
-    say("data: scikit-learn's 1,797 handwritten digits, written as class folders of 32x32 PNGs")
-    folders = write_digits(root / "data")
-    echo(f"      {folders['0-4']} (to pretrain a base)  and  {folders['5-9']} (the new task)")
+    step = _step_printer(5 if base is None else 4, echo)
+    with step("data: scikit-learn's 1,797 handwritten digits, written as class folders of 32x32 PNGs"):
+        folders = write_digits(root / "data")
+        echo(f"      {folders['0-4']} (to pretrain a base)  and  {folders['5-9']} (the new task)")
 
     base_accuracy = None
     if base is None:
-        say(
-            f"base: cifar_resnet20 trained on the digits 0-4 for {base_epochs} epochs, the demo's stand-in for a network "
-            "pretrained on ImageNet"
-        )
-        base_run, base_accuracy = _train_base(root / "base", folders["0-4"], base_epochs, overwrite, progress, echo)
+        with step(
+            f"base: cifar_resnet20 trained on the digits 0-4 for {base_epochs} epochs, the demo's stand-in for a "
+            "network pretrained on ImageNet"
+        ):
+            base_run, base_accuracy = _train_base(root / "base", folders["0-4"], base_epochs, overwrite, progress, echo)
         base, weights = str(base_run), None
 
-    say(f"transfer: `ktool finetune --base {base} --data {folders['5-9']}`: measure, decide, train")
     tuned_run = root / "finetune"
-    tuned = _finetune(tuned_run, base, weights, folders["5-9"], epochs, overwrite, progress, echo)
+    with step(f"transfer: `ktool finetune --base {base} --data {folders['5-9']}`: measure, decide, train"):
+        tuned = _finetune(tuned_run, base, weights, folders["5-9"], epochs, overwrite, progress, echo)
 
-    say("export: int8 TFLite (uint8 camera bytes in and out), run on the test split and compared with the Keras model")
-    exported = _export_int8(tuned_run, epochs, progress, echo)
+    finished = None if overwrite or tuned is not None else _finished(root, tuned_run)
+    with step("export: int8 TFLite (uint8 camera bytes in and out), run on the test split and compared with Keras"):
+        exported = _export_int8(tuned_run, epochs, progress, echo, finished)
     tflite = exported.files[0]
+    _record(root, tuned_run, tflite, exported.ok)
 
-    say("benchmark: latency of the .tflite file with LiteRT (XNNPACK), 1 and 2 threads")
-    latency = _benchmark(tflite, echo)
+    with step("benchmark: latency of the .tflite file with LiteRT (XNNPACK), 1 and 2 threads"):
+        latency = _benchmark(tflite, echo, finished)
+    _record(root, tuned_run, tflite, exported.ok, latency)
 
     result = DemoResult(root, root / "DEMO.md", base_accuracy, tuned, exported, latency, time.time() - started)
     _write_page(result, folders, base, tflite)
-    echo(
-        f"done in {result.seconds:.0f} s: {'the int8 file is within the accuracy budget' if result.ok else 'OVER THE ACCURACY BUDGET'}"
-    )
+    verdict = "the int8 file is within the accuracy budget" if result.ok else "OVER THE ACCURACY BUDGET"
+    echo(f"done in {time.time() - started:.0f} s in all (loading TensorFlow included): {verdict}")
     echo(f"report: {result.report}")
     return result
 
 
-def _step_printer(steps: int, started: float, echo):
-    """``say(text)``: echoes the next step's ``[i/steps]`` line with the seconds since ``started``."""
-    step = iter(range(1, steps + 1))
+def _step_printer(steps: int, echo):
+    """``step(text)``, a context manager: echoes the next step's ``[i/steps] text`` line, and when the step
+    ends its own duration (not the time since the start, which the final line gives)."""
+    numbers = iter(range(1, steps + 1))
 
-    def say(text):
-        echo(f"[{next(step)}/{steps}] {text}  ({time.time() - started:.0f} s)")
+    @contextlib.contextmanager
+    def step(text):
+        number, began = next(numbers), time.time()
+        echo(f"[{number}/{steps}] {text}")
+        yield
+        echo(f"      [{number}/{steps}] took {time.time() - began:.1f} s")
 
-    return say
+    return step
 
 
 def _train_base(base_run: Path, data: Path, base_epochs: int, overwrite: bool, progress: bool, echo):
@@ -184,12 +195,17 @@ def _finetune(tuned_run: Path, base, weights, data: Path, epochs: int, overwrite
     return tuned
 
 
-def _export_int8(tuned_run: Path, epochs: int, progress: bool, echo):
-    """int8 TFLite export of the finetuned run, with quantization-aware training if post-training int8 misses."""
+def _export_int8(tuned_run: Path, epochs: int, progress: bool, echo, finished: dict | None = None):
+    """int8 TFLite export of the finetuned run, with quantization-aware training if post-training int8 misses;
+    the earlier demo's file when ``finished`` (:func:`_finished`) says it is still there, unchanged."""
     from ktoolkit.export import export
 
-    exported = export(str(tuned_run), mode="int8", int8_io=True, progress=progress)
-    if not exported.ok:
+    if finished is not None:
+        exported = _ReusedExport(finished)
+        echo(f"      {exported.files[0].path} is already exported and verified: reused")
+    else:
+        exported = export(str(tuned_run), mode="int8", int8_io=True, progress=progress)
+    if not exported.ok and finished is None:
         echo(
             f"      int8 lost more than 1 point ({_verdict(exported.files[0])}); trying quantization-aware training "
             f"({epochs} epochs)"
@@ -207,14 +223,87 @@ def _export_int8(tuned_run: Path, epochs: int, progress: bool, echo):
     return exported
 
 
-def _benchmark(tflite, echo) -> list[dict]:
-    """Latency rows of the exported file with LiteRT, 1 and 2 threads."""
+def _benchmark(tflite, echo, finished: dict | None = None) -> list[dict]:
+    """Latency rows of the exported file with LiteRT, 1 and 2 threads (the earlier demo's, when ``finished``
+    has them)."""
     from tflite_export import benchmark
 
-    latency = benchmark(str(tflite.path), threads=(1, 2), runs=50, warmup=5)
+    if finished is not None and finished.get("latency"):
+        latency = finished["latency"]
+        echo("      latency of the same file measured by the earlier demo: reused")
+    else:
+        latency = benchmark(str(tflite.path), threads=(1, 2), runs=50, warmup=5)
     for row in latency:
         echo(f"      {row['threads']} thread(s): p50 {row['p50_ms']:.3f} ms, p90 {row['p90_ms']:.3f} ms")
     return latency
+
+
+# The demo's own record of its export and benchmark (a run folder's state.json does this for the training steps).
+_RECORD = "demo.json"
+
+
+def _record(root: Path, tuned_run: Path, tflite, ok: bool, latency: list | None = None):
+    """Writes ``root/demo.json``: the exported file (path, size, modification time, verdict), which finetune
+    run it came from (its marker) and the latency rows, so the next demo can reuse both steps."""
+    from ktoolkit.io import write_json
+    from ktoolkit.runs import MARKER, Run
+
+    v = tflite.verification
+    stat = tflite.path.stat()
+    write_json(
+        root / _RECORD,
+        {
+            "finetune_marker": Run(tuned_run).read_state().get(MARKER),
+            "file": {"path": str(tflite.path), "size_bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+            "description": tflite.description,
+            "passed": bool(tflite.passed),
+            "ok": bool(ok),
+            "verification": {k: getattr(v, k) for k in ("images", "accuracy", "keras_accuracy", "agreement")},
+            "latency": latency or [],
+        },
+    )
+
+
+def _finished(root: Path, tuned_run: Path) -> dict | None:
+    """The earlier demo's record when its file is still the one it verified, from this finetune run; else None."""
+    from ktoolkit.runs import MARKER, Run
+
+    try:
+        record = json.loads((root / _RECORD).read_text())
+        path = Path(record["file"]["path"])
+        stat = path.stat()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    same = (stat.st_size, stat.st_mtime_ns) == (record["file"]["size_bytes"], record["file"]["mtime_ns"])
+    marker = Run(tuned_run).read_state().get(MARKER)
+    return record if same and marker is not None and record.get("finetune_marker") == marker else None
+
+
+@dataclass
+class _ReusedExport:
+    """An earlier demo's export, read back from its record: what the demo's page and lines need of an
+    ExportResult."""
+
+    record: dict
+
+    @property
+    def files(self) -> list:
+        from types import SimpleNamespace
+
+        r = self.record
+        return [
+            SimpleNamespace(
+                path=Path(r["file"]["path"]),
+                size_bytes=r["file"]["size_bytes"],
+                description=r["description"],
+                passed=r["passed"],
+                verification=SimpleNamespace(**r["verification"]),
+            )
+        ]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.record["ok"])
 
 
 def _reuse_or_run(folder: Path, run, echo, overwrite: bool = False):
@@ -275,7 +364,8 @@ def _write_page(result: DemoResult, folders, base, tflite):
     lines = [
         "# ktoolkit demo",
         "",
-        f"Finished in {result.seconds:.0f} s. Every step is a run folder with its own report.",
+        f"Finished in {result.seconds:.0f} s (this run; finished steps of earlier runs are reused). Every step "
+        "is a run folder with its own report.",
         "",
         f"1. **Data**: `{folders['0-4']}` and `{folders['5-9']}`, scikit-learn's handwritten digits as class folders.",
     ]

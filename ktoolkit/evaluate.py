@@ -30,6 +30,11 @@ class Evaluation:
     images: int = 0
     correct: int = 0
     top5_correct: int | None = None
+    # For the pictures (never written to metrics.json): the probabilities (N, C), the labels (N,) and
+    # images_at(indices) -> {index: uint8 image} of the evaluated images, when they can be read back.
+    probabilities: np.ndarray | None = field(default=None, repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)
+    images_at: object = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {
@@ -111,12 +116,37 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, class_names) -> 
         int(len(labels)),
         int(np.sum(predicted == labels)),
         top5_correct,
+        probabilities=probs,
+        labels=np.asarray(labels),
     )
 
 
 def evaluate_model(model, dataset, class_names, *, progress: bool = False) -> Evaluation:
+    """Every metric of ``model`` on ``dataset``; the pictures read their images back from the same dataset."""
+    from ktoolkit.report import dataset_images
+
     probs, labels = predict_probabilities(model, dataset, progress=progress)
-    return evaluate_predictions(probs, labels, class_names)
+    evaluation = evaluate_predictions(probs, labels, class_names)
+    evaluation.images_at = functools.partial(dataset_images, dataset)
+    return evaluation
+
+
+def split_images_at(splits, image_size, channels):
+    """images_at(indices) -> {index: uint8 image} for the ``splits`` evaluated one after the other (an index
+    counts through them in that order), each image read on its own through the training pipeline's decoding."""
+    from ktoolkit.report import split_images
+
+    starts = np.cumsum([0] + [len(s) for s in splits])
+
+    def images_at(indices):
+        found = {}
+        for k, split in enumerate(splits):
+            mine = [i for i in indices if starts[k] <= i < starts[k + 1]]
+            for i, image in zip(mine, split_images(split, [i - starts[k] for i in mine], image_size, channels)):
+                found[i] = image
+        return found
+
+    return images_at
 
 
 def save_evaluation(evaluation: Evaluation, run, split: str = "test") -> dict:
@@ -136,6 +166,17 @@ def save_evaluation(evaluation: Evaluation, run, split: str = "test") -> dict:
         run.confusion,
         title=f"{split} split: accuracy {Accuracy(evaluation.correct, evaluation.images).text()}",
     )
+    if evaluation.probabilities is not None and evaluation.images_at is not None and evaluation.images:
+        from ktoolkit.report import evaluation_pictures
+
+        evaluation_pictures(
+            evaluation.probabilities,
+            evaluation.labels,
+            evaluation.class_names,
+            evaluation.images_at,
+            run.root,
+            split=split,
+        )
     return metrics
 
 
@@ -186,6 +227,7 @@ def evaluate_run(model, *, data=None, split=None, out=None, batch_size: int = 32
     images; its class names must be among the model's.
     """
     from ktoolkit.data.manifest import data_for_run
+    from ktoolkit.report import write_evaluation_report
     from ktoolkit.runs import Run, open_classifier
 
     classifier = open_classifier(model)
@@ -197,19 +239,23 @@ def evaluate_run(model, *, data=None, split=None, out=None, batch_size: int = 32
     if found.verification is not None:
         found.verification.check(list(found.verification.counts) if split == "all" else [split], "evaluating")
     data = found.source.origin if data is None else data
-    dataset = _evaluation_dataset(classifier, found.source, split, data, batch_size)
+    dataset, splits = _evaluation_dataset(classifier, found.source, split, data, batch_size)
     evaluation = evaluate_model(classifier.model, dataset, names, progress=progress)
+    # The pictures read their few images on their own (not a second pass over every image).
+    evaluation.images_at = split_images_at(splits, classifier.model.input_shape[1:3], classifier.model.input_shape[3])
     folder = Path(out) if out else ((run.root / "eval") if run else Path(f"eval-{classifier.path.stem}"))
     # Into a run folder: one command at a time, as training and export (a second one fails at once).
     inside = run is not None and folder.resolve().is_relative_to(run.root.resolve())
     with run.lock() if inside else contextlib.nullcontext():
         metrics = save_evaluation(evaluation, Run(folder), split=split)
+        write_evaluation_report(folder, metrics, model=str(classifier.path), data=str(data))
     return EvaluationRun(metrics, folder)
 
 
 def _evaluation_dataset(classifier, source, split: str, data, batch_size: int):
     """``split`` of ``source`` (every split with images for "all") as one tf.data pipeline of (images,
-    the model's class indices); a ValueError for classes the model does not know or no images."""
+    the model's class indices), and the splits it goes through in order; a ValueError for classes the model
+    does not know or no images."""
     import tensorflow as tf
 
     from ktoolkit.data import split_dataset
@@ -242,4 +288,4 @@ def _evaluation_dataset(classifier, source, split: str, data, batch_size: int):
         for s in wanted
     ]
     dataset = functools.reduce(lambda a, b: a.concatenate(b), parts)
-    return dataset.map(lambda x, y: (x, tf.gather(mapping, tf.cast(y, tf.int64))))
+    return dataset.map(lambda x, y: (x, tf.gather(mapping, tf.cast(y, tf.int64)))), [source.splits[s] for s in wanted]

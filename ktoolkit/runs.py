@@ -77,6 +77,12 @@ OWN_FILES = frozenset(
         "pretrain.json",
         "reconstructions.png",
         "embeddings.png",
+        "lr_find.png",
+        "lr_find.json",
+        "train_images.png",  # ktoolkit.report.PICTURE_FILES (tests/test_report_pictures.py checks they are listed)
+        "predictions.png",
+        "top_losses.png",
+        "most_confused.png",
         LOCK_FILE,
     }
 )

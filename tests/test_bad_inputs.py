@@ -420,7 +420,9 @@ def test_the_entry_point_refuses_a_typo_at_once(world, tmp_path):
     ktool = Path(sys.executable).parent / "ktool"
     if not ktool.exists():
         pytest.skip("no ktool entry point next to this Python")
-    start = time.perf_counter()
+    import resource
+
+    start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
         [str(ktool), "finetune", "--base", "vgg61", "--data", world["good"]],
         capture_output=True,
@@ -429,7 +431,12 @@ def test_the_entry_point_refuses_a_typo_at_once(world, tmp_path):
         timeout=60,
         check=False,
     )
-    assert time.perf_counter() - start < 1.5
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert (after.ru_utime + after.ru_stime) - (cpu.ru_utime + cpu.ru_stime) < 1.5  # TensorFlow alone takes seconds
+    if os.getloadavg()[0] <= 2 * (
+        os.cpu_count() or 1
+    ):  # the wall clock means something only on a machine not overloaded
+        assert wall < 1.5
     assert done.returncode == 1 and len(error_lines(done.stderr)) == 1 and "--base" in done.stderr, done.stderr
 
 

@@ -379,13 +379,32 @@ def batch_of_pictures(n=8, size=24):
     return np.stack([gradient(size, size, seed=i) for i in range(n)]).astype(np.float32)
 
 
+def textured_pictures(n=8, size=112):
+    """Pictures with pixel-scale detail (a blur visibly changes them), at a size where the blur is not tiny."""
+    noise = np.random.default_rng(7).integers(0, 60, (n, size, size, 3))
+    return np.clip(batch_of_pictures(n, size) + noise, 0, 255).astype(np.float32)
+
+
 @pytest.mark.parametrize(
-    "option", ["flip", "crop", "rotation", "zoom", "stretch", "perspective", "color", "randaugment"]
+    "option",
+    [
+        "flip",
+        "crop",
+        "rotation",
+        "zoom",
+        "stretch",
+        "perspective",
+        "color",
+        "jitter",
+        "grayscale",
+        "blur",
+        "randaugment",
+    ],
 )
 def test_each_augmentation_changes_images_and_keeps_shape_and_range(option):
     import tensorflow as tf
 
-    images = batch_of_pictures()
+    images = textured_pictures() if option == "blur" else batch_of_pictures()
     labels = np.eye(4, dtype=np.float32)[np.arange(8) % 4]
     config = AugmentConfig.parse(option)
     assert config.active == [option]
@@ -428,8 +447,8 @@ def test_augment_config_parse_light_and_errors():
     assert AugmentConfig.light().active == ["flip", "crop"] and AugmentConfig.parse("light") == AugmentConfig.light()
     assert AugmentConfig.parse("randaugment=true").randaugment == 0.5
     with pytest.raises(ValueError) as err:
-        AugmentConfig.parse("flip,blur=3")
-    assert "'blur'" in str(err.value) and "perspective" in str(err.value) and "mixup" in str(err.value)
+        AugmentConfig.parse("flip,sharpen=3")
+    assert "'sharpen'" in str(err.value) and "perspective" in str(err.value) and "mixup" in str(err.value)
     with pytest.raises(ValueError, match="color='lots'"):
         AugmentConfig.parse("color=lots")
     with pytest.raises(ValueError, match="crop=1.5"):
@@ -505,3 +524,84 @@ def test_flip_and_crop_fast_path_matches_the_projective_transform():
     general = augment._geometry(images, seed, axis_aligned=False).numpy()
     assert not np.allclose(fast, images.numpy(), atol=1)
     np.testing.assert_allclose(fast, general, atol=0.05)
+
+
+def test_grayscale_one_makes_every_pixel_gray_and_keeps_its_luminance():
+    import tensorflow as tf
+
+    images = batch_of_pictures()
+    out = Augmenter(AugmentConfig(grayscale=1.0))(images, None, tf.constant([1, 2]))[0].numpy()
+    assert out.shape == images.shape
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+    np.testing.assert_allclose(out[..., 0], images @ np.array([0.2989, 0.5870, 0.1140]), atol=1e-3)
+    gray = Augmenter(AugmentConfig(grayscale=1.0))(images[..., :1], None, tf.constant([1, 2]))[0].numpy()
+    np.testing.assert_array_equal(gray, images[..., :1])  # already gray
+
+
+def test_jitter_keeps_gray_images_gray_and_black_images_black():
+    import tensorflow as tf
+
+    levels = np.array([0.0, 1.0, 128.0, 255.0] * 4, np.float32)
+    images = np.broadcast_to(levels[:, None, None, None], (16, 8, 8, 3)).copy()
+    out = Augmenter(AugmentConfig(jitter=1.0))(images, None, tf.constant([3, 4]))[0].numpy()
+    assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 255
+    np.testing.assert_allclose(out, out[:, :1, :1, :1] * np.ones_like(out), atol=1e-3)  # constant and gray
+    np.testing.assert_array_equal(out[levels == 0], 0.0)  # black: no brightness, saturation or hue to change
+    assert not np.allclose(out, images, atol=1)  # the brightness still varies
+
+
+def test_hue_shift_matches_tensorflow_hsv_round_trip():
+    import tensorflow as tf
+
+    from ktoolkit.data.augment import _shift_hue
+
+    images = np.random.default_rng(0).uniform(0, 255, (6, 10, 10, 3)).astype(np.float32)
+    images[0] = 77.0  # a gray image has no hue
+    shift = np.linspace(-0.5, 0.9, 6, dtype=np.float32)[:, None, None]
+    hsv = tf.image.rgb_to_hsv(images / 255.0).numpy()
+    hsv[..., 0] = np.mod(hsv[..., 0] + shift, 1.0)
+    expected = tf.image.hsv_to_rgb(hsv).numpy() * 255.0
+    np.testing.assert_allclose(_shift_hue(tf.constant(images), tf.constant(shift)).numpy(), expected, atol=0.02)
+
+
+def test_blur_smooths_detail_keeps_the_mean_and_skips_small_images():
+    import tensorflow as tf
+
+    images = textured_pictures(4)
+    augment = Augmenter(AugmentConfig(blur=1.0))
+    out = augment(images, None, tf.constant([1, 2]))[0].numpy()
+    np.testing.assert_array_equal(out, augment(images, None, tf.constant([1, 2]))[0])  # seeded
+
+    def detail(x):
+        return np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3))
+
+    assert (detail(out) < 0.9 * detail(images)).all()
+    np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), images.mean(axis=(1, 2, 3)), rtol=0.01)
+    gray = augment(images[..., :1], None, tf.constant([1, 2]))[0].numpy()
+    assert (detail(gray) < 0.9 * detail(images[..., :1])).all()
+    small = batch_of_pictures(2, size=16)  # a one-pixel kernel: nothing to blur
+    np.testing.assert_array_equal(augment(small, None, tf.constant([1, 2]))[0], small)
+
+
+def test_colour_options_run_in_tf_data_like_eagerly():
+    import tensorflow as tf
+
+    images = textured_pictures(4, size=40)
+    augment = Augmenter(AugmentConfig.parse("jitter,grayscale,blur"))
+    ds = tf.data.Dataset.from_tensor_slices(images).batch(4).map(lambda x: augment(x, None, tf.constant([5, 6]))[0])
+    np.testing.assert_allclose(next(iter(ds)).numpy(), augment(images, None, tf.constant([5, 6]))[0], atol=1e-3)
+
+
+def test_colour_options_parse_round_trip_and_errors():
+    c = AugmentConfig.parse("jitter,grayscale,blur")
+    assert (c.jitter, c.grayscale, c.blur) == (0.5, 0.2, 0.5) and c.active == ["jitter", "grayscale", "blur"]
+    assert AugmentConfig.parse(str(c)) == c and str(c) == "jitter=0.5,grayscale=0.2,blur=0.5"
+    assert AugmentConfig.parse("flip,jitter=1,blur=0") == AugmentConfig(flip=True, jitter=1.0)
+    for text, match in [
+        ("jitter=1.5", "jitter=1.5"),
+        ("grayscale=-0.2", "grayscale=-0.2"),
+        ("blur=lots", "blur='lots'"),
+    ]:
+        with pytest.raises(ValueError, match=match) as err:
+            AugmentConfig.parse(text)
+        assert "\n" not in str(err.value)

@@ -255,6 +255,9 @@ def test_over_the_budget_the_command_fails_and_marks_the_file(run, tmp_path):
     report = json.loads((tmp_path / "export_report.json").read_text())
     assert report["exports"][0]["passed"] is False and report["exports"][0]["verification"]["accuracy_drop"] > 1
     assert "FAILED" in (tmp_path / "export_report.md").read_text()
+    # the images whose prediction the file changed, to look at (issue 17)
+    assert (tmp_path / "export_changed.png").stat().st_size > 5_000
+    assert "export_changed.png" in (tmp_path / "export_report.md").read_text()
 
 
 def test_onnx_and_saved_model_formats(run, heldout, onnx_export, tmp_path):

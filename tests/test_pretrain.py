@@ -165,40 +165,38 @@ def test_autoencoders_reconstruct_and_denoise_real_digits(method, digits_npz, tm
 
 
 def test_contrastive_pretraining_without_labels_beats_random_initialization(unlabelled_digits, digits_npz, tmp_path):
-    """SimCLR on a folder of digit images without labels; linear evaluation on the labelled digits,
-    whose test images pretraining never saw: at least 10 points above the same encoder at random init."""
-    result = pretrain(
-        method="contrastive",
-        recipe="mlp",
-        data=str(unlabelled_digits),
-        out=str(tmp_path / "simclr"),
-        image_size=(16, 16),
-        channels=1,
-        epochs=15,
-        batch_size=128,
-        augment="crop=0.3,color=40",
-        recipe_options=SMALL_SIMCLR,
-    )
+    """SimCLR with ktoolkit's defaults (contrastive_encoder, its views, warm-up + cosine, 20 epochs, the digits'
+    own 8x8) on a folder of digit images without labels; linear evaluation on the labelled digits, whose test
+    images pretraining never saw: at least 3 points above the same encoder at random initialization (issue 16;
+    measured while building it: 90.0-94.4% against 82.8%), and the label budgets with their learning curve."""
+    result = pretrain(data=str(unlabelled_digits), out=str(tmp_path / "simclr"))
+    assert result.config.image_size is None and result.config.epochs == 20  # the defaults
     run = result.run
     assert json.loads(run.classes.read_text()) == ["digits"]  # one unnamed class: no labels
     assert json.loads((run.root / "pretrain.json").read_text())["embeddings_plot"]["coloured_by_class"] is False
     losses = [row["loss"] for row in result.history]
     assert losses[-1] < losses[0] - 0.2  # NT-Xent with 256 views starts near log(255) = 5.54
+    assert json.loads(run.data.read_text())["image_size"] == [8, 8]  # not upsampled to the recipe's 32x32
 
-    evaluation = linear_eval(run.root, str(digits_npz))
+    evaluation = linear_eval(run.root, str(digits_npz), labels_per_class="10,all")
     assert evaluation.pretrained.split == "test" and evaluation.pretrained.images == 180
-    assert evaluation.difference >= 0.10, evaluation.to_dict()  # measured: 95.0% vs 74.4% (seeds 0-2: +13 to +21)
+    assert evaluation.difference >= 0.03, evaluation.to_dict()
+    budgets = {(r.encoder, r.classifier, r.labels_per_class): r for r in evaluation.readouts}
+    assert len(budgets) == 8 and budgets[("pretrained", "knn", 10)].train_images == 100
+    assert all(r.accuracy.images == 180 for r in evaluation.readouts)
     folder = run.root / "linear_eval"
     assert evaluation.folder == folder
     saved = json.loads((folder / "linear_eval.json").read_text())
     assert saved["accuracy"] == evaluation.accuracy and saved["random_accuracy"] == evaluation.random_accuracy
     assert "Linear evaluation" in run.report_md.read_text() and "random initialization" in run.report_md.read_text()
+    assert (folder / "learning_curve.png").stat().st_size > 10_000
+    assert "linear_eval/learning_curve.png" in run.report_md.read_text() and saved["label_budgets"]
 
     # classifier.keras is the encoder with the probe on top: a plain classifier with the reported accuracy
     classifier = recipes.load_model(folder / "classifier.keras")
     test = load_data(str(digits_npz)).splits["test"]
     images = np.concatenate(
-        [x for x, _ in make_dataset(test, num_classes=10, image_size=(16, 16), channels=1, one_hot=False)]
+        [x for x, _ in make_dataset(test, num_classes=10, image_size=(8, 8), channels=3, one_hot=False)]
     )
     accuracy = np.mean(classifier.predict(images, verbose=0).argmax(1) == test.labels)
     assert accuracy == pytest.approx(evaluation.accuracy, abs=1 / 180)

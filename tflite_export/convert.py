@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-import sys
 import warnings
 
 import numpy as np
@@ -77,7 +75,7 @@ def _convert(model, quantize, representative, uint8_io: tuple[bool, bool], progr
     converter = tf.lite.TFLiteConverter.from_concrete_functions([_serving_function(model)], model)
     converter.target_spec.supported_ops = _quantization(converter, quantize, representative, uint8_io, progress)
     try:
-        with warnings.catch_warnings(), _quiet_stderr(not progress):  # the progress bar is on stderr too
+        with warnings.catch_warnings(), _quiet_stderr(), _elapsed(progress, "converting"):  # bars still show
             warnings.simplefilter(
                 "ignore"
             )  # "Statistics for quantized inputs were expected": the ranges come from calibration
@@ -364,22 +362,45 @@ def compact(tflite: bytes) -> bytes:
 
 
 @contextlib.contextmanager
-def _quiet_stderr(quiet: bool = True):
-    """Sends file descriptor 2 to /dev/null while the converter runs: its C++ code prints progress
-    ("fully_quantize: 0, ...") and, on failure, the MLIR dump that the raised exception also holds.
-    Logging at DEBUG level keeps it."""
-    if not quiet or log.isEnabledFor(logging.DEBUG):
+def _quiet_stderr():
+    """Hides what the converter's C++ code prints ("fully_quantize: 0, inference_type: 6, ...") while it
+    runs; Python's stderr (the calibration progress bar, log lines) still shows. A failure does not replay
+    them: they are the MLIR dump the raised exception also holds. ``ktool -v`` (DEBUG logging) shows them."""
+    from tflite_export.runtime import native_output_hidden
+
+    with native_output_hidden(replay=False):
+        yield
+
+
+@contextlib.contextmanager
+def _elapsed(show: bool, what: str, delay: float = 2.0):
+    """While the block runs (the converter is one blocking call with no count to show), a line with the
+    seconds elapsed, from ``delay`` seconds on (after the calibration bar, which draws its samples first)."""
+    if not show:
         yield
         return
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
+    import threading
+
+    from tqdm import tqdm
+
+    stop, bars = threading.Event(), []
+
+    def tick():
+        if stop.wait(delay):
+            return
+        bars.append(tqdm(desc=what, bar_format="{desc}: {elapsed} elapsed", leave=False))
+        while not stop.wait(1.0):
+            bars[0].refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
     try:
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+        stop.set()
+        thread.join()
+        for bar in bars:
+            bar.close()
 
 
 def calibration_progress(images, show: bool):

@@ -8,8 +8,13 @@ onnxruntime (plus numpy and Pillow).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,6 +118,72 @@ class Runner:
         return self.predict(image[None])
 
 
+def native_output_wanted() -> bool:
+    """Whether the C++ libraries' own stderr lines should show: ``ktool -v`` (DEBUG logging) or
+    ``KTOOLKIT_TF_LOGS=1``."""
+    return bool(os.environ.get("KTOOLKIT_TF_LOGS")) or logging.getLogger("tflite_export").isEnabledFor(logging.DEBUG)
+
+
+@contextlib.contextmanager
+def native_output_hidden(replay: bool = True):
+    """Hides what C++ code writes to file descriptor 2 while the block runs, and replays it if the block fails
+    (unless not ``replay``: when the raised exception holds the same text).
+
+    LiteRT prints ``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`` when it first allocates
+    tensors and the TFLite converter ``fully_quantize: 0, inference_type: 6, ...``: lines the user did not
+    ask for, which no Python logging setting reaches. Descriptor 2 goes to a temporary file meanwhile;
+    Python's own stderr writes (progress bars, log lines) go on to the real stderr through a copy of it.
+    Nothing is hidden with :func:`native_output_wanted`.
+    """
+    if native_output_wanted():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured, _python_stderr_to(saved):
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            if replay:
+                captured.seek(0)
+                sys.stderr.write(captured.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@contextlib.contextmanager
+def _python_stderr_to(fd: int):
+    """Points ``sys.stderr`` and the logging handlers that write to it at a copy of descriptor ``fd``."""
+    old = sys.stderr
+    if not hasattr(old, "fileno") or _fileno(old) != 2:  # already elsewhere (pytest's capture, a redirect)
+        yield
+        return
+    stream = open(os.dup(fd), "w", buffering=1, encoding=old.encoding, errors="backslashreplace")  # noqa: SIM115
+    handlers = [h for h in logging.root.handlers if isinstance(h, logging.StreamHandler) and h.stream is old]
+    sys.stderr = stream
+    for h in handlers:
+        h.setStream(stream)
+    try:
+        yield
+    finally:
+        stream.flush()
+        sys.stderr = old
+        for h in handlers:
+            h.setStream(old)
+        stream.close()
+
+
+def _fileno(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError):
+        return None
+
+
 class TFLiteRunner(Runner):
     kind = "tflite"
 
@@ -146,7 +217,8 @@ class TFLiteRunner(Runner):
         if self._batch != batch:
             if self._dynamic_batch or batch == 1:
                 self.interpreter.resize_tensor_input(self._input["index"], [batch, *self.input_shape])
-            self.interpreter.allocate_tensors()
+            with native_output_hidden():  # XNNPACK's "INFO: Created ... delegate" line
+                self.interpreter.allocate_tensors()
             self._batch = batch
 
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -385,7 +457,9 @@ def _progress(iterable, show: bool, what: str):
     return tqdm(iterable, desc=what, unit="run", leave=False)
 
 
-def interleaved_latency(models, *, threads: int = 1, runs: int = 30, rounds: int = 5, warmup: int = 3) -> list[dict]:
+def interleaved_latency(
+    models, *, threads: int = 1, runs: int = 30, rounds: int = 5, warmup: int = 3, progress: bool = False
+) -> list[dict]:
     """Single-image latency of several files measured together, round-robin, like a benchmark.
 
     Timing one file, then converting the next, then timing that one compares files under whatever else the
@@ -401,6 +475,7 @@ def interleaved_latency(models, *, threads: int = 1, runs: int = 30, rounds: int
         runs: timed runs per file in all (at least ``rounds``; rounded up to a multiple of it).
         rounds: repetitions of the round-robin.
         warmup: untimed runs per file at the start of each round (caches, XNNPACK's first-run packing).
+        progress: a bar (count, rate, ETA) over the rounds' files.
 
     Returns:
         One dict per model, in ``models`` order: threads, runs, rounds, p50_ms, p90_ms, mean_ms, min_ms,
@@ -416,15 +491,15 @@ def interleaved_latency(models, *, threads: int = 1, runs: int = 30, rounds: int
     rng = np.random.default_rng(0)
     images = [rng.uniform(0, 255, runner.input_shape).astype(np.float32) for runner in runners]
     times = [[[] for _ in range(rounds)] for _ in runners]
-    for r in range(rounds):
-        for k in range(len(runners)):
-            i = (k + r) % len(runners)  # rotate who goes first: no file always runs right after another
-            for _ in range(warmup):
-                runners[i].predict_one(images[i])
-            for _ in range(per_round):
-                start = time.perf_counter()
-                runners[i].predict_one(images[i])
-                times[i][r].append((time.perf_counter() - start) * 1000)
+    order = [(r, k) for r in range(rounds) for k in range(len(runners))]
+    for r, k in _progress(order, progress, "timing"):
+        i = (k + r) % len(runners)  # rotate who goes first: no file always runs right after another
+        for _ in range(warmup):
+            runners[i].predict_one(images[i])
+        for _ in range(per_round):
+            start = time.perf_counter()
+            runners[i].predict_one(images[i])
+            times[i][r].append((time.perf_counter() - start) * 1000)
     results = []
     for per_file in times:
         flat = [t for chunk in per_file for t in chunk]

@@ -143,13 +143,14 @@ def judge(keras_correct, file_correct, agree, budget: float, how: str = "held-ou
     )
 
 
-def write_report(folder, results, *, source_info: dict, settings: dict) -> dict:
+def write_report(folder, results, *, source_info: dict, settings: dict, changed_png: Path | None = None) -> dict:
     """Writes the report files into ``folder`` (and nowhere else); returns their paths by kind ("md",
     "json", "png").
 
     export_report.json keeps ``source``, ``settings`` and ``exports`` of this export (as before) and
     ``files``: an entry per file in the folder, keyed by file name, newest export first. An entry of an
     earlier export stays until its file is replaced or gone; a file this export rewrote gets its new entry.
+    ``changed_png``: this export's export_changed.png (:func:`write_changed_picture`), shown in the report.
     """
     folder = Path(folder)
     paths = {"md": confined(folder, REPORT_MD), "json": confined(folder, REPORT_JSON)}
@@ -167,6 +168,10 @@ def write_report(folder, results, *, source_info: dict, settings: dict) -> dict:
         paths["png"] = confined(folder, COMPARE_PNG)
         plot_comparison(results, paths["png"])
     md = _markdown(results, source_info, settings, paths.get("png"))
+    if changed_png is not None:
+        paths["changed_png"] = Path(changed_png)
+        md += "\nImages whose top-1 class an exported file changes:\n\n"
+        md += f"![changed predictions]({Path(changed_png).name})\n"
     write_text(paths["md"], md + _folder_markdown(folder, files, set(current)))
     return paths
 
@@ -397,29 +402,83 @@ def _size(n: int) -> str:
 
 
 def plot_comparison(results, path) -> None:
-    """Three panels, one bar per mode: file size, accuracy, latency."""
+    """Three panels, one bar per mode: file size (KB or MB), accuracy (%, with the gate's budget band below the
+    Keras model's accuracy) and latency (ms); a file over the budget in red."""
+    from matplotlib.ticker import FuncFormatter
+
     from ktoolkit.report import _pyplot
 
     plt = _pyplot()
     names = [r.mode for r in results]
-    panels = [
-        ("file size (KB)", [r.size_bytes / 1024 for r in results]),
-        ("held-out accuracy (%)", [100 * r.gate.file.value for r in results]),
-        ("latency p50 (ms)", [r.latency_ms for r in results]),
+    mb = max(r.size_bytes for r in results) >= 2**20
+    unit, scale = ("MB", 2**20) if mb else ("KB", 2**10)
+    accuracy = [100 * r.gate.file.value for r in results]
+    latency = [r.latency_ms for r in results]
+    panels = [  # (title, values, the label written at each bar)
+        (f"file size ({unit})", [r.size_bytes / scale for r in results], [_size(r.size_bytes) for r in results]),
+        ("held-out accuracy (%)", accuracy, [f"{v:.2f}%" for v in accuracy]),
+        ("latency p50 (ms)", latency, [f"{v:.2f} ms" for v in latency]),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 0.5 * len(results) + 2))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 0.5 * len(results) + 2.2))
     colors = ["tab:blue" if r.passed else "tab:red" for r in results]
-    for ax, (title, values) in zip(axes, panels):
+    for ax, (title, values, texts) in zip(axes, panels):
         ax.barh(names, values, color=colors)
         ax.set_title(title)
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
-        for i, value in enumerate(values):
-            ax.text(value, i, f" {value:.3g}", va="center", fontsize=8)
-    keras = 100 * results[0].gate.keras.value
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.4g}"))  # 8,690, never 8.69e+03
+        for i, (value, text) in enumerate(zip(values, texts)):
+            ax.text(value, i, f" {text}", va="center", fontsize=8)
+    keras, budget = 100 * results[0].gate.keras.value, results[0].gate.budget
+    axes[1].axvspan(keras - budget, keras, color="tab:green", alpha=0.3, zorder=3, label=f"budget: {budget:g} point(s)")
     axes[1].axvline(keras, color="black", linestyle="--", linewidth=1, label=f"Keras {keras:.2f}%")
-    axes[1].set_xlim(min(keras, *panels[1][1]) - 5, 100.5)
-    axes[1].legend(loc="lower left", fontsize=8)
+    axes[1].set_xlim(min(keras - budget, *panels[1][1]) - 5, 100.5)
+    axes[1].legend(loc="lower right", fontsize=8)
+    for ax in (axes[0], axes[2]):
+        ax.set_xlim(right=ax.get_xlim()[1] * 1.25)  # room for the value labels
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+CHANGED_PNG = "export_changed.png"
+
+
+def write_changed_picture(folder, dataset, keras_probs, labels, class_names, file_probs: dict) -> Path | None:
+    """export_changed.png in ``folder``: the held-out images whose top-1 class changed between the Keras model
+    and an exported file, a row per file (mode) with changes, at most 8 each (the file's most confident
+    changes first), captioned Keras's class and the file's with their probabilities, red where the file is
+    wrong. ``file_probs``: {mode: the file's probabilities on ``dataset``, in its order}. Returns the path, or
+    None (and an older picture removed) when no file changed any prediction."""
+    from ktoolkit.report import dataset_images, draw_image_grid, short_name
+
+    path = confined(Path(folder), CHANGED_PNG)
+    keras_top, labels = np.asarray(keras_probs).argmax(-1), np.asarray(labels)
+    picked = {}
+    for mode, probs in file_probs.items():
+        probs = np.asarray(probs)
+        changed = np.flatnonzero(probs.argmax(-1) != keras_top)
+        picked[mode] = changed[np.argsort(-probs[changed].max(-1), kind="stable")][:8]
+    picked = {mode: idx for mode, idx in picked.items() if len(idx)}
+    if not picked:
+        path.unlink(missing_ok=True)
+        return None
+    images = dataset_images(dataset, sorted({int(i) for idx in picked.values() for i in idx}))
+    names = [short_name(n) for n in class_names]
+    rows = []
+    for mode, idx in picked.items():
+        probs = np.asarray(file_probs[mode])
+        rows.append(
+            [
+                (
+                    images.get(int(i)),
+                    f"Keras {names[keras_top[i]]} {keras_probs[i, keras_top[i]]:.0%}\n"
+                    f"file {names[probs[i].argmax()]} {probs[i].max():.0%}",
+                    bool(probs[i].argmax() != labels[i]),
+                )
+                for i in idx
+            ]
+        )
+    title = "held-out images whose top-1 class the exported file changes (red: the file is wrong)"
+    draw_image_grid(rows, path, row_labels=[short_name(m) for m in picked], title=title, columns=8)
+    return path

@@ -55,6 +55,7 @@ class ExportedFile:
     gate: object = None  # ktoolkit.export.report.Gate: the verdict, on every held-out image used
     replaced: str | None = None  # the previous export's file this one replaced (same name or its .FAILED twin)
     input: dict = field(default_factory=dict)  # shape, dtype and output_dtype: what the file takes and gives
+    probs: object = field(default=None, repr=False)  # the file's probabilities on the held-out images (not saved)
 
     @property
     def latency_ms(self) -> float:
@@ -258,7 +259,7 @@ def export(model, config: ExportConfig | None = None, *, progress: bool = False,
 def _export_all(model, modes, folder: Path, data, settings: dict, progress: bool) -> ExportResult:
     """Loads the model and its data, exports and verifies every mode into ``folder``, times the files together,
     writes the report. Every step logs when it starts and how long it took (``ktool export`` shows INFO lines)."""
-    from ktoolkit.export.report import write_report
+    from ktoolkit.export.report import write_changed_picture, write_report
     from ktoolkit.export.source import load_source
 
     token = _STARTED.set(time.time())
@@ -268,11 +269,15 @@ def _export_all(model, modes, folder: Path, data, settings: dict, progress: bool
         heldout = _keras_on_heldout(source, settings, progress)
         write_text(confined(folder, "labels.txt"), "\n".join(_labels(source)) + "\n")
         files = [_export_mode(m, settings["format"], source, folder, heldout, settings, progress) for m in modes]
-        _time_together(files, settings)
+        _time_together(files, settings, progress)
         for f in files:
             _log_file(f)
         info = _source_info(source, heldout, files)
-        report = write_report(folder, files, source_info=info, settings=settings)
+        changed = {f"{f.mode} {f.format}": f.probs for f in files if f.probs is not None}
+        changed_png = write_changed_picture(
+            folder, heldout.dataset, heldout.probs, heldout.labels, _labels(source), changed
+        )
+        report = write_report(folder, files, source_info=info, settings=settings, changed_png=changed_png)
     finally:
         _STARTED.reset(token)
     return ExportResult(files=files, folder=folder, report=report, settings=settings, heldout=heldout.splits)
@@ -330,7 +335,7 @@ def _keras_on_heldout(source, settings: dict, progress: bool) -> _Heldout:
     return _Heldout(dataset, splits, probs, labels)
 
 
-def _time_together(files, settings: dict) -> None:
+def _time_together(files, settings: dict, progress: bool = False) -> None:
     """Times every file of the export together, interleaved (:func:`tflite_export.runtime.interleaved_latency`),
     after all conversions; sets each file's ``latency``, with its ratio to this export's float32 file."""
     from tflite_export.runtime import interleaved_latency
@@ -341,7 +346,9 @@ def _time_together(files, settings: dict) -> None:
         f"{runs} single-image runs each, {threads} thread(s)"
     )
     with _step(what):
-        timed = interleaved_latency([f.path for f in files], threads=threads, runs=runs, rounds=LATENCY_ROUNDS)
+        timed = interleaved_latency(
+            [f.path for f in files], threads=threads, runs=runs, rounds=LATENCY_ROUNDS, progress=progress
+        )
     base = next((t["p50_ms"] for f, t in zip(files, timed) if f.mode == "float32"), None)
     for f, t in zip(files, timed):
         f.latency = {**t, "vs_float32": None if not base else t["p50_ms"] / base}
@@ -523,6 +530,7 @@ def _export_mode(mode, fmt, source, folder, heldout: _Heldout, settings, progres
         gate=gate,
         replaced=replaced,
         input=io,
+        probs=file_probs,
     )
 
 

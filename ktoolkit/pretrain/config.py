@@ -18,8 +18,11 @@ DEFAULT_RECIPES = {
     "denoising": "denoising_autoencoder",
     "contrastive": "contrastive_encoder",
 }
-# SimCLR's invariances (Chen et al. 2020): random resized crops (which also scale), flips and colour.
-DEFAULT_VIEWS = "flip,crop=0.2,color=40"
+# SimCLR's views (Chen et al. 2020, appendix A): random resized crops (which also scale; 0.2 of the area at
+# least, as the CIFAR-10 reproductions use), flips, colour jitter of strength 0.5 with probability 0.8,
+# grayscale with probability 0.2, Gaussian blur with probability 0.5 (its sigma scales with the image: next
+# to nothing at 32x32, where SimCLR leaves it out).
+DEFAULT_VIEWS = "flip,crop=0.2,jitter=0.5,grayscale=0.2,blur=0.5"
 
 
 @dataclass
@@ -44,9 +47,10 @@ class PretrainConfig(RunConfig):
             pretraining uses the training images only, so `ktool linear-eval` on the same data
             tests on images pretraining never saw.
         temperature: NT-Xent temperature (contrastive; 0.5 in SimCLR for CIFAR-10).
-        noise: corruption of the denoising autoencoder: "gaussian" (stddev ``noise_strength``),
-            "masking" (a fraction ``noise_strength`` of the values set to 0) or "salt_pepper" (a
-            fraction set to 0 or 1), on images scaled to 0..1.
+        noise: corruption of the denoising autoencoder: "masking" (the default: a fraction ``noise_strength``
+            of the values set to 0, Vincent et al. 2010's masking noise, which makes the network fill in
+            what it cannot see rather than smooth), "gaussian" (stddev ``noise_strength``) or "salt_pepper"
+            (a fraction set to 0 or 1), on images scaled to 0..1.
         noise_strength: the noise's stddev or rate.
         augment: contrastive: the random transformations that make the two views (default
             :data:`DEFAULT_VIEWS`); autoencoders: augmentation of the inputs (default none). The
@@ -60,9 +64,10 @@ class PretrainConfig(RunConfig):
     out: str = "runs/pretrain"
     epochs: int = 20
     batch_size: int = 128
+    schedule: str = "warmup-cosine"
     temperature: float = 0.5
-    noise: str = "gaussian"
-    noise_strength: float = 0.1
+    noise: str = "masking"
+    noise_strength: float = 0.5
     augment: str | None = None
     recipe_options: dict = field(default_factory=dict)
 
@@ -109,7 +114,7 @@ class PretrainConfig(RunConfig):
             bad(
                 "augment",
                 f"contrastive learning needs random views of each image, e.g. {DEFAULT_VIEWS} "
-                "(crop=0.3 alone for digits).",
+                "(crop=0.3,jitter=0.5 for digits: no flips).",
             )
         self._check_recipe()
         return self

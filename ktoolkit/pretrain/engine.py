@@ -130,7 +130,7 @@ def _data(config: PretrainConfig, run: Run, source, distribution, description: s
     from ktoolkit.train.engine import _global_batch, repeat_for_steps, steps_per_epoch, write_run_header
 
     recipe = recipes.get(config.recipe)
-    image_size = tuple(config.image_size or recipe.input_shape[:2])
+    image_size = pretraining_size(config, recipe, source)
     channels = config.channels or recipe.input_shape[2]
     global_batch = _global_batch(config, distribution, description)
     if chief:
@@ -157,13 +157,40 @@ def _data(config: PretrainConfig, run: Run, source, distribution, description: s
         if ds is None:
             return None
         if contrastive:
-            return models.two_views(ds, augment, config.seed + (0 if training else 1), fixed=not training)
+            seed = config.seed + (0 if training else 1)
+            return models.two_views(ds, augment, seed, fixed=not training, image_shape=(*image_size, channels))
         return ds.map(lambda images, labels: (images, images / 255.0))  # labels are never read
 
     steps = steps_per_epoch(config, len(train_split), global_batch, drop_remainder=drop_last)
     train_ds = repeat_for_steps(config, dataset(train_split, True))
     val_ds = dataset(val_split, False)
     return _Data(source, recipe, image_size, channels, train_split, val_split, train_ds, val_ds, steps)
+
+
+def pretraining_size(config: PretrainConfig, recipe, source) -> tuple:
+    """The (height, width) pretraining runs at: ``config.image_size`` if given; for contrastive learning the data's
+    median resolution, at least the recipe's minimum and at most its default size (upsampling small images adds
+    no information and costs the square of the factor: digits' 8x8 at 32x32 is 16 times the work); for the
+    autoencoders, whose decoder must give back the input's exact shape, the recipe's size."""
+    default = tuple(recipe.input_shape[:2])
+    if config.image_size:
+        return tuple(config.image_size)
+    if config.method != "contrastive":
+        return default
+    from ktoolkit.transfer.bases import data_resolution
+
+    data = data_resolution(source)
+    if data is None:
+        return default
+    size = tuple(int(min(d, max(recipe.min_size, side))) for d, side in zip(default, data))
+    if size != default:
+        log.info(
+            "image size %s: the images' median resolution (%s); the recipe's %s would upsample them (--image-size)",
+            "x".join(map(str, size)),
+            "x".join(map(str, data)),
+            "x".join(map(str, default)),
+        )
+    return size
 
 
 def _fit_network(config: PretrainConfig, run: Run, distribution, data: _Data, chief: bool, progress: bool):
@@ -434,6 +461,11 @@ def report_sections(run: Run) -> list[tuple[str, str]]:
         )
     sections.append(("Embeddings", f"![embeddings]({EMBEDDINGS})"))
     linear = run.root / LINEAR_EVAL / "linear_eval.md"
-    if linear.exists():
-        sections.append(("Linear evaluation", linear.read_text()))
+    if linear.exists():  # its pictures are beside it, in the run's linear_eval folder
+        sections.append(
+            (
+                "Linear evaluation",
+                linear.read_text().replace("](learning_curve.png)", f"]({LINEAR_EVAL}/learning_curve.png)"),
+            )
+        )
     return sections

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ktoolkit.io import save_model, write_json, write_text
+from ktoolkit.pretrain.budgets import BUDGETS, LEARNING_CURVE, label_budget_readouts, parse_budgets, plot_learning_curve
 from ktoolkit.runs import resolve_encoder_path
 from ktoolkit.stats import Accuracy
 
@@ -34,6 +35,7 @@ class ProbeResult:
     train_accuracy: float
     C: float
     probe: object  # ktoolkit.transfer.features.LinearProbe
+    features: dict | None = field(default=None, repr=False)  # {split: (N, D) features}, for the label budgets
 
     @property
     def measured(self) -> Accuracy:
@@ -52,6 +54,7 @@ class LinearEvalResult:
     random: ProbeResult | None
     folder: Path
     seconds: float = 0.0
+    readouts: list = field(default_factory=list)  # ktoolkit.pretrain.budgets.Readout, per budget
 
     @property
     def accuracy(self) -> float:
@@ -70,7 +73,8 @@ class LinearEvalResult:
         def probe(p):
             if p is None:
                 return None
-            return {**{k: v for k, v in asdict(p).items() if k != "probe"}, "ci95": list(p.measured.interval)}
+            kept = {k: getattr(p, k) for k in p.__dataclass_fields__ if k not in ("probe", "features")}
+            return {**kept, "ci95": list(p.measured.interval)}
 
         return {
             "encoder": self.encoder,
@@ -81,6 +85,7 @@ class LinearEvalResult:
             "difference": self.difference,
             "pretrained": probe(self.pretrained),
             "random": probe(self.random),
+            "label_budgets": [r.to_dict() for r in self.readouts],
             "seconds": round(self.seconds, 1),
         }
 
@@ -93,6 +98,11 @@ class LinearEvalResult:
                 f"  same architecture at random initialization {self.random.measured.text()}, difference "
                 f"{100 * self.difference:+.1f} points"
             )
+        if self.readouts:
+            from ktoolkit.pretrain.budgets import gains
+
+            out.append(f"label budgets ({self.readouts[0].accuracy.images:,} test images; pretrained minus random):")
+            out += [f"  {line}" for line in gains(self.readouts)]
         return [*out, f"written to {self.folder}"]
 
     def markdown(self) -> str:
@@ -113,12 +123,30 @@ class LinearEvalResult:
                 f"{_percent(self.random.val_accuracy)} |",
                 f"| difference | {100 * self.difference:+.1f} points | |",
             ]
+        lines += self._budget_section()
         lines += [
             "",
             f"The encoder with this classifier on top (0..255 pixels in, class probabilities out): "
             f"`{self.folder / 'classifier.keras'}`.",
         ]
         return "\n".join(lines) + "\n"
+
+    def _budget_section(self) -> list[str]:
+        """The label-budget table and the learning curve, when measured."""
+        if not self.readouts:
+            return []
+        from ktoolkit.pretrain.budgets import LEARNING_CURVE, budget_table
+
+        return [
+            "",
+            "Label budgets: a linear classifier (C by 5-fold cross-validation inside the budget) and k-nearest "
+            "neighbours (k and cosine/L2 by the same cross-validation) on n labelled training images per class, "
+            f"tested on the same {self.readouts[0].accuracy.images:,} {self.pretrained.split} images:",
+            "",
+            *budget_table(self.readouts),
+            "",
+            f"![learning curve]({LEARNING_CURVE})",
+        ]
 
 
 def _percent(value) -> str:
@@ -183,6 +211,7 @@ def linear_probe(
         probe.train_accuracy,
         probe.C,
         probe,
+        features,
     )
 
 
@@ -200,6 +229,7 @@ def linear_eval(
     data_dir: str | None = None,
     cache: bool = True,
     progress: bool = False,
+    labels_per_class=BUDGETS,
 ) -> LinearEvalResult:
     """Linear evaluation of ``encoder`` on the labelled ``data``, against its architecture at random init.
 
@@ -217,6 +247,9 @@ def linear_eval(
         strict, data_dir: as for :func:`ktoolkit.data.load_data`.
         cache: keep the features in the feature cache (KTOOLKIT_CACHE_DIR) for the next time.
         progress: progress bars on the terminal.
+        labels_per_class: the label budgets (:mod:`ktoolkit.pretrain.budgets`): linear and kNN readouts of
+            both encoders trained on this many labelled images per class (None or "all": every one), and
+            the learning curve; e.g. "10,100,all" (the default), or () for none.
 
     Raises:
         FileNotFoundError: no such run folder (with an encoder) or file.
@@ -225,6 +258,7 @@ def linear_eval(
     import recipes
 
     started = time.time()
+    budgets = parse_budgets(labels_per_class) if labels_per_class not in ((), None, "") else ()
     path, run = resolve_encoder_path(encoder)
     model = recipes.load_model(path)
     given = (val_fraction, test_fraction, seed)
@@ -235,11 +269,20 @@ def linear_eval(
     from ktoolkit.pretrain.engine import LINEAR_EVAL
 
     folder = Path(out) if out else (run.root / LINEAR_EVAL if run else path.with_name(f"{path.stem}_{LINEAR_EVAL}"))
+    readouts = _budget_readouts(pretrained, random, source, budgets, seed) if budgets else []
     result = LinearEvalResult(
-        str(path), str(data), list(source.class_names), pretrained, random, folder, time.time() - started
+        str(path), str(data), list(source.class_names), pretrained, random, folder, time.time() - started, readouts
     )
     _save(result, model, run)
     return result
+
+
+def _budget_readouts(pretrained, random, source, budgets, seed: int) -> list:
+    """The label-budget readouts (:func:`ktoolkit.pretrain.budgets.label_budget_readouts`) of both probes' features."""
+    probes = {"pretrained": pretrained, "random": random}
+    features = {name: probe.features for name, probe in probes.items() if probe is not None}
+    labels = {name: split.labels for name, split in source.splits.items()}
+    return label_budget_readouts(features, labels, pretrained.split, budgets, num_classes=source.num_classes, seed=seed)
 
 
 def _labelled_data(run, data, given, *, strict: bool, data_dir, progress: bool):
@@ -310,6 +353,10 @@ def _save(result: LinearEvalResult, model, run) -> None:
     save_model(linear_classifier_model(model, pretrained.layer, pretrained.probe), folder / "classifier.keras")
     write_json(folder / "classes.json", list(result.classes))
     write_text(folder / "labels.txt", "\n".join(result.classes) + "\n")
+    if result.readouts:
+        plot_learning_curve(
+            result.readouts, folder / LEARNING_CURVE, title=f"{Path(result.encoder).name} on {result.data}"
+        )
     write_json(folder / "linear_eval.json", result.to_dict())
     write_text(folder / "linear_eval.md", result.markdown())
     if run is not None and (run.root / RESULT_FILE).exists() and folder.resolve() == (run.root / LINEAR_EVAL).resolve():

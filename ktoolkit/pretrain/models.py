@@ -123,11 +123,12 @@ class SimCLR(tf_keras.Model):
         return {"loss": self.loss_tracker.result()}
 
 
-def two_views(dataset, views, seed: int, fixed: bool = False):
+def two_views(dataset, views, seed: int, fixed: bool = False, image_shape=None):
     """Maps a dataset of ``(images, labels)`` batches to ``(view1, view2)``: two independent random
     transformations (:class:`ktoolkit.data.Augmenter` with ``views``) of each batch. Labels are dropped.
 
     ``fixed``: the same views every epoch (for a validation loss that epochs can be compared on).
+    ``image_shape``: (height, width, channels) of the images, made static for the ops that need it (blur's kernel).
     """
     from ktoolkit.data import Augmenter
 
@@ -136,6 +137,8 @@ def two_views(dataset, views, seed: int, fixed: bool = False):
 
     def pair(batch, s):
         images, s = batch[0], tf.reshape(s, (2, 2))
+        if image_shape is not None:
+            images = tf.ensure_shape(images, [None, *image_shape])
         return augmenter(images, None, s[0])[0], augmenter(images, None, s[1])[0]
 
     return tf.data.Dataset.zip((dataset, seeds)).map(pair, num_parallel_calls=tf.data.AUTOTUNE)

@@ -15,9 +15,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-SCHEDULES = ("constant", "step", "cosine", "reduce-on-plateau")
+SCHEDULES = ("constant", "step", "cosine", "warmup-cosine", "reduce-on-plateau")
 DISTRIBUTES = ("auto", "none", "mirrored", "multiworker")
 CACHES = ("memory", "none")  # or a file path
 CLASS_WEIGHTS = ("auto", "none")
@@ -28,6 +29,8 @@ MAX_CONFIG_BYTES = 1 << 20
 #: Largest image side a run takes: beyond it one batch alone would not fit in memory.
 MAX_IMAGE_SIDE = 8192
 _MAX_INT = 2**63 - 1  # what TensorFlow's int64 holds
+#: ``lr: auto``: the learning rate is found by the learning-rate finder (`ktool lr-find`) before training.
+LR_AUTO = "auto"
 
 
 class ConfigError(ValueError):
@@ -79,6 +82,36 @@ def _as_float(name, value) -> float:
     raise ConfigError(name, value, f"must be a number (not {_kind(value)}).")
 
 
+def _number_or_word(name, value, words) -> float | str:
+    """A number, or one of ``words`` (``lr``: a rate, or "auto"). A string that reads as a number is one
+    (YAML 1.1 reads ``1e-3``, without a dot, as a string)."""
+    if isinstance(value, str):
+        if value.strip().lower() in words:
+            return value.strip().lower()
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(
+                name, value, f"must be a number, e.g. 1e-3, or {' or '.join(words)} (the learning-rate finder's pick)."
+            ) from None
+    return _as_float(name, value)
+
+
+def number_or_auto(value):
+    """The ``--lr`` flag's type: a number as a float, anything else as given (the config names a bad one
+    in one line, ``--lr fast: must be a number ... or auto``, where click would add its usage text)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def accepts_auto(config_class, name: str = "lr") -> bool:
+    """Whether ``config_class``'s field ``name`` takes "auto" (``lr``: train and finetune, not pretrain)."""
+    annotation = _field_types(config_class).get(name)
+    return any(LR_AUTO in typing.get_args(a) for a in typing.get_args(annotation) if typing.get_origin(a) is Literal)
+
+
 def _as_size(name, value, length: int) -> tuple:
     """(height, width) from HEIGHT (a square) or [HEIGHT, WIDTH] of whole numbers >= 1."""
     items = [value] * length if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
@@ -102,6 +135,9 @@ def _checked(name: str, value, annotation):
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        words = [w for a in args if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+        if words:  # float | Literal["auto"]: the learning rate
+            return _number_or_word(name, value, words)
         annotation = next(a for a in args if a is not type(None))
         args = typing.get_args(annotation)
     if annotation is bool:
@@ -141,7 +177,8 @@ class RunConfig:
         optimizer: sgd (with momentum), adam, adamw or rmsprop.
         lr: peak learning rate (scaled by nothing; set it for the global batch).
         momentum: SGD/RMSprop momentum.
-        schedule: constant, step (x0.1 at 50% and 75% of the epochs), cosine, or reduce-on-plateau.
+        schedule: constant, step (x0.1 at 50% and 75% of the epochs), cosine, warmup-cosine (a linear
+            warm-up from 0 over the first 10% of the steps, then cosine decay; SimCLR's), or reduce-on-plateau.
         weight_decay: decoupled weight decay of the optimizer (AdamW-style for every optimizer).
         distribute: auto (all visible GPUs with MirroredStrategy, else the default strategy), none,
             mirrored, or multiworker (MultiWorkerMirroredStrategy from TF_CONFIG).
@@ -214,7 +251,7 @@ class RunConfig:
             bad("epochs", "must be a whole number >= 1.")  # None: the command's default (ktool finetune)
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             bad("batch_size", "must be a whole number >= 1 (per replica).")
-        if self.lr is not None and not self.lr > 0:  # None: the command's default (ktool finetune)
+        if self.lr not in (None, LR_AUTO) and not self.lr > 0:  # None: the command's default (ktool finetune)
             bad("lr", "the learning rate must be > 0, e.g. 1e-3 for adam, 0.1 for sgd.")
         if self.weight_decay < 0:
             bad("weight_decay", "must be >= 0, e.g. 1e-4.")
@@ -368,6 +405,8 @@ class TrainConfig(RunConfig):
 
     Attributes:
         recipe: registry name of the architecture (``ktool recipes`` lists them).
+        lr: peak learning rate, or "auto": the learning-rate finder's suggestion (``ktool lr-find``'s
+            valley), found before the first epoch and written into config.yaml and the report.
         label_smoothing: label smoothing of the cross-entropy.
         mixed_precision: float16 compute on GPUs (bfloat16 on CPUs), float32 variables.
         jit: compile the training step with XLA.
@@ -379,6 +418,7 @@ class TrainConfig(RunConfig):
     """
 
     recipe: str = "lenet5"
+    lr: float | Literal["auto"] = 1e-3
     label_smoothing: float = 0.0
     mixed_precision: bool = False
     jit: bool = False

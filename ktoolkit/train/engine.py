@@ -11,6 +11,7 @@ ktoolkit wrote there, in folders that carry its marker (see ``ktoolkit.runs``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from ktoolkit.io import save_model, write_json, write_text
 from ktoolkit.runs import MARKER, Run, RunExistsError, RunLock, RunLockedError, busy_message, folder_error
-from ktoolkit.train.config import TrainConfig
+from ktoolkit.train.config import LR_AUTO, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,17 @@ def train(
     """
     start = start_run(config or TrainConfig(), overrides, overwrite=overwrite, progress=progress)
     import recipes
+    from ktoolkit.train.lr_find import recorded_lr
 
+    auto = start.config.lr == LR_AUTO
+    start.config = recorded_lr(start.run, start.config)  # a resumed --lr auto run: the rate it found
     recipe = recipes.get(start.config.recipe)
     setup = _setup(start, recipe)
+    if start.config.lr == LR_AUTO:
+        start.config = _find_lr(start, recipe, setup, progress)
     model, inference, history, resumed, best_model = _build_and_fit(start, recipe, setup, progress)
     save_final(start.run, inference, best_model, start.chief)
-    metrics = _finish_train(start, recipe, setup, history, progress) if start.chief else {}
+    metrics = _finish_train(start, recipe, setup, history, progress, auto=auto) if start.chief else {}
     return TrainResult(
         run=start.run,
         config=start.config,
@@ -225,8 +231,36 @@ def _build_and_fit(start: RunStart, recipe, setup: _Setup, progress: bool):
     return model, inference, history, resumed, best_model
 
 
-def _finish_train(start: RunStart, recipe, setup: _Setup, history, progress: bool) -> dict:
-    """On the chief: the best model evaluated on the test split (val without one), and the report."""
+def _find_lr(start: RunStart, recipe, setup: _Setup, progress: bool):
+    """``--lr auto``: the learning-rate range test (:mod:`ktoolkit.train.lr_find`) on a model built and compiled
+    as the run's, on the run's training batches; the chief writes lr_find.png/.json and config.yaml with the
+    rate. The seed is set again afterwards, so the model trained starts as it would with that rate given.
+    Returns the config with the rate found (the valley suggestion)."""
+    import tf_keras
+
+    from ktoolkit.train import lr_find
+
+    config = start.config
+    with start.distribution.scope():
+        model = lr_find.recipe_sweep_model(recipe, config, len(setup.class_names), setup.image_size, setup.channels)
+    dataset = lr_find.sweep_dataset(setup.train_ds, model.output_names, setup.class_weight)
+    steps = lr_find.default_steps(setup.steps)
+    log.info(
+        "lr auto: sweeping the learning rate from %g to %g over up to %d steps", lr_find.START_LR, lr_find.END_LR, steps
+    )
+    result = lr_find.sweep(model, dataset, steps=steps, progress=progress, what=f"{recipe.name}, {config.optimizer}")
+    del model
+    tf_keras.utils.set_random_seed(config.seed)
+    if start.chief:
+        return lr_find.use_result(start.run, config, result)
+    return dataclasses.replace(config, lr=result.suggestion)
+
+
+def _finish_train(start: RunStart, recipe, setup: _Setup, history, progress: bool, auto: bool = False) -> dict:
+    """On the chief: the best model evaluated on the test split (val without one), and the report (with how
+    the rate was found when it was ``--lr auto``)."""
+    from ktoolkit.train.lr_find import report_section
+
     eval_split, eval_ds = ("test", setup.test_ds) if setup.test_ds is not None else ("val", setup.val_ds)
     return finish(
         start.run,
@@ -237,6 +271,7 @@ def _finish_train(start: RunStart, recipe, setup: _Setup, history, progress: boo
         title=f"{recipe.name} on {start.config.data}",
         started=start.started,
         progress=progress,
+        extra_sections=report_section(start.run) if auto else None,
     )
 
 
@@ -627,6 +662,8 @@ def check_run_folder(run: Run, config, overwrite: bool, *, test_lock: bool = Tru
     if run.config.exists():
         previous = type(config).from_yaml(run.config).to_dict()
         current = config.to_dict()
+        if current.get("lr") == LR_AUTO and (run.root / "lr_find.json").exists():
+            current["lr"] = previous.get("lr")  # an --lr auto run resumes with the rate it found (lr_find.recorded_lr)
         changed = [k for k in current if k not in config.RESUMABLE and previous.get(k) != current[k]]
         if changed:
             diffs = ", ".join(f"{k}: {previous.get(k)!r} there, {current[k]!r} now" for k in changed)
@@ -698,8 +735,10 @@ def _make_folders(root: Path) -> list[Path]:
 def write_run_header(run: Run, config, source, image_size, channels):
     """config.yaml, classes.json, labels.txt, data.json and splits.json: what a run folder says before
     training. splits.json records every example of every split by content, so evaluation and export
-    later use exactly the held-out images (not a split recomputed from whatever files exist then)."""
+    later use exactly the held-out images (not a split recomputed from whatever files exist then).
+    train_images.png shows a few training images of each class as the model gets them (with two classes or more)."""
     from ktoolkit.data import manifest
+    from ktoolkit.report import TRAIN_IMAGES_PNG, plot_training_images
 
     class_names = list(source.class_names)
     write_text(run.config, config.to_yaml())
@@ -708,6 +747,8 @@ def write_run_header(run: Run, config, source, image_size, channels):
     write_json(run.data, _data_summary(source, image_size, channels))
     if not run.splits.exists():  # a resumed run keeps the split it started with (see resumed_source)
         manifest.write(run.splits, manifest.record(source))
+    if len(class_names) > 1:
+        plot_training_images(source.splits.get("train"), class_names, image_size, channels, run.root / TRAIN_IMAGES_PNG)
 
 
 def _build(recipe, config: TrainConfig, num_classes, image_size, channels):
@@ -727,6 +768,10 @@ def _build(recipe, config: TrainConfig, num_classes, image_size, channels):
     return model, weights
 
 
+# The fraction of a run's steps the warmup-cosine schedule warms up over (SimCLR: 10 of 100 epochs).
+WARMUP_FRACTION = 0.1
+
+
 def _optimizer(config: TrainConfig, steps_per_epoch: int):
     import tf_keras
 
@@ -739,6 +784,11 @@ def _optimizer(config: TrainConfig, steps_per_epoch: int):
         )
     elif config.schedule == "cosine":
         lr = tf_keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=max(1, total))
+    elif config.schedule == "warmup-cosine":  # SimCLR: linear warm-up over 10% of the steps, then cosine decay
+        warmup = max(1, round(total * WARMUP_FRACTION))
+        lr = tf_keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=max(1, total - warmup), warmup_target=config.lr, warmup_steps=warmup
+        )
     elif config.schedule == "reduce-on-plateau":
         callbacks.append(
             tf_keras.callbacks.ReduceLROnPlateau(

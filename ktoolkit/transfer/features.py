@@ -207,15 +207,29 @@ def extract_features(
             one_hot=False,
             cache=None,
         )
-        dataset = dataset.map(lambda x, y: x)
-        outputs = feature_model(model, todo).predict(dataset, verbose=1 if progress else 0)
-        outputs = outputs if isinstance(outputs, list) else [outputs]
+        outputs = _predict_batches(feature_model(model, todo), dataset.map(lambda x, y: x), len(split), progress)
         for name, array in zip(todo, outputs):
             result[name] = array.astype(np.float32)
             if cache is not None:
                 cache.save(keys[name], result[name])
         log.info("features of %d images at %d layer(s) in %.1f s", len(split), len(todo), time.time() - started)
     return {name: result[name] for name in layers}
+
+
+def _predict_batches(model, dataset, images: int, progress: bool) -> list[np.ndarray]:
+    """``model``'s outputs (a list, one array per output) over ``dataset``, batch by batch with one compiled graph;
+    with ``progress`` a bar of images done, their rate and the time left."""
+    from tqdm.auto import tqdm
+
+    chunks = []
+    with tqdm(total=images, desc="features", unit="img", disable=not progress, leave=False) as bar:
+        for batch in dataset:
+            out = model.predict_on_batch(batch)
+            chunks.append([np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])])
+            bar.update(len(chunks[-1][0]))
+    if not chunks:
+        return [np.zeros((0, *o.shape[1:]), np.float32) for o in model.outputs]
+    return [np.concatenate(parts) for parts in zip(*chunks)]
 
 
 # --------------------------------------------------------------------------------- linear classifier

@@ -24,9 +24,10 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ktoolkit.io import copy_file, save_model, write_json
-from ktoolkit.train.config import CLASS_WEIGHTS, RunConfig, TrainConfig
+from ktoolkit.train.config import CLASS_WEIGHTS, LR_AUTO, RunConfig, TrainConfig
 from ktoolkit.train.engine import TrainResult, run_command
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class FinetuneConfig(RunConfig):
         cut: the layer for linear-early (default: the best held-out probe).
         unfreeze: how many of the base's top groups (cut points) train in the finetune strategy.
         lr: learning rate of the head (finetune) or of everything (full); default 1e-4 with pretrained
-            weights, 1e-3 from scratch.
+            weights, 1e-3 from scratch; "auto": found by the learning-rate finder on the strategy's model
+            (the groups keep their lr_decay ratios), written into config.yaml and the report.
         lr_decay: each unfrozen group deeper trains at this times the learning rate of the group above.
         dropout: dropout before the new classifier (finetune, full).
         small_threshold: fewer training images per class than this is "small" (default 1,000).
@@ -82,7 +84,7 @@ class FinetuneConfig(RunConfig):
     unfreeze: int = 2
     epochs: int | None = None
     schedule: str = "cosine"
-    lr: float | None = None
+    lr: float | Literal["auto"] | None = None
     lr_decay: float = 0.3
     label_smoothing: float = 0.0
     dropout: float = 0.2
@@ -156,15 +158,20 @@ def finetune(
 ) -> FinetuneResult:
     """Runs transfer learning as ``config`` says; see the module docstring. Raises like ``train``."""
     from ktoolkit.train.engine import start_run
+    from ktoolkit.train.lr_find import recorded_lr
 
     start = start_run(config or FinetuneConfig(), overrides, overwrite=overwrite, progress=progress)
+    auto = start.config.lr == LR_AUTO
+    start.config = recorded_lr(start.run, start.config)  # a resumed --lr auto run: the rate it found
     job = _prepare(start, progress)
     history, resumed, linear = [], 0, None
     if job.strategy in _FEATURE_STRATEGIES:
+        if auto:
+            log.info("lr auto: the %s strategy fits on cached features and has no learning rate", job.strategy)
         model, plan, linear = _fit_linear(job)
     else:
         model, plan, history, resumed = _fit_trained(job, progress)
-    metrics = _finish_finetune(job, model, plan, linear, history, progress) if job.chief else {}
+    metrics = _finish_finetune(job, model, plan, linear, history, progress, auto and not linear) if job.chief else {}
     return FinetuneResult(
         run=job.run,
         config=job.config,
@@ -384,6 +391,8 @@ def _fit_trained(job: _Job, progress: bool):
     )
     val_ds = split_dataset(job.splits.get("val"), config, training=False, **shape)
     weights, weighting = _class_weighting(job.splits["train"].labels, job.class_names, config.class_weight)
+    if config.lr == LR_AUTO:
+        config = _auto_lr(job, config, probe, steps, train_ds, weights, progress)
     with distribution.scope():
         model, plan = _trainable_model(base, job.strategy, config, len(job.class_names), probe, steps)
     plan.update(schedule, class_weight=weighting)
@@ -409,6 +418,95 @@ def _fit_trained(job: _Job, progress: bool):
     save_final(job.run, inference, best_model, job.chief)
     plan["best_epoch"] = None if best_model is None or best_model.best_epoch is None else best_model.best_epoch + 1
     return model, plan, history, resumed
+
+
+def _sweep(job: _Job, config, probe, steps: int, train_ds, weights, progress: bool, sweep_steps=None):
+    """The learning-rate range test of the finetune/full model, built as :func:`_trainable_model` builds it
+    (the LP-FT head, the unfrozen groups, frozen batch normalization) at a constant rate: the head's rate
+    sweeps from 1e-7 to 10 and each deeper group's follows at its ``lr_decay`` ratio. The base's weights
+    are restored afterwards and the seed set again. Returns the LRFindResult (the rate is the head's)."""
+    import tf_keras
+
+    from ktoolkit.train import lr_find
+    from ktoolkit.train.engine import weight_by_class
+
+    at_one = dataclasses.replace(config, lr=1.0, schedule="constant", epochs=config.epochs or 1)  # rates: the ratios
+    with job.distribution.scope():
+        model, _ = _trainable_model(job.base, job.strategy, at_one, len(job.class_names), probe, steps)
+    optimizers = [(o, float(tf_keras.backend.get_value(o.learning_rate))) for o in model._group_optimizers]
+    result = lr_find.sweep(
+        model,
+        weight_by_class(train_ds, weights),
+        steps=sweep_steps or lr_find.default_steps(steps),
+        optimizers=optimizers,
+        progress=progress,
+        what=f"{job.base.name} ({job.strategy}), {config.optimizer}",
+    )
+    del model
+    tf_keras.utils.set_random_seed(config.seed)
+    return result
+
+
+def _auto_lr(job: _Job, config, probe, steps: int, train_ds, weights, progress: bool):
+    """``--lr auto`` for finetune/full: :func:`_sweep`, then (on the chief) lr_find.png/.json and config.yaml
+    with the rate in the run folder. Returns the config with the rate found (the valley suggestion)."""
+    from ktoolkit.train import lr_find
+
+    log.info("lr auto: sweeping the learning rate of %s (%s)", job.base.name, job.strategy)
+    result = _sweep(job, config, probe, steps, train_ds, weights, progress)
+    if job.chief:
+        return lr_find.use_result(job.run, config, result)
+    return dataclasses.replace(config, lr=result.suggestion)
+
+
+def lr_find_finetune(config: FinetuneConfig, *, steps: int | None = None, progress: bool = False):
+    """`ktool lr-find --base`: the range test of the finetune (LP-FT; also for --strategy auto, which would
+    need the advice's probes to decide) or full strategy's model on the training split, with no run folder.
+    Returns the LRFindResult."""
+    import tensorflow as tf
+    import tf_keras
+
+    from ktoolkit.data import AugmentConfig, load_data, split_dataset
+    from ktoolkit.train.engine import steps_per_epoch
+    from ktoolkit.transfer.bases import load_base
+    from ktoolkit.transfer.features import FeatureCache
+
+    strategy = "finetune" if config.strategy == "auto" else config.strategy
+    if strategy not in ("finetune", "full"):
+        raise ValueError(
+            f"--strategy {strategy}: fits a classifier on cached features, with no learning rate; "
+            "lr-find sweeps --strategy finetune or full."
+        )
+    config = dataclasses.replace(config, strategy=strategy).validate()
+    source = load_data(
+        config.data,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        strict=config.strict,
+        data_dir=config.data_dir,
+        progress=progress,
+    )
+    tf_keras.utils.set_random_seed(config.seed)
+    base = load_base(config.base, weights=config.weights, image_size=config.image_size, data=source)
+    cache = FeatureCache()
+    splits = {name: split for name, split in source.splits.items() if len(split)}
+    if "train" not in splits:
+        raise ValueError(f"data={config.data!r}: the training split is empty.")
+    job = _Job(
+        *(config, None, tf.distribute.get_strategy(), True, time.time(), list(source.class_names), base, None),
+        *(strategy, "lr-find", splits, cache),
+        feature_kwargs=dict(image_size=base.image_size, channels=base.channels, cache=cache, progress=progress),
+    )
+    probe = _head_probe(job)[0] if strategy == "finetune" else None
+    augment = None if config.augment in ("", "none", None) else AugmentConfig.parse(config.augment)
+    shape = dict(num_classes=len(job.class_names), image_size=base.image_size, channels=base.channels)
+    train_ds = split_dataset(
+        splits["train"], config, training=True, augment=augment, batch_size=config.batch_size, **shape
+    )
+    weights, _ = _class_weighting(splits["train"].labels, job.class_names, config.class_weight)
+    batches = steps_per_epoch(config, len(splits["train"]), config.batch_size)
+    return _sweep(job, config, probe, batches, train_ds, weights, progress, sweep_steps=steps)
 
 
 def default_epochs(steps_per_epoch: int, budget: int = STEP_BUDGET, epoch_range=EPOCH_RANGE) -> int:
@@ -507,10 +605,12 @@ def _start_from_probe(job: _Job, inference, val_ds, probe, val_features) -> dict
     }
 
 
-def _finish_finetune(job: _Job, model, plan, linear, history, progress: bool) -> dict:
-    """On the chief: decision.json, probes.png, the evaluation on the held-out split and train's ``finish``."""
+def _finish_finetune(job: _Job, model, plan, linear, history, progress: bool, auto: bool = False) -> dict:
+    """On the chief: decision.json, probes.png, the evaluation on the held-out split and train's ``finish``
+    (``auto``: the report says how the learning rate was found)."""
     from ktoolkit.data import make_dataset
     from ktoolkit.train.engine import finish
+    from ktoolkit.train.lr_find import report_section
 
     base, splits = job.base, job.splits
     write_json(
@@ -549,14 +649,34 @@ def _finish_finetune(job: _Job, model, plan, linear, history, progress: bool) ->
         title=f"{base.name} ({job.strategy}) on {job.config.data}",
         started=job.started,
         progress=progress,
-        extra_sections=_report_sections(job.advice, job.strategy, job.why, plan),
+        extra_sections=_report_sections(job.advice, job.strategy, job.why, plan)
+        + (report_section(job.run) if auto else []),
         evaluation=evaluation,
     )
     if linear is not None:  # the run's metrics carry the CV estimate, with or without a test split
         metrics["cv"] = linear[0].cv.to_dict()
         if evaluation is not None:
             write_json(job.run.metrics, metrics)
+    _plot_group_rates(job, plan, history)
     return metrics
+
+
+def _plot_group_rates(job: _Job, plan: dict, history) -> None:
+    """curves.png again, with one learning-rate curve per group when several groups train at different rates
+    (the history logs the fastest group's rate; every group's optimizer runs the same schedule from its own
+    rate). Not with reduce-on-plateau, which lowers the logged group's rate alone."""
+    from ktoolkit.report import plot_curves
+
+    rates = {g["group"]: g["learning_rate"] for g in plan.get("groups", ()) if g.get("learning_rate")}
+    if not history or len(set(rates.values())) < 2 or plan.get("schedule") == "reduce-on-plateau":
+        return
+    fastest = max(rates.values())
+    plot_curves(
+        history,
+        job.run.curves,
+        title=f"{job.base.name} ({job.strategy}) on {job.config.data}",
+        lr_groups={f"{g} ({r:.2g})": r / fastest for g, r in rates.items()},
+    )
 
 
 def _evaluate_linear(model, probe, base, layer, split, class_names, feature_kwargs):
@@ -565,7 +685,7 @@ def _evaluate_linear(model, probe, base, layer, split, class_names, feature_kwar
     k-th and next neighbour are not a float32 near-tie)."""
     import numpy as np
 
-    from ktoolkit.evaluate import evaluate_predictions
+    from ktoolkit.evaluate import evaluate_predictions, split_images_at
     from ktoolkit.transfer.advise import load_images
     from ktoolkit.transfer.features import extract_features
 
@@ -582,7 +702,9 @@ def _evaluate_linear(model, probe, base, layer, split, class_names, feature_kwar
             f"the saved classifier differs from the one it was made from by {gap:.2g} in "
             "probability on the first test images; this is a bug, please report it."
         )
-    return evaluate_predictions(from_features, np.asarray(split.labels).astype(int), class_names)
+    evaluation = evaluate_predictions(from_features, np.asarray(split.labels).astype(int), class_names)
+    evaluation.images_at = split_images_at([split], base.image_size, base.channels)  # for the pictures
+    return evaluation
 
 
 def _choose(config, base, advice) -> tuple[str, str]:
