@@ -385,9 +385,14 @@ def start_run(config, overrides: dict, *, overwrite: bool, progress: bool) -> Ru
 def run_data(run: Run, config, progress: bool = False, *, allow_unlabeled: bool = False):
     """A run's data: the split an interrupted run started with (:func:`resumed_source`), else ``config.data``
     loaded and split with the run's settings."""
+    return resumed_source(run, progress) or config_data(config, progress, allow_unlabeled=allow_unlabeled)
+
+
+def config_data(config, progress: bool = False, **options):
+    """``config.data`` loaded and split with the config's settings (fractions, seed, strict, data_dir)."""
     from ktoolkit.data import load_data
 
-    return resumed_source(run, progress) or load_data(
+    return load_data(
         config.data,
         val_fraction=config.val_fraction,
         test_fraction=config.test_fraction,
@@ -395,7 +400,7 @@ def run_data(run: Run, config, progress: bool = False, *, allow_unlabeled: bool 
         strict=config.strict,
         data_dir=config.data_dir,
         progress=progress,
-        allow_unlabeled=allow_unlabeled,
+        **options,
     )
 
 

@@ -371,19 +371,11 @@ def _lr_find_recipe(config, *, steps, progress):
     import tf_keras
 
     import recipes
-    from ktoolkit.data import AugmentConfig, load_data, split_dataset
-    from ktoolkit.train.engine import class_weights, steps_per_epoch
+    from ktoolkit.data import AugmentConfig, split_dataset
+    from ktoolkit.train.engine import class_weights, config_data, steps_per_epoch
 
     config = config.validate()
-    source = load_data(
-        config.data,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
-        seed=config.seed,
-        strict=config.strict,
-        data_dir=config.data_dir,
-        progress=progress,
-    )
+    source = config_data(config, progress)
     if source.num_classes < 2:
         raise ValueError(f"data={config.data!r} has {source.num_classes} class(es) with images; a classifier needs 2.")
     recipe = recipes.get(config.recipe)

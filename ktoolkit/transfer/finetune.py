@@ -466,8 +466,8 @@ def lr_find_finetune(config: FinetuneConfig, *, steps: int | None = None, progre
     import tensorflow as tf
     import tf_keras
 
-    from ktoolkit.data import AugmentConfig, load_data, split_dataset
-    from ktoolkit.train.engine import steps_per_epoch
+    from ktoolkit.data import AugmentConfig, split_dataset
+    from ktoolkit.train.engine import config_data, steps_per_epoch
     from ktoolkit.transfer.bases import load_base
     from ktoolkit.transfer.features import FeatureCache
 
@@ -478,15 +478,7 @@ def lr_find_finetune(config: FinetuneConfig, *, steps: int | None = None, progre
             "lr-find sweeps --strategy finetune or full."
         )
     config = dataclasses.replace(config, strategy=strategy).validate()
-    source = load_data(
-        config.data,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
-        seed=config.seed,
-        strict=config.strict,
-        data_dir=config.data_dir,
-        progress=progress,
-    )
+    source = config_data(config, progress)
     tf_keras.utils.set_random_seed(config.seed)
     base = load_base(config.base, weights=config.weights, image_size=config.image_size, data=source)
     cache = FeatureCache()
