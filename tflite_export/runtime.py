@@ -485,8 +485,7 @@ def interleaved_latency(
         return []
     if runs < 1 or rounds < 1:
         raise ValueError(f"runs={runs}, rounds={rounds}: both must be >= 1.")
-    rounds = min(rounds, runs)
-    per_round = -(-runs // rounds)
+    rounds, per_round = min(rounds, runs), -(-runs // min(rounds, runs))
     runners = [open_model(model, threads=int(threads)) for model in models]
     rng = np.random.default_rng(0)
     images = [rng.uniform(0, 255, runner.input_shape).astype(np.float32) for runner in runners]

@@ -149,6 +149,12 @@ class LinearEvalResult:
         ]
 
 
+def _encoder_name(path) -> str:
+    """A run folder's name for its encoder.keras, else the file's name."""
+    path = Path(path)
+    return path.parent.name if path.name == "encoder.keras" else path.name
+
+
 def _percent(value) -> str:
     return "" if value is None else f"{value:.2%}"
 
@@ -355,7 +361,9 @@ def _save(result: LinearEvalResult, model, run) -> None:
     write_text(folder / "labels.txt", "\n".join(result.classes) + "\n")
     if result.readouts:
         plot_learning_curve(
-            result.readouts, folder / LEARNING_CURVE, title=f"{Path(result.encoder).name} on {result.data}"
+            result.readouts,
+            folder / LEARNING_CURVE,
+            title=f"{_encoder_name(result.encoder)} on {Path(result.data).name}: where pretraining pays",
         )
     write_json(folder / "linear_eval.json", result.to_dict())
     write_text(folder / "linear_eval.md", result.markdown())
