@@ -366,7 +366,7 @@ def _quiet_stderr():
     """Hides what the converter's C++ code prints ("fully_quantize: 0, inference_type: 6, ...") while it
     runs; Python's stderr (the calibration progress bar, log lines) still shows. A failure does not replay
     them: they are the MLIR dump the raised exception also holds. ``ktool -v`` (DEBUG logging) shows them."""
-    from tflite_export.runtime import native_output_hidden
+    from tflite_export.quiet import native_output_hidden
 
     with native_output_hidden(replay=False):
         yield

@@ -317,10 +317,8 @@ def lr_find(model_or_config, dataset=None, *, steps: int | None = None, out=None
     from ktoolkit.train.config import RunConfig
 
     if isinstance(model_or_config, RunConfig):
-        if hasattr(model_or_config, "base"):
-            from ktoolkit.transfer.finetune import lr_find_finetune
-
-            result = lr_find_finetune(model_or_config, steps=steps, progress=progress)
+        if hasattr(model_or_config, "lr_sweep"):  # a FinetuneConfig sweeps its strategy's model (no upward import)
+            result = model_or_config.lr_sweep(steps=steps, progress=progress)
         else:
             result = _lr_find_recipe(model_or_config, steps=steps, progress=progress)
     else:

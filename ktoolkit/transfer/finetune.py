@@ -97,6 +97,11 @@ class FinetuneConfig(RunConfig):
     KIND = "finetune"
     RESUMABLE = TrainConfig.RESUMABLE
 
+    def lr_sweep(self, steps: int | None = None, progress: bool = False):
+        """The learning-rate range test of the model this config's finetune or full strategy trains
+        (:func:`lr_find_finetune`); what ``ktoolkit.train.lr_find.lr_find`` calls for a finetune config."""
+        return lr_find_finetune(self, steps=steps, progress=progress)
+
     def validate(self) -> FinetuneConfig:
         """Raises a ValueError naming the first bad field, its value and the valid ones."""
         bad = self._bad
