@@ -57,8 +57,8 @@ def plot_curves(history: list[dict], path, title: str = "", lr_groups: dict | No
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(label)
-        if key == "lr":
-            ax.set_yscale("log")
+        if key == "lr" and all(y > 0 for line in ax.lines for y in line.get_ydata() if np.isfinite(y)):
+            ax.set_yscale("log")  # not when a schedule reaches 0 (warm-up's first step, cosine's last)
         if ax.lines and (key != "lr" or (lr_groups and len(lr_groups) > 1)):
             ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
