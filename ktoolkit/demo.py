@@ -21,7 +21,6 @@ replaces only ktoolkit's own files in their run folders (anything else in ``out`
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import time
@@ -266,10 +265,11 @@ def _record(root: Path, tuned_run: Path, tflite, ok: bool, latency: list | None 
 
 def _finished(root: Path, tuned_run: Path) -> dict | None:
     """The earlier demo's record when its file is still the one it verified, from this finetune run; else None."""
+    from ktoolkit.io import read_json_object
     from ktoolkit.runs import MARKER, Run
 
+    record = read_json_object(root / _RECORD)
     try:
-        record = json.loads((root / _RECORD).read_text())
         path = Path(record["file"]["path"])
         stat = path.stat()
     except (OSError, ValueError, KeyError, TypeError):

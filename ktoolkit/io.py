@@ -68,6 +68,19 @@ def write_json(path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
+def read_json_object(path, limit: int = 1 << 20) -> dict | None:
+    """A JSON object ktoolkit wrote into a run folder, read back as data from a file that may come from anyone:
+    None when it is missing, over ``limit`` bytes, not JSON or not an object."""
+    try:
+        path = Path(path)
+        if path.stat().st_size > limit:
+            return None
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def save_model(model, path) -> Path:
     """Saves a Keras model to ``path`` (.keras) atomically, without the optimizer's state.
 

@@ -145,3 +145,17 @@ def test_a_finetune_base_is_swept_with_its_groups_and_restored(digits_npz, tmp_p
     assert "lenet5 (full)" in result.what and (tmp_path / "lr_find.png").exists()
     with pytest.raises(ValueError, match="--strategy linear: .*no learning rate"):
         lr_find(FinetuneConfig(base="lenet5", data=str(digits_npz), strategy="linear"))
+
+
+def test_a_strangers_lr_find_record_gives_no_section_and_no_traceback(tmp_path):
+    """lr_find.json in a run folder is data from whoever made the folder: wrong shapes, junk or a huge file
+    leave the report without its learning-rate section; nothing is trusted or raised."""
+    from ktoolkit.runs import Run
+    from ktoolkit.train.lr_find import RECORD, report_section
+
+    run = Run(tmp_path)
+    for content in ('{"method": ["x"], "suggestions": 3}', "not json", "[1, 2]", '{"suggestion": "fast"}'):
+        (tmp_path / RECORD).write_text(content)
+        assert report_section(run) == []
+    (tmp_path / RECORD).write_bytes(b'{"pad": "' + b"x" * (2 << 20) + b'"}')  # over the 1 MiB cap: not read
+    assert report_section(run) == []

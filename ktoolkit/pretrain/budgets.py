@@ -13,11 +13,11 @@ stratified cross-validation inside each subset: no image outside the budget is l
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from ktoolkit.stats import Accuracy
+from ktoolkit.stats import Accuracy, paired_difference
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class Readout:
     accuracy: Accuracy  # on the test images
     setting: str  # what cross-validation chose: "C=0.1" or "cosine k=5"
     classes: int = 0
+    hits: np.ndarray | None = field(default=None, repr=False)  # per test image: right or not (paired comparisons)
 
     @property
     def per_class(self) -> float:
@@ -130,7 +131,8 @@ def label_budget_readouts(features: dict, labels: dict, test: str, budgets, *, n
             ):
                 predicted = model.predict_proba(x_test).argmax(1)
                 accuracy = Accuracy.of(predicted, labels[test], how=test)
-                out.append(Readout(encoder, name, budget, len(y), accuracy, setting, num_classes))
+                hits = predicted == np.asarray(labels[test])
+                out.append(Readout(encoder, name, budget, len(y), accuracy, setting, num_classes, hits))
                 log.info("%s, %s, %s per class: %s", encoder, name, budget or "all", accuracy.text())
     return out
 
@@ -151,16 +153,15 @@ def budget_table(readouts: list[Readout]) -> list[str]:
 
 
 def gains(readouts: list[Readout]) -> list[str]:
-    """One line per budget and classifier: pretrained minus random init, in points."""
+    """One line per budget and classifier: pretrained minus random init on the same test images, in points with
+    the paired 95% interval (Newcombe) and McNemar's p."""
     lines = []
     for budget in dict.fromkeys(r.labels_per_class for r in readouts):
         for classifier in CLASSIFIERS:
             pair = {r.encoder: r for r in readouts if r.labels_per_class == budget and r.classifier == classifier}
             if len(pair) == 2:
-                delta = 100 * (pair["pretrained"].accuracy.value - pair["random"].accuracy.value)
-                lines.append(
-                    f"{budget if budget is not None else 'all'} labels per class, {classifier}: {delta:+.1f} points"
-                )
+                difference = paired_difference(pair["pretrained"].hits, pair["random"].hits).text()
+                lines.append(f"{budget if budget is not None else 'all'} labels per class, {classifier}: {difference}")
     return lines
 
 

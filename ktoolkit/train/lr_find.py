@@ -437,17 +437,25 @@ def use_result(run, config, result: LRFindResult):
 
 def report_section(run) -> list[tuple[str, str]]:
     """The report's "Learning rate" section of an ``--lr auto`` run: the rate, how it was found, the plot."""
-    import json
+    from ktoolkit.io import read_json_object
+    from tflite_export.untrusted import sanitize_text
 
-    path = run.root / RECORD
-    if not path.exists():
+    record = read_json_object(run.root / RECORD)
+    if record is None:
         return []
-    record = json.loads(path.read_text())
-    others = ", ".join(f"{m} {v:.3g}" for m, v in record["suggestions"].items() if m != record["method"])
-    body = (
-        f"**{record['suggestion']:.3g}**, found by `ktool lr-find` before training ({record['method']}: "
-        f"{_METHOD_WORDS.get(record['method'], record['method'])}; also {others}): {record['steps']} of "
-        f"{record['planned_steps']} steps from {record['start_lr']:.0e} to {record['end_lr']:.3g} "
-        f"({record['stopped']}), {record['seconds']:.0f} s.\n\n![learning-rate finder]({PLOT})"
-    )
+    try:  # the folder may come from anyone: a record of the wrong shape gives no section, not a traceback
+        method = sanitize_text(str(record["method"]))
+        others = ", ".join(
+            f"{sanitize_text(str(m))} {float(v):.3g}" for m, v in record["suggestions"].items() if m != record["method"]
+        )
+        body = (
+            f"**{float(record['suggestion']):.3g}**, found by `ktool lr-find` before training ({method}: "
+            f"{_METHOD_WORDS.get(method, method)}; also {others}): {int(record['steps'])} of "
+            f"{int(record['planned_steps'])} steps from {float(record['start_lr']):.0e} to "
+            f"{float(record['end_lr']):.3g} ({sanitize_text(str(record['stopped']))}), "
+            f"{float(record['seconds']):.0f} s.\n\n![learning-rate finder]({PLOT})"
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        log.warning("%s: not the record lr-find writes; the report has no learning-rate section", RECORD)
+        return []
     return [("Learning rate", body)]
